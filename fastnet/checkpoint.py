@@ -1,0 +1,90 @@
+"""Checkpoints: written atomically by rank 0, loaded with ``torch.load(weights_only=True)``.
+
+Layout of a checkpoint (a dict of tensors and plain Python values):
+  ``version``, ``model``, ``optimizer``, ``scheduler``, ``precision``, ``epoch`` (the epoch in
+  progress), ``step_in_epoch`` (optimizer steps of that epoch already taken), ``global_step``,
+  ``samples_seen``, ``rng`` (``torch``: CPU generator state, ``cuda``: list of device states,
+  ``python``: ``random`` state), ``progress`` (best top-1, time to target, elapsed seconds) and
+  ``config`` (the resolved config, for reference).
+
+A write goes to ``<name>.tmp`` in the same directory, is fsync'ed, then renamed over the target,
+so a crash mid-write never replaces a good checkpoint with a broken one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VERSION = 1
+LAST = "last.pt"
+
+
+def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def resolve_resume_path(resume: str) -> Path:
+    """``resume`` is a checkpoint file or a directory holding ``last.pt``.
+
+    Raises:
+        FileNotFoundError: neither exists; the message names what was looked for.
+    """
+    p = Path(resume)
+    if p.is_dir():
+        p = p / LAST
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume {resume!r}: no checkpoint at {str(p)!r} (give a checkpoint file or a "
+                                f"directory holding {LAST}); refusing to start a fresh run instead")
+    return p
+
+
+def load(resume: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_atomic` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: unreadable, truncated or not a fastnet checkpoint.
+    """
+    path = resolve_resume_path(resume)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise ValueError(f"--resume: checkpoint {str(path)!r} is corrupt or unreadable ({type(exc).__name__}: "
+                         f"{exc}); refusing to start a fresh run instead") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION or "model" not in state:
+        raise ValueError(f"--resume: {str(path)!r} is not a fastnet checkpoint (version {VERSION})")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))

@@ -1,0 +1,284 @@
+"""Training configuration, resolved in one place.
+
+Precedence (highest first): ``--key value`` command-line overrides > ``FASTNET_<KEY>``
+environment variables > the YAML file given by ``--config`` > the defaults below.
+The result is a frozen :class:`TrainConfig` passed down to every part of the trainer;
+nothing deeper reads ``os.environ`` or the command line.
+
+Global batch semantics (Goyal et al. 2017, §2; Jia et al. 2018, §3): the global batch
+``B = world_size × micro_batch_size × accumulation_steps``. ``accumulation_steps`` is
+derived by :func:`accumulation_steps` and a ``B`` that does not divide raises
+``ValueError`` naming the three numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+ENV_PREFIX = "FASTNET_"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every option of ``fastnet-train``. Units are in the field names or comments."""
+
+    # what to train
+    model: str = "small_cnn"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    num_classes: int | None = None  # None: the dataset's own
+    image_size: int | None = None  # None: the dataset's own (synthetic: 32)
+    synthetic_samples: int = 4096  # train-set size of the synthetic dataset
+    # batch: global = world_size x micro_batch_size x accumulation steps
+    global_batch_size: int = 256
+    micro_batch_size: int = 64  # per rank, per forward/backward
+    eval_batch_size: int = 256  # per rank
+    epochs: float = 10.0
+    max_steps: int | None = None  # optimizer steps; stops early when reached
+    # optimizer and schedule
+    optimizer: str = "sgd"
+    base_lr: float = 0.1  # LR at reference_batch_size; scaled linearly to global_batch_size
+    reference_batch_size: int = 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    lr_milestones: tuple[float, ...] = (30.0, 60.0, 80.0)  # epochs, for "multistep"
+    lr_gamma: float = 0.1  # decay factor, for "multistep"
+    poly_power: float = 2.0  # for "poly"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    # numerics
+    precision: str = "fp32"
+    channels_last: bool = False
+    seed: int = 0
+    # input pipeline
+    workers: int = 2
+    # bookkeeping
+    out_dir: str = "runs/default"
+    checkpoint_dir: str | None = None  # None: <out_dir>/checkpoints
+    checkpoint_interval: int = 0  # optimizer steps between checkpoints; 0: end of each epoch only
+    resume: str | None = None  # checkpoint file, or a directory holding last.pt
+    target_accuracy: float | None = None  # top-1 in percent; time to reach it is reported
+    eval_interval: int = 1  # epochs between evaluations
+    log_interval: int = 10  # optimizer steps between per-step JSON records
+    progress: bool = True  # tqdm bar on rank 0
+    # distributed
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
+    timeout_s: float = 300.0  # collective timeout in seconds; a dead rank ends the job within it
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    @property
+    def scaled_lr(self) -> float:
+        """Peak LR by the linear scaling rule: ``base_lr × B / reference_batch_size`` (Goyal et al. §2.1)."""
+        return self.base_lr * self.global_batch_size / self.reference_batch_size
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPE_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _convert(key: str, value: Any) -> Any:
+    """Convert ``value`` (a string from the CLI/env or a YAML scalar) to the field's type."""
+    hint = _TYPE_HINTS[key]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ValueError(f"option {key!r} cannot be empty")
+    try:
+        if typing.get_origin(hint) is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split() if v]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return tuple(float(v) for v in value)
+        if hint is bool:
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not an integer")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"Invalid value for option {key!r}: {value!r} ({exc})") from None
+
+
+def _check_keys(keys: Sequence[str], origin: str) -> None:
+    unknown = [k for k in keys if k not in FIELDS]
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {', '.join(map(repr, unknown))} in {origin}; "
+            f"valid options: {', '.join(sorted(FIELDS))}"
+        )
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config (a mapping of option names to values). Raises ValueError on bad files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"Config file {str(p)!r} does not exist; configs ship in experiments/*.yaml")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {str(p)!r} must hold a mapping of option: value, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    _check_keys(list(data), f"config file {str(p)!r}")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """``FASTNET_<KEY>`` variables that name an option (others under the prefix are ignored)."""
+    out = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX):].lower()
+            if key in FIELDS:
+                out[key] = value
+    return out
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
+    """Parse ``--key value`` / ``--key=value`` pairs (dashes or underscores) into a dict."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            raise ValueError(f"Expected an option like --key value, got {tok!r}")
+        body = tok[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        else:
+            key = body
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                # a bare flag means true for booleans
+                value = "true"
+                i += 1
+            else:
+                value = tokens[i + 1]
+                i += 2
+        key = key.replace("-", "_")
+        if key.startswith("no_") and key[3:] in FIELDS and _TYPE_HINTS[key[3:]] is bool:
+            key, value = key[3:], "false"
+        out[key] = value
+    _check_keys(list(out), "the command line")
+    return out
+
+
+def resolve(
+    config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> TrainConfig:
+    """Build the frozen config: defaults < YAML < ``FASTNET_*`` env < ``overrides``.
+
+    Raises:
+        ValueError: unknown option names (the message lists the valid ones), values that do not
+            convert to the option's type, or values out of range (see :func:`validate`).
+    """
+    values: dict[str, Any] = {}
+    if config_path:
+        values.update(load_yaml(config_path))
+    values.update(env_overrides(os.environ if environ is None else environ))
+    values.update(overrides or {})
+    _check_keys(list(values), "the configuration")
+    cfg = TrainConfig(**{k: _convert(k, v) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that need no knowledge of the world size. Raises ValueError naming the value."""
+    positive = ("global_batch_size", "micro_batch_size", "eval_batch_size", "reference_batch_size", "log_interval",
+                "eval_interval", "synthetic_samples")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"Invalid {key}: {getattr(cfg, key)} (must be > 0)")
+    for key in ("base_lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "workers",
+                "checkpoint_interval"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"Invalid {key}: {getattr(cfg, key)} (must be >= 0)")
+    if cfg.epochs <= 0:
+        raise ValueError(f"Invalid epochs: {cfg.epochs} (must be > 0)")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise ValueError(f"Invalid max_steps: {cfg.max_steps} (must be > 0, or none)")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ValueError(f"Invalid label_smoothing: {cfg.label_smoothing} (must be in [0, 1))")
+    if cfg.timeout_s <= 0:
+        raise ValueError(f"Invalid timeout_s: {cfg.timeout_s} (must be > 0 seconds)")
+    if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 100:
+        raise ValueError(f"Invalid target_accuracy: {cfg.target_accuracy} (a top-1 percentage in (0, 100])")
+    for key, choices in (("device", ("auto", "cpu", "cuda")), ("backend", ("auto", "gloo", "nccl"))):
+        if getattr(cfg, key) not in choices:
+            raise ValueError(f"Invalid {key}: {getattr(cfg, key)!r}; valid choices: {', '.join(choices)}")
+
+
+def accumulation_steps(global_batch_size: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step: ``B / (world_size × micro_batch_size)``.
+
+    Raises:
+        ValueError: when ``global_batch_size`` is not a multiple of ``world_size × micro_batch_size``;
+            the message names the three numbers and the nearest valid global batches.
+    """
+    per_step = world_size * micro_batch_size
+    if global_batch_size % per_step:
+        lo = max(per_step, global_batch_size // per_step * per_step)
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by world_size {world_size} × "
+            f"micro_batch_size {micro_batch_size} = {per_step}; use a global batch such as {lo} or "
+            f"{lo + per_step}, or another micro_batch_size"
+        )
+    return global_batch_size // per_step
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastnet-train",
+        description="Large-batch data-parallel training. Run single-process or under "
+        "`torchrun --nproc_per_node=N`. Any option below can be given as --key value "
+        "(dashes or underscores), set in the YAML file, or as FASTNET_<KEY> in the environment.",
+        epilog="options: " + ", ".join(f"--{k.replace('_', '-')} (default {f.default!r})" for k, f in FIELDS.items()),
+    )
+    p.add_argument("--config", help="YAML file of options, e.g. experiments/digits.yaml")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def parse_cli(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
+    """Parse ``fastnet-train`` arguments. Returns (config, print_only)."""
+    parser = build_arg_parser()
+    known, rest = parser.parse_known_args(argv)
+    try:
+        cfg = resolve(known.config, parse_overrides(rest))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return cfg, known.print_config

@@ -1,0 +1,282 @@
+"""Datasets, transforms and the distributed samplers of the trainer.
+
+Every dataset yields ``(image, label)`` with ``image`` a float32 tensor of shape ``(3, H, W)``
+(normalised; grayscale sets are repeated to three channels) and ``label`` an ``int``.
+
+Registry (:data:`DATASETS`):
+  * ``digits``: scikit-learn's bundled handwritten digits (UCI optdigits test set, 1,797 8×8 images,
+    10 classes), upscaled to 16×16 (``image_size`` changes it); a fixed 1,437 / 360 train/test split. Needs no download.
+  * ``cifar10``: CIFAR-10 from ``data_dir``: the official python batches
+    (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``) or the official tarball
+    ``cifar-10-python.tar.gz``, which is extracted beside itself.
+  * ``fashion_mnist``: torchvision's FashionMNIST reader over ``data_dir/FashionMNIST/raw``.
+  * ``imagenet``: ``data_dir/train`` and ``data_dir/val`` as torchvision ImageFolders, with the
+    standard RandomResizedCrop(224)+flip for training and resize 256 / center 224 for evaluation.
+  * ``synthetic``: random images of any size, for throughput runs.
+
+Determinism: training augmentations draw from a generator seeded by (seed, epoch, sample index)
+(:class:`EpochSeeded`), so a sample's augmentation does not depend on the number of loader
+workers, and a run resumed in the middle of an epoch sees exactly the batches an uninterrupted
+run would (the sampler skips what was consumed: :class:`ResumableDistributedSampler`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets as tv_datasets
+from torchvision.datasets.utils import extract_archive
+from torchvision.transforms import v2
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@dataclasses.dataclass
+class DataSplits:
+    """Train and test datasets plus what the model needs to know about them."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    image_size: int
+
+
+class TensorImages(Dataset):
+    """Images held in memory as a uint8 or float tensor ``(N, C, H, W)`` with int64 labels ``(N,)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[i])
+
+
+class EpochSeeded(Dataset):
+    """Wraps a training dataset so that sample ``i`` of epoch ``e`` is transformed under the torch
+    RNG seeded from ``(seed, e, i)``; the caller's RNG state is left untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        gen = torch.default_generator  # CPU generator only: torch.manual_seed also seeds devices (~100x slower)
+        saved = gen.get_state()
+        gen.manual_seed(hash((self.seed, self.epoch, int(i))) & 0x7FFF_FFFF_FFFF_FFFF)  # int hashes are stable
+        try:
+            return self.dataset[i]
+        finally:
+            gen.set_state(saved)
+
+
+def _normalize(mean, std) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def _digits(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    size = image_size or 16
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images).float().div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    images = images.clamp_(0, 1).mul_(255).round_().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(bunch.target).long()
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(20180730))  # fixed split
+    n_test = len(labels) // 5
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    norm = _normalize((0.5,) * 3, (0.5,) * 3)
+    train_tf = v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)), *norm])
+    return DataSplits(
+        TensorImages(images[train_idx], labels[train_idx], train_tf),
+        TensorImages(images[test_idx], labels[test_idx], v2.Compose(norm)),
+        10, size,
+    )
+
+
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _cifar_batches_dir(data_dir: str | None) -> Path:
+    expected = (
+        "cifar-10-batches-py/{" + ",".join(CIFAR10_FILES) + "} (the official python batches) "
+        "or cifar-10-python.tar.gz (the official tarball)"
+    )
+    if not data_dir:
+        raise ValueError(f"dataset 'cifar10' needs --data-dir, a directory holding {expected}")
+    root = Path(data_dir)
+    for cand in (root / "cifar-10-batches-py", root):
+        if all((cand / f).is_file() for f in CIFAR10_FILES):
+            return cand
+    tarball = root / "cifar-10-python.tar.gz"
+    if tarball.is_file():
+        extract_archive(str(tarball), str(root))
+        if all((root / "cifar-10-batches-py" / f).is_file() for f in CIFAR10_FILES):
+            return root / "cifar-10-batches-py"
+    raise ValueError(f"CIFAR-10 not found in data_dir {str(root)!r}: expected {expected}")
+
+
+def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one official CIFAR python batch: a pickled dict with ``b"data"`` (uint8, N×3072, RGB
+    planes of 32×32, row-major) and ``b"labels"``. Returns ``(N, 3, 32, 32)`` uint8 and ``(N,)`` int64."""
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = entry.get(b"labels", entry.get(b"fine_labels"))
+    return torch.from_numpy(data.copy()), torch.as_tensor(labels, dtype=torch.long)
+
+
+def _cifar10(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+    d = _cifar_batches_dir(data_dir)
+    parts = [read_cifar_batch(d / f) for f in CIFAR10_FILES[:-1]]
+    train_x, train_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    test_x, test_y = read_cifar_batch(d / "test_batch")
+    norm = _normalize(CIFAR_MEAN, CIFAR_STD)
+    train_tf = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *norm])
+    return DataSplits(TensorImages(train_x, train_y, train_tf), TensorImages(test_x, test_y, v2.Compose(norm)), 10, 32)
+
+
+FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"]
+
+
+def _fashion_mnist(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+    expected = "FashionMNIST/raw/{" + ",".join(FASHION_FILES) + "} (the official idx files, un-gzipped)"
+    if not data_dir:
+        raise ValueError(f"dataset 'fashion_mnist' needs --data-dir, a directory holding {expected}")
+    to3 = [v2.ToImage(), v2.Grayscale(num_output_channels=3)]
+    norm = _normalize((0.286,) * 3, (0.353,) * 3)
+    try:
+        train = tv_datasets.FashionMNIST(data_dir, train=True, download=False,
+                                         transform=v2.Compose([*to3, v2.RandomCrop(28, padding=2), *norm]))
+        test = tv_datasets.FashionMNIST(data_dir, train=False, download=False, transform=v2.Compose([*to3, *norm]))
+    except RuntimeError:
+        raise ValueError(f"Fashion-MNIST not found in data_dir {data_dir!r}: expected {expected}") from None
+    return DataSplits(train, test, 10, 28)
+
+
+def _imagenet(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+    expected = "train/<class>/*.JPEG and val/<class>/*.JPEG (ImageFolder layout, one folder per class)"
+    if not data_dir or not (Path(data_dir) / "train").is_dir() or not (Path(data_dir) / "val").is_dir():
+        raise ValueError(f"ImageNet not found in data_dir {data_dir!r}: expected {expected}")
+    size = image_size or 224
+    norm = [v2.ToImage(), *_normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = tv_datasets.ImageFolder(str(Path(data_dir) / "train"),
+                                    transform=v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *norm]))
+    test = tv_datasets.ImageFolder(str(Path(data_dir) / "val"),
+                                   transform=v2.Compose([v2.Resize(size * 256 // 224), v2.CenterCrop(size), *norm]))
+    if train.classes != test.classes:
+        raise ValueError(f"ImageNet train/ and val/ in {data_dir!r} have different class folders")
+    return DataSplits(train, test, len(train.classes), size)
+
+
+class SyntheticImages(Dataset):
+    """``n`` random float32 images ``(3, size, size)`` from a pool of 64, labels ``i mod num_classes``.
+    Costs nothing to load, so throughput runs measure the model and communication only."""
+
+    def __init__(self, n: int, size: int, num_classes: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn(64, 3, size, size, generator=g)
+        self.n, self.num_classes = n, num_classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.pool[i % 64], i % self.num_classes
+
+
+def _synthetic(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+    size, classes = image_size or 32, num_classes or 10
+    return DataSplits(SyntheticImages(samples, size, classes, 1),
+                      SyntheticImages(max(64, samples // 8), size, classes, 2), classes, size)
+
+
+DATASETS: dict[str, Callable[[str | None, int | None, int, int | None], DataSplits]] = {
+    "digits": _digits,
+    "cifar10": _cifar10,
+    "fashion_mnist": _fashion_mnist,
+    "imagenet": _imagenet,
+    "synthetic": _synthetic,
+}
+
+
+def build_datasets(name: str, data_dir: str | None = None, image_size: int | None = None,
+                   synthetic_samples: int = 4096, num_classes: int | None = None) -> DataSplits:
+    """Build a registered dataset's splits.
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones), or a missing/incomplete
+            ``data_dir`` (the message names the files expected there).
+    """
+    try:
+        builder = DATASETS[name]
+    except KeyError:
+        raise ValueError(f"Unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}") from None
+    return builder(data_dir, image_size, synthetic_samples, num_classes)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled per epoch by ``set_epoch``, equal shards, tail dropped) that
+    can start an epoch at an offset, skipping the samples a resumed run has already consumed."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start_index = 0
+
+    def set_start_index(self, start: int) -> None:
+        self.start_index = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start_index:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_index)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sampler: rank ``r`` of ``n`` gets indices ``r, r+n, r+2n, ...``; no padding and no
+    duplicates, so per-rank counts all-reduced add up to exactly ``len(dataset)``."""
+
+    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
+        self.indices: Sequence[int] = range(rank, length, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(dataset: Dataset, sampler: Sampler, micro_batch_size: int, workers: int, seed: int,
+                 pin_memory: bool) -> DataLoader:
+    """Loader of ``(micro_batch_size, 3, H, W)`` float32 batches. Its own generator keeps the global
+    RNG untouched by iterator creation, which exact resume relies on."""
+    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=True, generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loader(dataset: Dataset, world_size: int, rank: int, batch_size: int, workers: int,
+                pin_memory: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world_size, rank),  # type: ignore[arg-type]
+                      num_workers=workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))

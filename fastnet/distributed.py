@@ -1,0 +1,109 @@
+"""Process-group set-up for ``torchrun`` (env:// rendezvous) or a single process.
+
+``torchrun`` exports RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
+:func:`setup` reads them here and nowhere else. Backend: gloo on CPU, nccl on CUDA, each rank
+pinned to ``cuda:LOCAL_RANK``. Every collective is bounded by ``timeout_s``: when a rank dies,
+the survivors' next collective raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Where this process sits: global ``rank`` of ``size`` and ``local_rank`` of ``local_size`` on its node."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"Invalid {name}={value!r} in the environment (expected an integer)") from None
+
+
+def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
+          environ: Mapping[str, str] | None = None) -> World:
+    """Initialise the default process group if WORLD_SIZE > 1 and pick this rank's device.
+
+    Args:
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        backend: ``auto`` (nccl on CUDA, gloo on CPU), ``gloo`` or ``nccl``.
+        timeout_s: collective timeout in seconds.
+
+    Raises:
+        RuntimeError: ``device="cuda"`` without a CUDA device, or more local ranks than GPUs.
+        ValueError: a malformed rank variable, or ``nccl`` on CPU.
+    """
+    env = os.environ if environ is None else environ
+    rank, size = _env_int(env, "RANK", 0), _env_int(env, "WORLD_SIZE", 1)
+    local_rank = _env_int(env, "LOCAL_RANK", rank)
+    local_size = _env_int(env, "LOCAL_WORLD_SIZE", size)
+    if not 0 <= rank < size:
+        raise ValueError(f"Invalid RANK={rank} for WORLD_SIZE={size}")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s); "
+                               f"start at most {torch.cuda.device_count()} processes per node")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise ValueError("backend 'nccl' needs CUDA tensors; use --backend gloo on CPU")
+    if size > 1 and not dist.is_initialized():
+        kwargs = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return World(rank, size, local_rank, local_size, dev)
+
+
+def broadcast_from_rank0(module: torch.nn.Module, world: World) -> None:
+    """Make every rank start from rank 0's parameters and buffers (one broadcast per tensor)."""
+    if not world.distributed:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def all_reduce_sum(values: list[float], world: World) -> list[float]:
+    """Sum a few scalars over all ranks (float64 on the rank's device; one host sync)."""
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    if world.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

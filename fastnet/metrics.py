@@ -1,0 +1,45 @@
+"""Run metrics: a JSON-lines file per run, written by rank 0.
+
+Records (one JSON object per line, ``"kind"`` says which):
+  * ``step``: epoch, step (optimizer steps done), samples_seen, train_loss, lr, loss_scale,
+    images_per_s (global, over the steps since the last record), wall_s (since the start),
+    comm_s (seconds in gradient all-reduce since the last record);
+  * ``epoch``: epoch, step, samples_seen, train_loss (mean of the epoch), top1, top5 (percent),
+    eval_loss, eval_samples (images evaluated, summed over ranks), images_per_s, wall_s, comm_s;
+  * ``summary``: best_top1, final_top1, time_to_target_s (None if not reached), target_accuracy,
+    mean_images_per_s (training only), wall_s, steps, world_size, param_checksums (one per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends records to ``<out_dir>/metrics.jsonl`` (rank 0 only; other ranks write nothing)."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, **{k: _clean(v) for k, v in fields.items()}}) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl file back into a list of records."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,300 @@
+"""fastnet-train: data-parallel training, single-process or under ``torchrun``.
+
+    torchrun --nproc_per_node=2 -m fastnet.train --config experiments/digits.yaml --epochs 20
+
+One optimizer step (the data flow of docs/ARCHITECTURE.md):
+  1. each rank runs ``accumulation_steps`` micro-batches of ``micro_batch_size`` forward/backward
+     (loss divided by the accumulation steps), so the global batch is
+     ``world_size × micro_batch_size × accumulation_steps``;
+  2. gradients are averaged over ranks by the ``GradientSync`` seam (:mod:`fastnet.comm`);
+  3. the mean loss over ranks is checked: a non-finite loss in fp32 stops the run, naming the step;
+  4. the precision policy steps the optimizer (skipping on overflow with loss scaling), then the
+     per-iteration LR schedule advances.
+Evaluation shards the test set over ranks without padding and all-reduces the counts, so every
+test image counts once. Rank 0 writes ``config.yaml``, ``metrics.jsonl`` and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from tqdm import tqdm
+
+from fastnet import checkpoint as ckpt
+from fastnet.comm import NativeAllReduce
+from fastnet.config import TrainConfig, accumulation_steps, parse_cli
+from fastnet.data import EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, train_loader
+from fastnet.distributed import World, all_reduce_sum, broadcast_from_rank0, setup, teardown
+from fastnet.metrics import MetricsWriter
+from fastnet.models import build_model
+from fastnet.optim import build_optimizer, build_schedule
+from fastnet.precision import Precision
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became inf/NaN in a run without loss scaling."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run is; saved in checkpoints."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+    best_top1: float = 0.0
+    final_top1: float | None = None
+    time_to_target_s: float | None = None
+    elapsed_s: float = 0.0  # wall seconds of earlier sessions of this run
+    train_s: float = 0.0  # wall seconds spent in training steps (not evaluation)
+
+
+def param_checksum(model: nn.Module) -> str:
+    """SHA-256 of all parameters' bytes in registration order (buffers excluded: BN statistics are per rank)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, world: World, precision: Precision, channels_last: bool) -> dict[str, float]:
+    """Top-1/top-5 (percent), mean loss and the number of images, summed over all ranks."""
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    for x, y in loader:
+        x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top.eq(y[:, None])
+        correct1 += hit[:, 0].sum().item()
+        correct5 += hit.any(dim=1).sum().item()
+        count += y.numel()
+    correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], world)
+    model.train()
+    n = max(count, 1.0)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "eval_loss": loss_sum / n,
+            "eval_samples": int(count)}
+
+
+def _checkpoint_state(cfg: TrainConfig, model, optimizer, scheduler, precision, progress: Progress) -> dict[str, Any]:
+    return {
+        "version": ckpt.VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
+        "progress": dataclasses.asdict(progress), "rng": ckpt.rng_state(), "config": cfg.to_dict(),
+    }
+
+
+def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
+    """Run the training job described by ``cfg`` on this rank. Returns the summary record.
+
+    Raises:
+        ValueError: bad configuration (unknown names, a global batch that does not divide, missing data).
+        FileNotFoundError: ``resume`` names no checkpoint.
+        NonFiniteLossError: the loss became inf/NaN in fp32 (the message names the step).
+        RuntimeError / DistBackendError: a peer rank died (raised within ``timeout_s``).
+    """
+    t_start = time.perf_counter()
+    accum = accumulation_steps(cfg.global_batch_size, world.size, cfg.micro_batch_size)
+    precision = Precision(cfg.precision, world.device)  # validates the name before any work
+    state = ckpt.load(cfg.resume, map_location="cpu") if cfg.resume else None
+
+    splits = build_datasets(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.synthetic_samples, cfg.num_classes)
+    torch.manual_seed(cfg.seed)  # identical initial weights; rank 0's are broadcast anyway
+    model = build_model(cfg.model, splits.num_classes, splits.image_size).to(world.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    broadcast_from_rank0(model, world)
+    torch.manual_seed(cfg.seed + world.rank)  # per-rank stream for dropout and the like
+
+    train_set = EpochSeeded(splits.train, cfg.seed)
+    sampler = ResumableDistributedSampler(train_set, world.size, world.rank, cfg.seed)
+    pin = world.device.type == "cuda"
+    loader = train_loader(train_set, sampler, cfg.micro_batch_size, cfg.workers, cfg.seed, pin)
+    test_loader = eval_loader(splits.test, world.size, world.rank, cfg.eval_batch_size, cfg.workers, pin)
+    steps_per_epoch = sampler.num_samples // (cfg.micro_batch_size * accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} exceeds the {len(train_set)} training samples "
+                         f"of dataset {cfg.dataset!r}: not one step per epoch; lower the global batch")
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    stop_step = min(total_steps, cfg.max_steps or total_steps)
+
+    peak_lr = cfg.scaled_lr
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=peak_lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    scheduler = build_schedule(cfg.lr_schedule, optimizer, total_steps=total_steps,
+                               warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                               warmup_start_lr=min(cfg.base_lr, peak_lr), steps_per_epoch=steps_per_epoch,
+                               milestones_epochs=cfg.lr_milestones, gamma=cfg.lr_gamma, power=cfg.poly_power)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    grad_sync = NativeAllReduce(world.size)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    progress = Progress()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state["precision"])
+        progress = Progress(**state["progress"])
+        ckpt.set_rng_state(state["rng"])
+
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out_dir / "checkpoints"
+    metrics = MetricsWriter(out_dir, world.is_main)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {**cfg.to_dict(), "world_size": world.size, "accumulation_steps": accum,
+                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "peak_lr": peak_lr}
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def wall() -> float:
+        return progress.elapsed_s + time.perf_counter() - session_start
+
+    def save() -> None:
+        if world.is_main:
+            saved = dataclasses.replace(progress, elapsed_s=wall())
+            ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved),
+                             ckpt_dir / ckpt.LAST)
+
+    session_start = time.perf_counter()
+    model.train()
+    window = {"t": time.perf_counter(), "samples": 0, "comm": 0.0}
+    epoch_comm = 0.0
+    stopped = progress.global_step >= stop_step
+    for epoch in range(progress.epoch, n_epochs):
+        if stopped:
+            break
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        sampler.set_start_index(progress.step_in_epoch * accum * cfg.micro_batch_size)
+        epoch_loss, epoch_steps, epoch_comm = 0.0, 0, 0.0
+        bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch}", unit="step",
+                   disable=not (cfg.progress and world.is_main), dynamic_ncols=True, leave=False)
+        it = iter(loader)
+        step_t0 = time.perf_counter()
+        while progress.step_in_epoch < steps_per_epoch and progress.global_step < stop_step:
+            loss_sum = torch.zeros((), device=world.device)
+            for _ in range(accum):
+                x, y = next(it)
+                x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with precision.autocast():
+                    loss = criterion(model(x), y) / accum
+                precision.backward(loss)
+                loss_sum += loss.detach().float()
+            comm_s = grad_sync(params)
+            global_loss = all_reduce_sum([loss_sum.item()], world)[0] / world.size  # the step's one host sync
+            if not math.isfinite(global_loss) and precision.scaler is None:
+                raise NonFiniteLossError(
+                    f"non-finite loss {global_loss} at step {progress.global_step + 1} (epoch {epoch}); "
+                    f"lower base_lr ({cfg.base_lr}), add warm-up, or check the data")
+            precision.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            progress.global_step += 1
+            progress.step_in_epoch += 1
+            progress.samples_seen += cfg.global_batch_size
+            now = time.perf_counter()
+            progress.train_s += now - step_t0
+            step_t0 = now
+            epoch_loss += global_loss
+            epoch_steps += 1
+            epoch_comm += comm_s
+            window["samples"] += cfg.global_batch_size
+            window["comm"] += comm_s
+            lr = optimizer.param_groups[0]["lr"]
+            if progress.global_step % cfg.log_interval == 0:
+                ips = window["samples"] / max(now - window["t"], 1e-9)
+                metrics.write("step", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
+                              train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale, images_per_s=ips,
+                              wall_s=wall(), comm_s=window["comm"])
+                bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+                window = {"t": now, "samples": 0, "comm": 0.0}
+            bar.update(1)
+            if cfg.checkpoint_interval and progress.global_step % cfg.checkpoint_interval == 0:
+                save()
+                step_t0 = time.perf_counter()
+        bar.close()
+        epoch_done = progress.step_in_epoch >= steps_per_epoch
+        if epoch_done:
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+        stopped = progress.global_step >= stop_step
+        if (epoch_done and (epoch + 1) % cfg.eval_interval == 0) or stopped:
+            ev = evaluate(model, test_loader, world, precision, cfg.channels_last)
+            progress.final_top1 = ev["top1"]
+            progress.best_top1 = max(progress.best_top1, ev["top1"])
+            if cfg.target_accuracy is not None and progress.time_to_target_s is None and \
+                    ev["top1"] >= cfg.target_accuracy:
+                progress.time_to_target_s = wall()
+            metrics.write("epoch", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
+                          train_loss=epoch_loss / max(epoch_steps, 1), **ev,
+                          images_per_s=progress.samples_seen / max(progress.train_s, 1e-9), wall_s=wall(),
+                          comm_s=epoch_comm)
+            if world.is_main:
+                tqdm.write(f"epoch {epoch} step {progress.global_step}: loss {epoch_loss / max(epoch_steps, 1):.4f} "
+                           f"top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}% ({ev['eval_samples']} images) "
+                           f"{progress.samples_seen / max(progress.train_s, 1e-9):.0f} img/s", file=sys.stderr)
+        save()
+
+    checksums = [param_checksum(model)]
+    if world.distributed:
+        gathered: list[Any] = [None] * world.size
+        dist.all_gather_object(gathered, checksums[0])
+        checksums = gathered
+    summary = {
+        "best_top1": progress.best_top1, "final_top1": progress.final_top1,
+        "time_to_target_s": progress.time_to_target_s, "target_accuracy": cfg.target_accuracy,
+        "mean_images_per_s": progress.samples_seen / max(progress.train_s, 1e-9), "wall_s": wall(),
+        "steps": progress.global_step, "world_size": world.size, "accumulation_steps": accum,
+        "param_checksums": checksums, "session_s": time.perf_counter() - t_start,
+    }
+    metrics.write("summary", **summary)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, print_only = parse_cli(argv)
+    if print_only:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    world = None
+    try:
+        world = setup(cfg.device, cfg.backend, cfg.timeout_s)
+        summary = train(cfg, world)
+        if world.is_main:
+            print(f"best top-1 {summary['best_top1']:.2f}%  mean {summary['mean_images_per_s']:.0f} img/s  "
+                  f"{summary['steps']} steps in {summary['wall_s']:.1f} s  -> {cfg.out_dir}/metrics.jsonl",
+                  file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as exc:
+        rank = world.rank if world else "?"
+        print(f"fastnet-train: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        if world is not None and world.distributed:
+            # A peer may be gone: leave without the collective teardown that could block on it.
+            sys.stdout.flush()
+            os._exit(1)
+        return 1
+    teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
