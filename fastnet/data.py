@@ -5,7 +5,7 @@ Every dataset yields ``(image, label)`` with ``image`` a float32 tensor of shape
 
 Registry (:data:`DATASETS`):
   * ``digits``: scikit-learn's bundled handwritten digits (UCI optdigits test set, 1,797 8×8 images,
-    10 classes), upscaled to 16×16 (``image_size`` changes it); a fixed 1,437 / 360 train/test split. Needs no download.
+    10 classes), upscaled to 16×16 (``image_size`` changes it); a fixed 1,438 / 359 train/test split. Needs no download.
   * ``cifar10``: CIFAR-10 from ``data_dir``: the official python batches
     (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``) or the official tarball
     ``cifar-10-python.tar.gz``, which is extracted beside itself.

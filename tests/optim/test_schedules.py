@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+
+from fastnet.optim import build_optimizer, build_schedule, scale_lr
+from fastnet.optim.schedules import WarmupCosineLR, WarmupMultiStepLR, WarmupPolyLR
+
+
+def _opt(lr=3.2):
+    return build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))], lr=lr, momentum=0.9, weight_decay=0.0)
+
+
+def _lrs(sched, n):
+    out = []
+    for _ in range(n):
+        out.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    return out
+
+
+def test_linear_scaling_rule_for_8192():
+    assert scale_lr(0.1, 8192) == pytest.approx(3.2)
+    with pytest.raises(ValueError, match="base_lr=-1"):
+        scale_lr(-1, 256)
+
+
+def test_warmup_then_cosine_breakpoints():
+    s = WarmupCosineLR(_opt(), total_steps=100, warmup_steps=10, warmup_start_lr=0.1)
+    lrs = _lrs(s, 101)
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(0.1 + (3.2 - 0.1) * 0.5)
+    assert lrs[10] == pytest.approx(3.2)  # end of warm-up
+    assert lrs[55] == pytest.approx(1.6)  # halfway through the decay
+    assert lrs[100] == pytest.approx(0.0, abs=1e-12)  # end
+
+
+def test_poly2_breakpoints():
+    s = WarmupPolyLR(_opt(), total_steps=110, warmup_steps=10, power=2.0)
+    lrs = _lrs(s, 111)
+    assert lrs[10] == pytest.approx(3.2)
+    assert lrs[60] == pytest.approx(3.2 * 0.25)
+    assert lrs[110] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_multistep():
+    s = WarmupMultiStepLR(_opt(), total_steps=100, milestones=[30, 60], gamma=0.1, warmup_steps=5)
+    lrs = _lrs(s, 100)
+    assert lrs[5] == pytest.approx(3.2) and lrs[29] == pytest.approx(3.2)
+    assert lrs[30] == pytest.approx(0.32) and lrs[60] == pytest.approx(0.032)
+
+
+def test_state_dict_round_trip_continues_schedule():
+    a = WarmupCosineLR(_opt(), total_steps=50, warmup_steps=5)
+    _lrs(a, 20)
+    b = WarmupCosineLR(_opt(), total_steps=50, warmup_steps=5)
+    b.load_state_dict(a.state_dict())
+    assert _lrs(a, 10) == pytest.approx(_lrs(b, 10))
+
+
+def test_build_schedule_errors():
+    with pytest.raises(ValueError, match="valid schedules: constant, cosine, multistep, poly"):
+        build_schedule("linear", _opt(), total_steps=10, warmup_steps=0, warmup_start_lr=0, steps_per_epoch=1)
+    with pytest.raises(ValueError, match="warmup_steps: 11"):
+        WarmupCosineLR(_opt(), total_steps=10, warmup_steps=11)
+    with pytest.raises(ValueError, match="valid optimizers"):
+        build_optimizer("adam", [], lr=1, momentum=0, weight_decay=0)
+    assert math.isclose(build_schedule("multistep", _opt(), total_steps=100, warmup_steps=0, warmup_start_lr=0,
+                                       steps_per_epoch=10, milestones_epochs=(2.0,)).milestones[0], 20)

@@ -1,0 +1,150 @@
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastnet.data import (CIFAR10_FILES, EpochSeeded, ResumableDistributedSampler, ShardSampler, SyntheticImages,
+                          build_datasets)
+
+
+def write_cifar_batches(root, n_per_batch=4, seed=0):
+    """Write CIFAR-10 in the official python-batch format (pickled dicts of bytes keys)."""
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    expected = {}
+    for name in CIFAR10_FILES:
+        data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
+        with open(d / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * n_per_batch}, f)
+        expected[name] = (data, labels)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072}, f)
+    return expected
+
+
+def test_cifar10_python_batches(tmp_path):
+    expected = write_cifar_batches(tmp_path)
+    s = build_datasets("cifar10", str(tmp_path))
+    assert len(s.train) == 20 and len(s.test) == 4 and s.num_classes == 10
+    # pixel layout: the row holds the R plane, then G, then B, each 32x32 row-major
+    data, labels = expected["test_batch"]
+    assert torch.equal(s.test.images[1], torch.from_numpy(data[1].reshape(3, 32, 32)))
+    assert s.test.labels.tolist() == labels
+    x, y = s.train[3]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == expected["data_batch_1"][1][3]
+
+
+def test_cifar10_official_tarball(tmp_path):
+    src = tmp_path / "src"
+    write_cifar_batches(src)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    s = build_datasets("cifar10", str(data_dir))
+    assert len(s.train) == 20
+
+
+def test_cifar10_missing_files_named(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(ValueError, match="data_batch_1.*test_batch"):
+        build_datasets("cifar10", str(tmp_path))
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        build_datasets("cifar10", None)
+
+
+def _idx(path, magic_dims, shape, payload):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, magic_dims) + struct.pack(">" + "I" * len(shape), *shape))
+        f.write(payload.tobytes())
+
+
+def test_fashion_mnist_idx_files(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 3)):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", 3, (n, 28, 28), rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", 1, (n,), np.arange(n, dtype=np.uint8))
+    s = build_datasets("fashion_mnist", str(tmp_path))
+    assert len(s.train) == 6 and len(s.test) == 3
+    x, y = s.test[2]
+    assert x.shape == (3, 28, 28) and y == 2
+
+
+def test_fashion_mnist_missing(tmp_path):
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte"):
+        build_datasets("fashion_mnist", str(tmp_path))
+
+
+def test_imagenet_folder(tmp_path):
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((40, 50, 3), 60 * i, dtype=np.uint8)).save(d / f"{i}.png")
+    s = build_datasets("imagenet", str(tmp_path), image_size=32)
+    assert s.num_classes == 2 and len(s.train) == 4
+    assert s.train[0][0].shape == (3, 32, 32) and s.test[3] [0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="train/<class>"):
+        build_datasets("imagenet", str(tmp_path / "nothing"))
+
+
+def test_digits_is_real_and_split_fixed():
+    s = build_datasets("digits")
+    assert (len(s.train), len(s.test), s.num_classes, s.image_size) == (1438, 359, 10, 16)
+    again = build_datasets("digits")
+    assert torch.equal(s.test.images, again.test.images)
+    assert sorted(set(s.test.labels.tolist())) == list(range(10))
+
+
+def test_unknown_dataset_lists_valid():
+    with pytest.raises(ValueError, match="valid datasets: cifar10, digits, fashion_mnist, imagenet, synthetic"):
+        build_datasets("mnist")
+
+
+def test_synthetic_any_shape():
+    s = build_datasets("synthetic", image_size=24, synthetic_samples=100, num_classes=7)
+    assert len(s.train) == 100 and s.num_classes == 7 and s.train[5][0].shape == (3, 24, 24)
+    assert isinstance(s.train, SyntheticImages) and s.train[9][1] == 2
+
+
+@pytest.mark.parametrize("length,world", [(359, 1), (359, 2), (359, 3), (10, 4), (2, 3)])
+def test_shard_sampler_counts_each_index_once(length, world):
+    seen = [i for r in range(world) for i in ShardSampler(length, world, r)]
+    assert sorted(seen) == list(range(length))
+
+
+def test_resumable_sampler_skips_consumed_prefix():
+    ds = list(range(103))
+    full = ResumableDistributedSampler(ds, 2, 1, seed=3)
+    full.set_epoch(4)
+    order = list(full)
+    assert len(order) == 51
+    part = ResumableDistributedSampler(ds, 2, 1, seed=3)
+    part.set_epoch(4)
+    part.set_start_index(20)
+    assert list(part) == order[20:] and len(part) == 31
+    full.set_epoch(5)
+    assert list(full) != order  # reshuffled per epoch
+
+
+def test_epoch_seeded_augmentation_is_deterministic_and_leaves_rng_alone():
+    base = build_datasets("digits").train
+    ds = EpochSeeded(base, seed=1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = ds[7][0]
+    assert torch.equal(torch.get_rng_state(), before)
+    _ = ds[8]
+    assert torch.equal(ds[7][0], a)  # independent of what was drawn before
+    ds.set_epoch(1)
+    assert not torch.equal(ds[7][0], a)  # a new epoch, a new augmentation

@@ -1,0 +1,171 @@
+"""End-to-end trainer tests in real processes (torchrun on loopback, gloo) on the real digits data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastnet.metrics import read_metrics
+from fastnet.train import main
+from tests.conftest import FAST, REPO, child_env, free_port, run_trainer
+
+pytestmark = pytest.mark.slow
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == kind]
+
+
+def test_two_process_run_learns_and_ranks_agree(tmp_path):
+    out = tmp_path / "run"
+    res = run_trainer([*FAST, "--global-batch-size", "64", "--micro-batch-size", "32", "--epochs", "2",
+                       "--base-lr", "0.4", "--log-interval", "1", "--out-dir", str(out)], nproc=2)
+    assert res.returncode == 0, res.stderr
+    steps = _records(out, "step")
+    assert len(steps) == 44  # 1438 images // 2 ranks // 32 = 22 steps per epoch
+    first, last = sum(r["train_loss"] for r in steps[:5]) / 5, sum(r["train_loss"] for r in steps[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    (summary,) = _records(out, "summary")
+    assert summary["world_size"] == 2 and summary["steps"] == 44
+    assert len(summary["param_checksums"]) == 2
+    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert summary["best_top1"] > 50.0  # chance is 10%
+    assert all(r["images_per_s"] > 0 and r["comm_s"] >= 0 for r in steps)
+    cfg = (out / "config.yaml").read_text()
+    assert "world_size: 2" in cfg and "accumulation_steps: 1" in cfg
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    """N steps, stop, resume to 2N == 2N uninterrupted; N lands mid-epoch and 2N in the next epoch."""
+    common = [*FAST, "--global-batch-size", "64", "--micro-batch-size", "16", "--epochs", "3",
+              "--checkpoint-interval", "5", "--log-interval", "1"]  # accumulation 2 with 2 ranks; 22 steps/epoch
+    full, part = tmp_path / "full", tmp_path / "part"
+    res = run_trainer([*common, "--max-steps", "30", "--out-dir", str(full)], nproc=2)
+    assert res.returncode == 0, res.stderr
+    res = run_trainer([*common, "--max-steps", "15", "--out-dir", str(part)], nproc=2)
+    assert res.returncode == 0, res.stderr
+    mid = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert mid["progress"]["global_step"] == 15 and mid["progress"]["step_in_epoch"] == 15
+    res = run_trainer([*common, "--max-steps", "30", "--out-dir", str(part), "--resume", str(part / "checkpoints")],
+                      nproc=2)
+    assert res.returncode == 0, res.stderr
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert a["progress"]["global_step"] == b["progress"]["global_step"] == 30
+    assert a["progress"]["epoch"] == b["progress"]["epoch"] == 1
+    for key, t in a["model"].items():
+        assert torch.equal(t, b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 30
+    # the resumed run appended to the same metrics file: steps 1..30 each logged once
+    assert [r["step"] for r in _records(part, "step")] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_evaluation_counts_each_test_image_once(tmp_path, nproc):
+    out = tmp_path / f"w{nproc}"
+    res = run_trainer([*FAST, "--global-batch-size", "96", "--micro-batch-size", "16", "--max-steps", "1",
+                       "--eval-batch-size", "50", "--out-dir", str(out)], nproc=nproc)
+    assert res.returncode == 0, res.stderr
+    (epoch,) = _records(out, "epoch")
+    assert epoch["eval_samples"] == 359  # the digits test split; 359 is prime, so shards are uneven
+    (summary,) = _records(out, "summary")
+    assert summary["accumulation_steps"] == 6 // nproc
+
+
+def test_nonfinite_loss_stops_with_step_number(tmp_path):
+    res = run_trainer([*FAST, "--global-batch-size", "64", "--micro-batch-size", "64", "--base-lr", "1e30",
+                       "--max-steps", "20", "--out-dir", str(tmp_path / "nan")])
+    assert res.returncode == 1
+    assert "non-finite loss" in res.stderr and "at step " in res.stderr
+    assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+
+
+def test_dead_rank_makes_survivor_exit_within_timeout(tmp_path):
+    """Two ranks started by hand (no torchrun to clean up); rank 1 is SIGKILLed mid-training."""
+    out, port = tmp_path / "dead", free_port()
+    args = [sys.executable, "-m", "fastnet.train", *FAST, "--global-batch-size", "64", "--micro-batch-size", "32",
+            "--epochs", "50", "--log-interval", "1", "--timeout-s", "20", "--out-dir", str(out)]
+    procs = []
+    for rank in (0, 1):
+        env = child_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and _records(out, "step")):
+            assert time.monotonic() < deadline, "training never started"
+            assert procs[0].poll() is None, procs[0].communicate()[1]
+            time.sleep(0.2)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 1, err
+    assert "fastnet-train: error (rank 0)" in err
+    assert waited < 20 + 15, waited
+
+
+# --- bad input, in-process (fast): each returns a non-zero exit and a message naming the choices ---
+
+def _main_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,valid", [("model", "resnet20"), ("dataset", "cifar10"), ("optimizer", "sgd"),
+                                       ("precision", "fp32"), ("lr_schedule", "cosine")])
+def test_unknown_names_list_valid_choices(tmp_path, capsys, key, valid):
+    rc = main([*FAST, f"--{key}", "nope", "--max-steps", "1", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "'nope'" in err and valid in err
+
+
+def test_unknown_option_lists_valid_options(capsys):
+    err = _main_error(capsys, "--modle", "resnet20")
+    assert "'modle'" in err and "model" in err and "global_batch_size" in err
+
+
+def test_indivisible_global_batch_names_the_numbers(tmp_path, capsys):
+    rc = main([*FAST, "--global-batch-size", "100", "--micro-batch-size", "32", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "global_batch_size 100" in err and "world_size 1" in err and "micro_batch_size 32" in err
+
+
+def test_missing_data_dir_names_expected_files(tmp_path, capsys):
+    rc = main([*FAST, "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "data_batch_1" in err and "cifar-10-python.tar.gz" in err
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint", b"PK\x03\x04truncated"])
+def test_bad_resume_is_an_error_not_a_fresh_start(tmp_path, capsys, content):
+    ckpt = tmp_path / "ck" / "last.pt"
+    if content is not None:
+        ckpt.parent.mkdir()
+        ckpt.write_bytes(content)
+    out = tmp_path / "out"
+    rc = main([*FAST, "--resume", str(ckpt), "--max-steps", "1", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert ("no checkpoint" in err) if content is None else ("corrupt" in err)
+    assert not (out / "metrics.jsonl").exists()  # nothing trained
+    if content is not None:
+        assert ckpt.read_bytes() == content  # and nothing overwritten
