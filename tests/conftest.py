@@ -41,3 +41,15 @@ def run_trainer(args: list[str], nproc: int = 1, timeout: float = 240) -> subpro
 @pytest.fixture
 def trainer():
     return run_trainer
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run where CUDA is (the device machine); elsewhere they are skipped with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; run `pytest -m gpu` on the device machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,29 @@
+"""The trainer on one CUDA device (run on the device machine: `pytest -m gpu`)."""
+
+import pytest
+import torch
+
+from fastnet.metrics import read_metrics
+from tests.conftest import FAST, run_trainer
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp"])
+def test_cuda_training_learns_and_resumes(tmp_path, precision):
+    common = [*FAST, "--device", "cuda", "--precision", precision, "--global-batch-size", "64",
+              "--micro-batch-size", "32", "--epochs", "3", "--log-interval", "1", "--base-lr", "0.4"]
+    out = tmp_path / "gpu"
+    res = run_trainer([*common, "--max-steps", "40", "--out-dir", str(out)])
+    assert res.returncode == 0, res.stderr
+    recs = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert sum(r["train_loss"] for r in steps[-5:]) < 0.6 * sum(r["train_loss"] for r in steps[:5])
+    if precision == "amp":
+        assert steps[-1]["loss_scale"] >= 1.0
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["rng"]["cuda"], "CUDA RNG state saved"
+    res = run_trainer([*common, "--max-steps", "60", "--out-dir", str(out), "--resume", str(out / "checkpoints")])
+    assert res.returncode == 0, res.stderr
+    summary = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "summary"][-1]
+    assert summary["steps"] == 60 and summary["best_top1"] > 80.0
