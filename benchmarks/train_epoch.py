@@ -76,13 +76,17 @@ def main() -> None:
             for n in args.nprocs:
                 rows.append(run(n, prec, data_args, args, Path(tmp) / f"{prec}-{n}"))
                 print(rows[-1], file=sys.stderr, flush=True)
+    if torch.cuda.is_available():
+        device, backend = torch.cuda.get_device_name(), "nccl"
+    else:
+        device, backend = f"{platform.machine()} CPU (capability {torch.backends.cpu.get_cpu_capability()})", "gloo"
     base = {r["precision"]: r["images_per_s"] for r in rows if r["nproc"] == min(args.nprocs)}
     lines = [
         f"### ResNet-20, one epoch of {'CIFAR-10 (real)' if real else 'synthetic CIFAR-shaped data'}, "
         f"global batch {args.global_batch} — {datetime.date.today()}",
         "",
         f"Command: `.venv/bin/python benchmarks/train_epoch.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, gloo on loopback, "
+        f"Machine: {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {backend} between processes, "
         f"channels_last, OMP threads = cores / processes.",
         "",
         "| processes | precision | steps | images/s (median of 10-step windows) | vs 1 proc | train s | comm s | top-1 |",
