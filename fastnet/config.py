@@ -50,6 +50,14 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    trust_coefficient: float = 0.001  # LARS η
+    trust_clip: bool = False  # LARS: cap the local LR at 1 (LARC clip mode)
+    lars_exclude: str = "1d"  # LARS: 1d | bn_bias | none — no weight decay and no adaptation for these
+    lars_eps: float = 1e-9
+    batch_schedule: str = "constant"  # constant | increase (Smith et al. 2018)
+    batch_milestones: tuple[float, ...] = ()  # epochs at which the global batch grows, for "increase"
+    batch_factor: float = 5.0  # growth per milestone, for "increase"
+    max_global_batch_size: int | None = None  # cap for "increase"
     lr_schedule: str = "cosine"
     lr_milestones: tuple[float, ...] = (30.0, 60.0, 80.0)  # epochs, for "multistep"
     lr_gamma: float = 0.1  # decay factor, for "multistep"
@@ -79,6 +87,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["lr_milestones"] = list(self.lr_milestones)
+        d["batch_milestones"] = list(self.batch_milestones)
         return d
 
     @property
@@ -224,7 +233,7 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, key) <= 0:
             raise ValueError(f"Invalid {key}: {getattr(cfg, key)} (must be > 0)")
     for key in ("base_lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "workers",
-                "checkpoint_interval"):
+                "checkpoint_interval", "trust_coefficient", "lars_eps"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"Invalid {key}: {getattr(cfg, key)} (must be >= 0)")
     if cfg.epochs <= 0:
@@ -237,7 +246,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"Invalid timeout_s: {cfg.timeout_s} (must be > 0 seconds)")
     if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 100:
         raise ValueError(f"Invalid target_accuracy: {cfg.target_accuracy} (a top-1 percentage in (0, 100])")
-    for key, choices in (("device", ("auto", "cpu", "cuda")), ("backend", ("auto", "gloo", "nccl"))):
+    if cfg.batch_factor < 1:
+        raise ValueError(f"Invalid batch_factor: {cfg.batch_factor} (must be >= 1)")
+    for key, choices in (("device", ("auto", "cpu", "cuda")), ("backend", ("auto", "gloo", "nccl")),
+                         ("lars_exclude", ("1d", "bn_bias", "none")), ("batch_schedule", ("constant", "increase"))):
         if getattr(cfg, key) not in choices:
             raise ValueError(f"Invalid {key}: {getattr(cfg, key)!r}; valid choices: {', '.join(choices)}")
 
@@ -282,3 +294,46 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
     except ValueError as exc:
         parser.error(str(exc))
     return cfg, known.print_config
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochBatch:
+    """One epoch of the run: its global batch, accumulation steps and optimizer steps."""
+
+    global_batch_size: int
+    accumulation_steps: int
+    steps: int
+
+
+def epoch_plan(cfg: TrainConfig, world_size: int, samples_per_rank: int) -> list[EpochBatch]:
+    """The run epoch by epoch (``ceil(epochs)`` entries; a fractional last epoch is shortened).
+
+    With ``batch_schedule="increase"`` the global batch of epoch ``e`` follows
+    :class:`fastnet.optim.BatchSizeSchedule` (Smith et al. 2018); the micro-batch stays fixed and
+    the accumulation steps absorb the growth.
+
+    Raises:
+        ValueError: a global batch that does not divide (see :func:`accumulation_steps`), or one
+            larger than the training set (not a single step per epoch).
+    """
+    from fastnet.optim.schedules import BatchSizeSchedule
+
+    if cfg.batch_schedule == "increase":
+        sched = BatchSizeSchedule(cfg.global_batch_size, cfg.batch_milestones, cfg.batch_factor,
+                                  cfg.max_global_batch_size)
+    else:
+        sched = BatchSizeSchedule(cfg.global_batch_size)
+    n_epochs = max(1, int(-(-cfg.epochs // 1)))
+    plan = []
+    for e in range(n_epochs):
+        b = sched.batch_size(e)
+        accum = accumulation_steps(b, world_size, cfg.micro_batch_size)
+        steps = samples_per_rank // (cfg.micro_batch_size * accum)
+        if steps == 0:
+            raise ValueError(f"global_batch_size {b} (epoch {e}) exceeds the {samples_per_rank * world_size} training "
+                             f"samples that {world_size} rank(s) share: not one step per epoch; lower the batch")
+        frac = cfg.epochs - e
+        if frac < 1:
+            steps = max(1, int(-(-frac * steps // 1)))
+        plan.append(EpochBatch(b, accum, steps))
+    return plan

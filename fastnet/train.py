@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from fastnet import checkpoint as ckpt
 from fastnet.comm import NativeAllReduce
-from fastnet.config import TrainConfig, accumulation_steps, parse_cli
+from fastnet.config import TrainConfig, accumulation_steps, epoch_plan, parse_cli
 from fastnet.data import EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, train_loader
 from fastnet.distributed import World, all_reduce_sum, broadcast_from_rank0, setup, teardown
 from fastnet.metrics import MetricsWriter
@@ -128,19 +128,18 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     pin = world.device.type == "cuda"
     loader = train_loader(train_set, sampler, cfg.micro_batch_size, cfg.workers, cfg.seed, pin)
     test_loader = eval_loader(splits.test, world.size, world.rank, cfg.eval_batch_size, cfg.workers, pin)
-    steps_per_epoch = sampler.num_samples // (cfg.micro_batch_size * accum)
-    if steps_per_epoch == 0:
-        raise ValueError(f"global_batch_size {cfg.global_batch_size} exceeds the {len(train_set)} training samples "
-                         f"of dataset {cfg.dataset!r}: not one step per epoch; lower the global batch")
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    plan = epoch_plan(cfg, world.size, sampler.num_samples)
+    steps_per_epoch = plan[0].steps  # of the first epoch: converts warm-up and milestone epochs to steps
+    total_steps = sum(e.steps for e in plan)
     stop_step = min(total_steps, cfg.max_steps or total_steps)
 
     peak_lr = cfg.scaled_lr
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=peak_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    optimizer = build_optimizer(cfg.optimizer, model, lr=peak_lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                                trust_coefficient=cfg.trust_coefficient, trust_clip=cfg.trust_clip,
+                                lars_exclude=cfg.lars_exclude, eps=cfg.lars_eps)
     scheduler = build_schedule(cfg.lr_schedule, optimizer, total_steps=total_steps,
-                               warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                               warmup_steps=min(total_steps, round(cfg.warmup_epochs * steps_per_epoch)),
                                warmup_start_lr=min(cfg.base_lr, peak_lr), steps_per_epoch=steps_per_epoch,
                                milestones_epochs=cfg.lr_milestones, gamma=cfg.lr_gamma, power=cfg.poly_power)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -162,7 +161,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         resolved = {**cfg.to_dict(), "world_size": world.size, "accumulation_steps": accum,
-                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "peak_lr": peak_lr}
+                    "epoch_plan": [dataclasses.asdict(e) for e in plan], "total_steps": total_steps,
+                    "peak_lr": peak_lr}
         (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     def wall() -> float:
@@ -179,9 +179,10 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     window = {"t": time.perf_counter(), "samples": 0, "comm": 0.0}
     epoch_comm = 0.0
     stopped = progress.global_step >= stop_step
-    for epoch in range(progress.epoch, n_epochs):
+    for epoch in range(progress.epoch, len(plan)):
         if stopped:
             break
+        batch, accum, steps_per_epoch = plan[epoch].global_batch_size, plan[epoch].accumulation_steps, plan[epoch].steps
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         sampler.set_start_index(progress.step_in_epoch * accum * cfg.micro_batch_size)
@@ -212,20 +213,20 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
             scheduler.step()
             progress.global_step += 1
             progress.step_in_epoch += 1
-            progress.samples_seen += cfg.global_batch_size
+            progress.samples_seen += batch
             now = time.perf_counter()
             progress.train_s += now - step_t0
             step_t0 = now
             epoch_loss += global_loss
             epoch_steps += 1
             epoch_comm += comm_s
-            window["samples"] += cfg.global_batch_size
+            window["samples"] += batch
             window["comm"] += comm_s
             lr = optimizer.param_groups[0]["lr"]
             if progress.global_step % cfg.log_interval == 0:
                 ips = window["samples"] / max(now - window["t"], 1e-9)
                 metrics.write("step", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
-                              train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale, images_per_s=ips,
+                              global_batch_size=batch, train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale, images_per_s=ips,
                               wall_s=wall(), comm_s=window["comm"])
                 bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                 window = {"t": now, "samples": 0, "comm": 0.0}

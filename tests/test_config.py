@@ -66,3 +66,31 @@ def test_accumulation_steps(b, w, m, expected):
 def test_accumulation_steps_error_names_three_numbers():
     with pytest.raises(ValueError, match=r"global_batch_size 1000 .* world_size 3 .* micro_batch_size 64"):
         accumulation_steps(1000, 3, 64)
+
+
+def test_epoch_plan_constant_and_fractional():
+    from fastnet.config import epoch_plan
+    cfg = resolve(None, {"global_batch_size": "256", "micro_batch_size": "64", "epochs": "2.5"}, environ={})
+    plan = epoch_plan(cfg, world_size=2, samples_per_rank=1000)
+    assert [(e.global_batch_size, e.accumulation_steps, e.steps) for e in plan] == [(256, 2, 7), (256, 2, 7),
+                                                                                    (256, 2, 4)]
+
+
+def test_epoch_plan_batch_increase_uses_accumulation():
+    from fastnet.config import epoch_plan
+    cfg = resolve(None, {"global_batch_size": "128", "micro_batch_size": "32", "epochs": "4",
+                         "batch_schedule": "increase", "batch_milestones": "1,3", "batch_factor": "2"}, environ={})
+    plan = epoch_plan(cfg, world_size=2, samples_per_rank=1024)
+    assert [(e.global_batch_size, e.accumulation_steps, e.steps) for e in plan] == [
+        (128, 2, 16), (256, 4, 8), (256, 4, 8), (512, 8, 4)]
+
+
+def test_epoch_plan_errors():
+    from fastnet.config import epoch_plan
+    cfg = resolve(None, {"global_batch_size": "4096", "micro_batch_size": "64"}, environ={})
+    with pytest.raises(ValueError, match="exceeds the 2000 training samples"):
+        epoch_plan(cfg, world_size=2, samples_per_rank=1000)
+    cfg = resolve(None, {"global_batch_size": "128", "micro_batch_size": "64", "batch_schedule": "increase",
+                         "batch_milestones": "1", "batch_factor": "1.5"}, environ={})
+    with pytest.raises(ValueError, match="global_batch_size 192 is not divisible"):
+        epoch_plan(cfg, world_size=2, samples_per_rank=10000)

@@ -169,3 +169,30 @@ def test_bad_resume_is_an_error_not_a_fresh_start(tmp_path, capsys, content):
     assert not (out / "metrics.jsonl").exists()  # nothing trained
     if content is not None:
         assert ckpt.read_bytes() == content  # and nothing overwritten
+
+
+def test_two_process_lars_learns(tmp_path):
+    out = tmp_path / "lars"
+    res = run_trainer([*FAST, "--optimizer", "lars", "--trust-coefficient", "0.001", "--base-lr", "20",
+                       "--lr-schedule", "poly", "--warmup-epochs", "1", "--global-batch-size", "128",
+                       "--micro-batch-size", "64", "--epochs", "6", "--out-dir", str(out)], nproc=2)
+    assert res.returncode == 0, res.stderr
+    (summary,) = _records(out, "summary")
+    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert summary["best_top1"] > 90.0, summary
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert [g["lars_exclude"] for g in ck["optimizer"]["param_groups"]] == [False, True]
+
+
+def test_batch_size_increase_runs_through_accumulation(tmp_path):
+    out = tmp_path / "inc"
+    res = run_trainer([*FAST, "--global-batch-size", "64", "--micro-batch-size", "32", "--epochs", "3",
+                       "--batch-schedule", "increase", "--batch-milestones", "1,2", "--batch-factor", "2",
+                       "--log-interval", "1", "--lr-schedule", "constant", "--out-dir", str(out)], nproc=2)
+    assert res.returncode == 0, res.stderr
+    steps = _records(out, "step")
+    by_epoch = {e: [r for r in steps if r["epoch"] == e] for e in range(3)}
+    # 719 samples per rank: 22 steps of 64, 11 of 128, 5 of 256
+    assert [len(by_epoch[e]) for e in range(3)] == [22, 11, 5]
+    assert [by_epoch[e][0]["global_batch_size"] for e in range(3)] == [64, 128, 256]
+    assert steps[-1]["samples_seen"] == 22 * 64 + 11 * 128 + 5 * 256

@@ -1,26 +1,38 @@
-"""Optimizers and large-batch LR schedules."""
+"""Optimizers and large-batch LR schedules.
+
+Registry :data:`OPTIMIZERS`: ``sgd`` (torch.optim.SGD, momentum, weight decay on every
+parameter as in Goyal et al. 2017) and ``lars`` (:class:`fastnet.optim.lars.LARS`, with the
+bias/BN exclusion rule of Jia et al. 2018 through :func:`param_groups`).
+"""
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
-from fastnet.optim.schedules import SCHEDULES, build_schedule, scale_lr
+from fastnet.optim.lars import EXCLUDE_RULES, LARS, lars, param_groups
+from fastnet.optim.schedules import SCHEDULES, BatchSizeSchedule, build_schedule, scale_lr
 
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("lars", "sgd")
 
 
-def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], *, lr: float, momentum: float,
-                    weight_decay: float, nesterov: bool = False) -> torch.optim.Optimizer:
-    """Build a registered optimizer over ``params``.
+def build_optimizer(name: str, model: torch.nn.Module, *, lr: float, momentum: float, weight_decay: float,
+                    nesterov: bool = False, trust_coefficient: float = 0.001, trust_clip: bool = False,
+                    lars_exclude: str = "1d", eps: float = 1e-9) -> torch.optim.Optimizer:
+    """Build a registered optimizer over ``model``'s trainable parameters.
 
     Raises:
-        ValueError: an unknown name (the message lists the valid ones) or a negative hyperparameter.
+        ValueError: an unknown name or exclusion rule (the message lists the valid ones), or a
+            negative hyperparameter (named).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    if name == "lars":
+        return LARS(param_groups(model, weight_decay, lars_exclude), lr=lr, momentum=momentum,
+                    weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
+                    trust_clip=trust_clip)
+    params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "build_schedule", "scale_lr"]
+__all__ = ["EXCLUDE_RULES", "LARS", "OPTIMIZERS", "SCHEDULES", "BatchSizeSchedule", "build_optimizer",
+           "build_schedule", "lars", "param_groups", "scale_lr"]

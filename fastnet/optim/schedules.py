@@ -122,3 +122,32 @@ def build_schedule(name: str, optimizer: Optimizer, *, total_steps: int, warmup_
     if name == "poly":
         return WarmupPolyLR(optimizer, power=power, **common)
     return SCHEDULES[name](optimizer, **common)
+
+
+class BatchSizeSchedule:
+    """Increase the global batch instead of decaying the LR (Smith, Kindermans, Ying & Le 2018,
+    "Don't Decay the Learning Rate, Increase the Batch Size", §2–3).
+
+    ``batch_size(epoch) = min(base × factor^k, max_batch)`` with ``k`` the number of milestones
+    (epochs) ``<= epoch``. The trainer honours it per epoch through the accumulation steps, keeping
+    the micro-batch fixed; the LR schedule is unchanged (typically constant after warm-up).
+
+    Raises:
+        ValueError: non-positive batch, factor < 1, or milestones not increasing.
+    """
+
+    def __init__(self, base: int, milestones: Sequence[float] = (), factor: float = 5.0,
+                 max_batch: int | None = None) -> None:
+        if base <= 0:
+            raise ValueError(f"Invalid base batch size: {base} (must be > 0)")
+        if factor < 1:
+            raise ValueError(f"Invalid batch factor: {factor} (must be >= 1)")
+        if list(milestones) != sorted(milestones):
+            raise ValueError(f"Invalid batch milestones: {list(milestones)} (must be increasing epochs)")
+        if max_batch is not None and max_batch < base:
+            raise ValueError(f"Invalid max batch {max_batch}: smaller than the base batch {base}")
+        self.base, self.milestones, self.factor, self.max_batch = base, list(milestones), factor, max_batch
+
+    def batch_size(self, epoch: int) -> int:
+        b = round(self.base * self.factor ** sum(1 for m in self.milestones if epoch >= m))
+        return min(b, self.max_batch) if self.max_batch else b

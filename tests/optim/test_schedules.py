@@ -8,7 +8,7 @@ from fastnet.optim.schedules import WarmupCosineLR, WarmupMultiStepLR, WarmupPol
 
 
 def _opt(lr=3.2):
-    return build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))], lr=lr, momentum=0.9, weight_decay=0.0)
+    return build_optimizer("sgd", torch.nn.Linear(2, 1), lr=lr, momentum=0.9, weight_decay=0.0)
 
 
 def _lrs(sched, n):
@@ -65,6 +65,16 @@ def test_build_schedule_errors():
     with pytest.raises(ValueError, match="warmup_steps: 11"):
         WarmupCosineLR(_opt(), total_steps=10, warmup_steps=11)
     with pytest.raises(ValueError, match="valid optimizers"):
-        build_optimizer("adam", [], lr=1, momentum=0, weight_decay=0)
+        build_optimizer("adam", torch.nn.Linear(2, 1), lr=1, momentum=0, weight_decay=0)
     assert math.isclose(build_schedule("multistep", _opt(), total_steps=100, warmup_steps=0, warmup_start_lr=0,
                                        steps_per_epoch=10, milestones_epochs=(2.0,)).milestones[0], 20)
+
+
+def test_batch_size_increase_schedule():
+    from fastnet.optim import BatchSizeSchedule
+    s = BatchSizeSchedule(256, milestones=[30, 60, 80], factor=5, max_batch=8192)
+    assert [s.batch_size(e) for e in (0, 29, 30, 59, 60, 80, 90)] == [256, 256, 1280, 1280, 6400, 8192, 8192]
+    with pytest.raises(ValueError, match="batch factor: 0.5"):
+        BatchSizeSchedule(256, factor=0.5)
+    with pytest.raises(ValueError, match="milestones"):
+        BatchSizeSchedule(256, milestones=[3, 1])

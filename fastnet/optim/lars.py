@@ -1,0 +1,242 @@
+"""LARS: layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017, "Scaling SGD Batch Size
+to 32K for ImageNet Training", Algorithm 1), as used at batch 64K by Jia et al. 2018.
+
+For each parameter tensor ``w`` with gradient ``g`` (one "layer"), global LR ``γ_t``, trust
+coefficient ``η``, weight decay ``β``, momentum ``m``:
+
+  1. local LR   ``λ = η·‖w‖ / (‖g‖ + β·‖w‖ + ε)``; ``λ = 1`` when ``‖w‖ = 0`` or ``‖g‖ = 0``;
+     with trust clipping (the "clip" mode of LARC), ``λ ← min(λ, 1)``, so the effective LR
+     ``γ_t·λ`` never exceeds the global LR;
+  2. update     ``u = γ_t·λ·(g + β·w)``;
+  3. momentum   ``v ← m·v + u``  (``v₀ = 0``);
+  4. step       ``w ← w − v``, or with Nesterov ``w ← w − (u + m·v)``.
+
+Excluded parameters (by default every tensor with ``ndim <= 1``: biases and BatchNorm/LayerNorm
+γ, β — Jia et al. 2018, §3.2) get neither weight decay nor adaptation: ``λ = 1``, ``β = 0``,
+i.e. plain momentum SGD at the global LR.
+
+Two code paths, chosen by ``foreach`` like ``torch.optim``: a multi-tensor path (``torch._foreach_*``;
+all norms in one pass, trust ratios as device tensors, no host synchronisation) and a
+per-parameter reference path. They agree to rounding (tested in float32 and float64).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def _check_hparams(lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
+                   nesterov: bool) -> None:
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
+                        ("trust_coefficient", trust_coefficient), ("eps", eps)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"Invalid {name}: {value} (must be a number >= 0)")
+    if nesterov and momentum <= 0:
+        raise ValueError(f"Invalid nesterov with momentum {momentum}: Nesterov needs momentum > 0")
+
+
+def _trust_ratio(w_norm: Tensor, g_norm: Tensor, *, trust_coefficient: float, weight_decay: float, eps: float,
+                 clip: bool) -> Tensor:
+    """``λ`` of step 1 for any shape of norms (elementwise); stays on the norms' device."""
+    ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+    return ratio.clamp(max=1.0) if clip else ratio
+
+
+def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], excluded: list[bool],
+                        *, lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
+                        nesterov: bool, clip: bool) -> None:
+    for i, (w, g) in enumerate(zip(params, grads)):
+        if excluded[i]:
+            u = g.mul(lr)
+        else:
+            lam = _trust_ratio(torch.linalg.vector_norm(w), torch.linalg.vector_norm(g),
+                               trust_coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps, clip=clip)
+            u = g.add(w, alpha=weight_decay).mul_(lam * lr)
+        if momentum > 0:
+            buf = bufs[i]
+            if buf is None:
+                buf = bufs[i] = torch.zeros_like(w)
+            buf.mul_(momentum).add_(u)
+            w.sub_(u.add(buf, alpha=momentum) if nesterov else buf)
+        else:
+            w.sub_(u)
+
+
+def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], excluded: list[bool],
+                       *, lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
+                       nesterov: bool, clip: bool) -> None:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, w in enumerate(params):
+        groups.setdefault((w.device, w.dtype), []).append(i)
+    for idx in groups.values():
+        ws, gs = [params[i] for i in idx], [grads[i] for i in idx]
+        adapt = [k for k, i in enumerate(idx) if not excluded[i]]
+        plain = [k for k, i in enumerate(idx) if excluded[i]]
+        updates: list[Tensor] = [gs[0]] * len(idx)
+        if plain:  # excluded tensors: u = γ·g
+            for k, u in zip(plain, torch._foreach_mul([gs[k] for k in plain], lr)):
+                updates[k] = u
+        if adapt:  # u = γ·λ·(g + β·w), λ from all norms in one pass
+            wa, ga = [ws[k] for k in adapt], [gs[k] for k in adapt]
+            w_norm = torch.stack(torch._foreach_norm(wa))
+            g_norm = torch.stack(torch._foreach_norm(ga))
+            scale = _trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient, weight_decay=weight_decay,
+                                 eps=eps, clip=clip) * lr
+            d = torch._foreach_add(ga, wa, alpha=weight_decay) if weight_decay else torch._foreach_mul(ga, 1.0)
+            torch._foreach_mul_(d, list(scale.unbind()))
+            for k, u in zip(adapt, d):
+                updates[k] = u
+        if momentum > 0:
+            for i in idx:
+                if bufs[i] is None:
+                    bufs[i] = torch.zeros_like(params[i])
+            vs = [bufs[i] for i in idx]
+            torch._foreach_mul_(vs, momentum)
+            torch._foreach_add_(vs, updates)
+            if nesterov:
+                torch._foreach_add_(updates, vs, alpha=momentum)
+                torch._foreach_sub_(ws, updates)
+            else:
+                torch._foreach_sub_(ws, vs)
+        else:
+            torch._foreach_sub_(ws, updates)
+
+
+def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], excluded: list[bool], *,
+         lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float, nesterov: bool,
+         clip: bool, foreach: bool = True) -> None:
+    """Functional LARS step (module docstring, steps 1–4) over lists of equal length.
+
+    Args:
+        params: tensors updated in place (any shape; float32/float64, or any floating dtype).
+        grads: their gradients, same shapes and dtypes; not modified.
+        momentum_buffers: per tensor ``v`` or None; None entries are filled with new zero buffers in place.
+        excluded: per tensor, True for no weight decay and no adaptation.
+        foreach: the multi-tensor path (True) or the per-parameter reference (False).
+    """
+    fn = _multi_tensor_lars if foreach else _single_tensor_lars
+    fn(params, grads, momentum_buffers, excluded, lr=lr, momentum=momentum, weight_decay=weight_decay,
+       trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov, clip=clip)
+
+
+def exclude_1d(p: Tensor) -> bool:
+    """The default exclusion rule: biases and normalisation parameters (``ndim <= 1``)."""
+    return p.ndim <= 1
+
+
+class LARS(Optimizer):
+    """LARS optimizer (You et al. 2017, Algorithm 1; see the module docstring for the exact update).
+
+    Args:
+        params: an iterable of parameters or of dicts (parameter groups). A group may set ``lr``,
+            ``momentum``, ``weight_decay``, ``trust_coefficient``, ``eps``, ``nesterov``,
+            ``trust_clip`` and ``lars_exclude`` (True: every tensor of the group is excluded;
+            False: none is; None: the ``exclude`` rule decides per tensor).
+        lr: global LR ``γ`` (the scheduler's value). momentum: ``m``. weight_decay: ``β``.
+        trust_coefficient: ``η`` (default 0.001). eps: ``ε`` in the local-LR denominator.
+        nesterov: Nesterov momentum. trust_clip: cap ``λ`` at 1 (LARC "clip" mode).
+        exclude: per-tensor rule for groups with ``lars_exclude=None``; default :func:`exclude_1d`.
+        foreach: multi-tensor path (default) or per-parameter reference path (False).
+
+    Raises:
+        ValueError: a negative hyperparameter (named), Nesterov without momentum, or a parameter
+            in two groups. RuntimeError: a sparse gradient.
+
+    State per parameter: ``momentum_buffer`` (same shape/dtype as the parameter), as torch.optim.SGD,
+    so ``state_dict()``/``load_state_dict()`` round-trip and resume the same trajectory.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.1, *, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-9, nesterov: bool = False,
+                 trust_clip: bool = False, exclude: Callable[[Tensor], bool] | None = exclude_1d,
+                 foreach: bool | None = None) -> None:
+        _check_hparams(lr, momentum, weight_decay, trust_coefficient, eps, nesterov)
+        self.exclude = exclude or (lambda p: False)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        eps=eps, nesterov=nesterov, trust_clip=trust_clip, lars_exclude=None,
+                        foreach=True if foreach is None else foreach)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps"):
+            if key in param_group and (not isinstance(param_group[key], (int, float)) or param_group[key] < 0):
+                raise ValueError(f"Invalid {key} in parameter group: {param_group[key]} (must be a number >= 0)")
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # older checkpoints keep loading
+            group.setdefault("trust_clip", False)
+            group.setdefault("lars_exclude", None)
+            group.setdefault("foreach", True)
+        self.exclude = getattr(self, "exclude", exclude_1d)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs, excluded = [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients; use dense gradients "
+                                       "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam for that layer")
+                params.append(p)
+                grads.append(p.grad)
+                bufs.append(self.state[p].get("momentum_buffer"))
+                rule = group["lars_exclude"]
+                excluded.append(self.exclude(p) if rule is None else bool(rule))
+            if not params:
+                continue
+            lars(params, grads, bufs, excluded, lr=group["lr"], momentum=group["momentum"],
+                 weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"], eps=group["eps"],
+                 nesterov=group["nesterov"], clip=group["trust_clip"], foreach=group["foreach"])
+            if group["momentum"] > 0:
+                for p, buf in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = buf
+        return loss
+
+
+def _is_norm_or_bias(module: torch.nn.Module, name: str) -> bool:
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    return isinstance(module, norms) or name == "bias"
+
+
+EXCLUDE_RULES = ("1d", "bn_bias", "none")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude: str = "1d") -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into an adapted group and an excluded group.
+
+    ``exclude``: ``"1d"`` (every tensor with ``ndim <= 1``), ``"bn_bias"`` (parameters of
+    BatchNorm/LayerNorm/GroupNorm modules and every ``bias``), or ``"none"``. The excluded group has
+    ``weight_decay = 0`` and ``lars_exclude = True`` (no LARS adaptation; Jia et al. 2018, §3.2); the
+    other has ``weight_decay`` and ``lars_exclude = False``. Empty groups are left out. Any
+    torch.optim optimizer accepts the groups (the extra key is ignored by those that don't use it).
+
+    Raises:
+        ValueError: an unknown rule (the valid ones are listed) or a negative weight decay.
+    """
+    if exclude not in EXCLUDE_RULES:
+        raise ValueError(f"Unknown lars_exclude rule {exclude!r}; valid rules: {', '.join(EXCLUDE_RULES)}")
+    if weight_decay < 0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+    adapted, excluded = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            skip = (exclude == "1d" and p.ndim <= 1) or (exclude == "bn_bias" and _is_norm_or_bias(module, name))
+            (excluded if skip else adapted).append(p)
+    groups = [{"params": adapted, "weight_decay": weight_decay, "lars_exclude": False},
+              {"params": excluded, "weight_decay": 0.0, "lars_exclude": True}]
+    return [g for g in groups if g["params"]]
