@@ -27,3 +27,13 @@ def test_cuda_training_learns_and_resumes(tmp_path, precision):
     assert res.returncode == 0, res.stderr
     summary = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "summary"][-1]
     assert summary["steps"] == 60 and summary["best_top1"] > 80.0
+
+
+def test_cuda_lars_training(tmp_path):
+    out = tmp_path / "lars"
+    res = run_trainer([*FAST, "--device", "cuda", "--optimizer", "lars", "--base-lr", "20", "--lr-schedule", "poly",
+                       "--warmup-epochs", "1", "--global-batch-size", "128", "--micro-batch-size", "64",
+                       "--epochs", "6", "--out-dir", str(out)])
+    assert res.returncode == 0, res.stderr
+    summary = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "summary"][-1]
+    assert summary["best_top1"] > 90.0

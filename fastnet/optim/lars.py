@@ -16,8 +16,10 @@ Excluded parameters (by default every tensor with ``ndim <= 1``: biases and Batc
 i.e. plain momentum SGD at the global LR.
 
 Two code paths, chosen by ``foreach`` like ``torch.optim``: a multi-tensor path (``torch._foreach_*``;
-all norms in one pass, trust ratios as device tensors, no host synchronisation) and a
-per-parameter reference path. They agree to rounding (tested in float32 and float64).
+all norms in one pass, trust ratios computed as one device tensor, then one host sync per
+parameter group and step to hand the per-tensor scales to the fused ``_foreach`` kernels) and a
+per-parameter reference path (no host sync). They agree to rounding (tested in float32 and float64).
+The fused CUDA kernel of ``kernels/`` (fastnet issue 6) is to remove that sync.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Ten
             g_norm = torch.stack(torch._foreach_norm(ga))
             scale = _trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient, weight_decay=weight_decay,
                                  eps=eps, clip=clip) * lr
+            # One host sync: per-tensor scales as Python floats keep every _foreach op on its fused
+            # fast path (a list of 0-dim device tensors would fall back to one kernel per tensor).
             d = torch._foreach_add(ga, wa, alpha=weight_decay) if weight_decay else torch._foreach_mul(ga, 1.0)
-            torch._foreach_mul_(d, list(scale.unbind()))
+            torch._foreach_mul_(d, scale.tolist())
             for k, u in zip(adapt, d):
                 updates[k] = u
         if momentum > 0:
@@ -141,7 +145,9 @@ class LARS(Optimizer):
         trust_coefficient: ``η`` (default 0.001). eps: ``ε`` in the local-LR denominator.
         nesterov: Nesterov momentum. trust_clip: cap ``λ`` at 1 (LARC "clip" mode).
         exclude: per-tensor rule for groups with ``lars_exclude=None``; default :func:`exclude_1d`.
-        foreach: multi-tensor path (default) or per-parameter reference path (False).
+        foreach: multi-tensor path (True) or per-parameter path (False); None (default) picks, like
+            torch.optim, the multi-tensor path when all of a group's tensors are on CUDA and the
+            per-parameter path on CPU, where it is faster (measured: docs/BENCHMARKS.md).
 
     Raises:
         ValueError: a negative hyperparameter (named), Nesterov without momentum, or a parameter
@@ -158,8 +164,7 @@ class LARS(Optimizer):
         _check_hparams(lr, momentum, weight_decay, trust_coefficient, eps, nesterov)
         self.exclude = exclude or (lambda p: False)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        eps=eps, nesterov=nesterov, trust_clip=trust_clip, lars_exclude=None,
-                        foreach=True if foreach is None else foreach)
+                        eps=eps, nesterov=nesterov, trust_clip=trust_clip, lars_exclude=None, foreach=foreach)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -173,7 +178,7 @@ class LARS(Optimizer):
         for group in self.param_groups:  # older checkpoints keep loading
             group.setdefault("trust_clip", False)
             group.setdefault("lars_exclude", None)
-            group.setdefault("foreach", True)
+            group.setdefault("foreach", None)
         self.exclude = getattr(self, "exclude", exclude_1d)
 
     @torch.no_grad()
@@ -199,7 +204,8 @@ class LARS(Optimizer):
                 continue
             lars(params, grads, bufs, excluded, lr=group["lr"], momentum=group["momentum"],
                  weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"], eps=group["eps"],
-                 nesterov=group["nesterov"], clip=group["trust_clip"], foreach=group["foreach"])
+                 nesterov=group["nesterov"], clip=group["trust_clip"],
+                 foreach=all(p.is_cuda for p in params) if group["foreach"] is None else group["foreach"])
             if group["momentum"] > 0:
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf
