@@ -65,7 +65,10 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     # numerics
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | amp | fp16 | bf16
+    loss_scaling: bool | None = None  # dynamic loss scaling; None: on for fp16 (and amp), off for bf16
+    init_loss_scale: float = 65536.0
+    loss_scale_growth_interval: int = 2000  # clean steps before the scale doubles
     channels_last: bool = False
     seed: int = 0
     # input pipeline
@@ -228,7 +231,7 @@ def resolve(
 def validate(cfg: TrainConfig) -> None:
     """Range checks that need no knowledge of the world size. Raises ValueError naming the value."""
     positive = ("global_batch_size", "micro_batch_size", "eval_batch_size", "reference_batch_size", "log_interval",
-                "eval_interval", "synthetic_samples")
+                "eval_interval", "synthetic_samples", "init_loss_scale", "loss_scale_growth_interval")
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ValueError(f"Invalid {key}: {getattr(cfg, key)} (must be > 0)")

@@ -59,6 +59,7 @@ class Progress:
     time_to_target_s: float | None = None
     elapsed_s: float = 0.0  # wall seconds of earlier sessions of this run
     train_s: float = 0.0  # wall seconds spent in training steps (not evaluation)
+    overflow_skips: int = 0  # steps skipped by loss scaling (inf/NaN gradients)
 
 
 def param_checksum(model: nn.Module) -> str:
@@ -79,7 +80,7 @@ def evaluate(model: nn.Module, loader, world: World, precision: Precision, chann
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
-            logits = model(x)
+            logits = model(precision.cast_input(x))
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y[:, None])
@@ -112,7 +113,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     """
     t_start = time.perf_counter()
     accum = accumulation_steps(cfg.global_batch_size, world.size, cfg.micro_batch_size)
-    precision = Precision(cfg.precision, world.device)  # validates the name before any work
+    precision = Precision(cfg.precision, world.device, loss_scaling=cfg.loss_scaling,  # validates the name early
+                          init_scale=cfg.init_loss_scale, growth_interval=cfg.loss_scale_growth_interval)
     state = ckpt.load(cfg.resume, map_location="cpu") if cfg.resume else None
 
     splits = build_datasets(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.synthetic_samples, cfg.num_classes)
@@ -121,6 +123,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     broadcast_from_rank0(model, world)
+    model = precision.prepare(model)  # fp16/bf16: cast (norms stay FP32), FP32 masters, flat buffers
     torch.manual_seed(cfg.seed + world.rank)  # per-rank stream for dropout and the like
 
     train_set = EpochSeeded(splits.train, cfg.seed)
@@ -137,7 +140,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     optimizer = build_optimizer(cfg.optimizer, model, lr=peak_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                                 trust_coefficient=cfg.trust_coefficient, trust_clip=cfg.trust_clip,
-                                lars_exclude=cfg.lars_exclude, eps=cfg.lars_eps)
+                                lars_exclude=cfg.lars_exclude, eps=cfg.lars_eps,
+                                map_groups=precision.optimizer_params)
     scheduler = build_schedule(cfg.lr_schedule, optimizer, total_steps=total_steps,
                                warmup_steps=min(total_steps, round(cfg.warmup_epochs * steps_per_epoch)),
                                warmup_start_lr=min(cfg.base_lr, peak_lr), steps_per_epoch=steps_per_epoch,
@@ -199,17 +203,18 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with precision.autocast():
-                    loss = criterion(model(x), y) / accum
+                    loss = criterion(model(precision.cast_input(x)).float(), y) / accum
                 precision.backward(loss)
                 loss_sum += loss.detach().float()
-            comm_s = grad_sync(params)
+            comm_s = grad_sync(precision.grad_buffers(params))
             global_loss = all_reduce_sum([loss_sum.item()], world)[0] / world.size  # the step's one host sync
-            if not math.isfinite(global_loss) and precision.scaler is None:
+            if not math.isfinite(global_loss) and not precision.loss_scaling:
                 raise NonFiniteLossError(
                     f"non-finite loss {global_loss} at step {progress.global_step + 1} (epoch {epoch}); "
                     f"lower base_lr ({cfg.base_lr}), add warm-up, or check the data")
-            precision.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
+            if not precision.step(optimizer):
+                progress.overflow_skips += 1
+            precision.zero_grad(optimizer)
             scheduler.step()
             progress.global_step += 1
             progress.step_in_epoch += 1
@@ -265,7 +270,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         "best_top1": progress.best_top1, "final_top1": progress.final_top1,
         "time_to_target_s": progress.time_to_target_s, "target_accuracy": cfg.target_accuracy,
         "mean_images_per_s": progress.samples_seen / max(progress.train_s, 1e-9), "wall_s": wall(),
-        "steps": progress.global_step, "world_size": world.size, "accumulation_steps": accum,
+        "steps": progress.global_step, "overflow_skips": progress.overflow_skips, "loss_scale": precision.loss_scale,
+        "world_size": world.size, "accumulation_steps": accum,
         "param_checksums": checksums, "session_s": time.perf_counter() - t_start,
     }
     metrics.write("summary", **summary)

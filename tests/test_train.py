@@ -196,3 +196,15 @@ def test_batch_size_increase_runs_through_accumulation(tmp_path):
     assert [len(by_epoch[e]) for e in range(3)] == [22, 11, 5]
     assert [by_epoch[e][0]["global_batch_size"] for e in range(3)] == [64, 128, 256]
     assert steps[-1]["samples_seen"] == 22 * 64 + 11 * 128 + 5 * 256
+
+
+def test_two_process_fp16_masters_with_lars_learn(tmp_path):
+    out = tmp_path / "fp16"
+    res = run_trainer([*FAST, "--precision", "fp16", "--optimizer", "lars", "--base-lr", "20", "--lr-schedule",
+                       "poly", "--warmup-epochs", "1", "--image-size", "8", "--global-batch-size", "128",
+                       "--micro-batch-size", "64", "--epochs", "5", "--out-dir", str(out)], nproc=2)
+    assert res.returncode == 0, res.stderr
+    (summary,) = _records(out, "summary")
+    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert summary["best_top1"] > 90.0, summary
+    assert summary["loss_scale"] > 1.0  # scaling stayed on and sane

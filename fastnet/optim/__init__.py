@@ -7,6 +7,8 @@ bias/BN exclusion rule of Jia et al. 2018 through :func:`param_groups`).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from fastnet.optim.lars import EXCLUDE_RULES, LARS, lars, param_groups
@@ -17,8 +19,13 @@ OPTIMIZERS = ("lars", "sgd")
 
 def build_optimizer(name: str, model: torch.nn.Module, *, lr: float, momentum: float, weight_decay: float,
                     nesterov: bool = False, trust_coefficient: float = 0.001, trust_clip: bool = False,
-                    lars_exclude: str = "1d", eps: float = 1e-9) -> torch.optim.Optimizer:
+                    lars_exclude: str = "1d", eps: float = 1e-9,
+                    map_groups: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+                    ) -> torch.optim.Optimizer:
     """Build a registered optimizer over ``model``'s trainable parameters.
+
+    ``map_groups`` turns the parameter groups over the model into the groups the optimizer really
+    updates (e.g. :meth:`fastnet.precision.Precision.optimizer_params`: the FP32 masters).
 
     Raises:
         ValueError: an unknown name or exclusion rule (the message lists the valid ones), or a
@@ -26,12 +33,13 @@ def build_optimizer(name: str, model: torch.nn.Module, *, lr: float, momentum: f
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    mapped = map_groups or (lambda groups: groups)
     if name == "lars":
-        return LARS(param_groups(model, weight_decay, lars_exclude), lr=lr, momentum=momentum,
+        return LARS(mapped(param_groups(model, weight_decay, lars_exclude)), lr=lr, momentum=momentum,
                     weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
                     trust_clip=trust_clip)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    groups = mapped([{"params": [p for p in model.parameters() if p.requires_grad]}])
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
 __all__ = ["EXCLUDE_RULES", "LARS", "OPTIMIZERS", "SCHEDULES", "BatchSizeSchedule", "build_optimizer",

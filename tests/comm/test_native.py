@@ -21,10 +21,24 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         # integer-valued gradients: rank r holds (r+1) * k, so sums are exact
         for k, p in enumerate(params[:3]):
             p.grad = torch.full_like(p, float((rank + 1) * (k + 1)))
-        seconds = NativeAllReduce(world)(params)
+        seconds = NativeAllReduce(world)([p.grad for p in params if p.grad is not None])
         queue.put((rank, [None if p.grad is None else p.grad.clone() for p in params], seconds))
     finally:
         dist.destroy_process_group()
+
+
+def collect(queue, procs, timeout=120.0):
+    """Next result from the queue; fails at once if a worker died instead of waiting out the timeout."""
+    import queue as q
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=0.5)
+        except q.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"worker exited with {dead}"
+    raise TimeoutError("no result from the workers")
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -35,7 +49,7 @@ def test_gradients_are_averaged_over_ranks(world):
     procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=120) for _ in procs]
+    results = [collect(queue, procs) for _ in procs]
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
@@ -45,11 +59,11 @@ def test_gradients_are_averaged_over_ranks(world):
         for k in range(3):
             assert torch.equal(grads[k], torch.full_like(grads[k], mean_factor * (k + 1)))
         assert grads[2].dtype == torch.float64
-        assert grads[3] is None  # no gradient: skipped, not created
+        assert grads[3] is None  # no gradient: not passed, not created
 
 
 def test_single_process_is_a_no_op():
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 2.0)
-    assert NativeAllReduce(1)([p]) == 0.0
+    assert NativeAllReduce(1)([p.grad]) == 0.0
     assert torch.equal(p.grad, torch.full((3,), 2.0))

@@ -1,0 +1,258 @@
+"""Mixed precision: FP16/BF16 models with FP32 master weights, flat buffers, dynamic loss scaling."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from fastnet.comm import NativeAllReduce
+from fastnet.data import build_datasets
+from fastnet.models import build_model
+from fastnet.precision import DynamicLossScaler, Precision, check_device_support
+from tests.comm.test_native import collect
+from tests.conftest import FAST, free_port, run_trainer
+
+CPU = torch.device("cpu")
+
+
+def _setup(name: str, seed: int = 0, model: str = "small_cnn", lr: float = 0.05, **kw):
+    torch.manual_seed(seed)
+    net = build_model(model, 10, 8)
+    prec = Precision(name, CPU, **kw)
+    net = prec.prepare(net)
+    opt = torch.optim.SGD(prec.optimizer_params([{"params": list(net.parameters())}]), lr=lr, momentum=0.9,
+                          weight_decay=5e-4)
+    return net, prec, opt
+
+
+def _train_step(net, prec, opt, x, y) -> float:
+    loss = nn.functional.cross_entropy(net(prec.cast_input(x)).float(), y)
+    prec.backward(loss)
+    prec.step(opt)
+    prec.zero_grad(opt)
+    return loss.item()
+
+
+def test_fp16_masters_track_fp32_training():
+    """Same init, same 50 batches of real digits: the FP16-master loss stays within 0.05 (absolute,
+    mean over windows of 10 steps) of the FP32 loss, and both learn."""
+    data = build_datasets("digits", image_size=8).train
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(50):
+        idx = torch.randint(0, len(data), (64,), generator=g)
+        batches.append((torch.stack([data.images[i] for i in idx]).float().div(255).sub(0.5).div(0.5),
+                        data.labels[idx]))
+    curves = {}
+    for name in ("fp32", "fp16"):
+        net, prec, opt = _setup(name)
+        curves[name] = [_train_step(net, prec, opt, x, y) for x, y in batches]
+    for start in range(0, 50, 10):
+        a = sum(curves["fp32"][start:start + 10]) / 10
+        b = sum(curves["fp16"][start:start + 10]) / 10
+        assert abs(a - b) < 0.05, (start, a, b)
+    assert sum(curves["fp16"][-10:]) < 0.5 * sum(curves["fp16"][:10])
+
+
+def test_dtypes_and_flat_buffers():
+    net, prec, opt = _setup("fp16")
+    m = prec.masters
+    for mod in net.modules():
+        for p in mod.parameters(recurse=False):
+            want = torch.float32 if isinstance(mod, nn.BatchNorm2d) else torch.float16
+            assert p.dtype == want and p.grad.dtype == want
+    assert all(b.dtype == torch.float32 for mod in net.modules() if isinstance(mod, nn.BatchNorm2d)
+               for b in mod.buffers(recurse=False) if b.is_floating_point())
+    assert m.master.dtype == torch.float32 and m.master.numel() == sum(p.numel() for p in net.parameters())
+    flat16 = m.grad_flat[torch.float16]
+    lo, hi = flat16.data_ptr(), flat16.data_ptr() + flat16.numel() * 2
+    for p in net.parameters():
+        if p.dtype == torch.float16:
+            assert lo <= p.grad.data_ptr() < hi  # gradients are views into the flat buffer
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    prec.backward(nn.functional.cross_entropy(net(prec.cast_input(x)).float(), y))
+    assert flat16.abs().sum() > 0  # backward accumulated into the buffer, not into new tensors
+    assert [b.data_ptr() for b in prec.grad_buffers(net.parameters())] == [
+        m.grad_flat[torch.float16].data_ptr(), m.grad_flat[torch.float32].data_ptr()]
+
+
+def test_channels_last_layout_survives_flattening():
+    torch.manual_seed(0)
+    net = build_model("resnet20", 10, 32).to(memory_format=torch.channels_last)
+    prec = Precision("fp16", CPU)
+    prec.prepare(net)
+    conv = net.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.grad.is_contiguous(
+        memory_format=torch.channels_last)
+    mp_ = prec.masters.master_of(conv)
+    assert torch.equal(mp_.half(), conv.detach())  # element-for-element, not just memory order
+
+
+def test_underflow_without_loss_scaling_and_not_with_it():
+    """Gradients of 1e-8 flush to zero in FP16 (smallest subnormal ~6e-8) unless the loss is scaled."""
+    x = torch.ones(1, 16)
+    grads = {}
+    for scaling in (False, True):
+        lin = nn.Linear(16, 1, bias=False)
+        nn.init.ones_(lin.weight)
+        prec = Precision("fp16", CPU, loss_scaling=scaling)
+        prec.prepare(lin)
+        prec.backward(1e-8 * lin(prec.cast_input(x)).float().sum())  # dL/dout = 1e-8, cast to FP16
+        fp16_grad = lin.weight.grad.clone()
+        prec.masters.unscale_(1.0 / prec.loss_scale)
+        grads[scaling] = (fp16_grad, prec.masters.master_of(lin.weight).grad.clone())
+    assert torch.count_nonzero(grads[False][0]) == 0 and torch.count_nonzero(grads[False][1]) == 0
+    assert torch.count_nonzero(grads[True][0]) == 16
+    torch.testing.assert_close(grads[True][1], torch.full((1, 16), 1e-8), rtol=1e-2, atol=0)
+
+
+def test_parameter_without_gradient_is_skipped():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    prec = Precision("fp16", CPU)
+    prec.prepare(net)
+    opt = torch.optim.SGD(prec.optimizer_params([{"params": list(net.parameters())}]), lr=0.1, momentum=0.9,
+                          weight_decay=0.1)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for _ in range(3):
+        prec.backward(net(prec.cast_input(torch.randn(8, 4))).float().pow(2).mean())
+        assert prec.step(opt)
+        prec.zero_grad(opt)
+    assert torch.equal(net.unused.weight, before["unused.weight"])  # no weight decay, no momentum
+    assert prec.masters.master_of(net.unused.weight) not in opt.state
+    assert not torch.equal(net.used.weight, before["used.weight"])
+    assert prec.masters.master_of(net.unused.weight).grad is not None  # flat view restored
+
+
+def test_dynamic_loss_scaler_matches_grad_scaler():
+    ours = DynamicLossScaler(init_scale=1024.0, growth_interval=3)
+    ref = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.0)
+    for found_inf in [False, False, False, True, False, True, True, False, False, False, False]:
+        ref.scale(p.sum())  # GradScaler needs a scale() call per iteration
+        p.grad = torch.full((2,), float("inf") if found_inf else 1.0)
+        ref.step(opt)
+        ref.update()
+        ours.update(found_inf)
+        assert ours.scale == ref.get_scale()
+    assert DynamicLossScaler().scale == 65536.0 and DynamicLossScaler().growth_interval == 2000
+    with pytest.raises(ValueError, match="Invalid backoff_factor: 1.5"):
+        DynamicLossScaler(backoff_factor=1.5)
+
+
+def test_bf16_defaults_and_overflow_without_scaling_is_an_error():
+    net, prec, opt = _setup("bf16")
+    assert prec.loss_scale == 1.0 and not prec.loss_scaling
+    assert next(net.parameters()).dtype == torch.bfloat16
+    prec.backward(net(prec.cast_input(torch.randn(2, 3, 8, 8))).float().sum())
+    prec.masters.grad_flat[torch.bfloat16][0] = float("inf")
+    with pytest.raises(FloatingPointError, match="loss scaling off"):
+        prec.step(opt)
+
+
+def test_state_dict_restores_masters_exactly():
+    net, prec, opt = _setup("fp16")
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        _train_step(net, prec, opt, x, y)
+    state = prec.state_dict()
+    net2, prec2, _ = _setup("fp16", seed=5)
+    prec2.load_state_dict(state)
+    assert torch.equal(prec2.masters.master, prec.masters.master)
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    assert prec2.scaler.state_dict() == prec.scaler.state_dict()
+    fp32 = Precision("fp32", CPU)
+    with pytest.raises(ValueError, match="no FP32 master weights"):
+        prec2.load_state_dict(fp32.state_dict())
+
+
+def test_device_without_fp16_arithmetic_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (5, 2))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Old GPU")
+    with pytest.raises(RuntimeError, match="compute capability >= 5.3.*Old GPU has 5.2.*fp32"):
+        check_device_support("fp16", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="'bf16' is not supported on Old GPU"):
+        check_device_support("bf16", torch.device("cuda", 0))
+    check_device_support("fp16", CPU)  # CPU: emulated where there is no AMX, documented, allowed
+
+
+def _inf_worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        net, prec, opt = _setup("fp16")
+        sync = NativeAllReduce(world)
+        g = torch.Generator().manual_seed(100 + rank)
+        taken = []
+        for step in range(3):
+            x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+            prec.backward(nn.functional.cross_entropy(net(prec.cast_input(x)).float(), y))
+            if step == 1 and rank == 1:
+                prec.masters.grad_flat[torch.float16][7] = float("inf")  # only rank 1 overflows
+            sync(prec.grad_buffers(net.parameters()))
+            before = (prec.masters.master.clone(), [p.detach().clone() for p in net.parameters()], prec.loss_scale)
+            taken.append((prec.step(opt), before[2], prec.loss_scale,
+                          torch.equal(prec.masters.master, before[0]),
+                          all(torch.equal(a, b) for a, b in zip(net.parameters(), before[1]))))
+            prec.zero_grad(opt)
+        queue.put((rank, taken, prec.masters.master.clone()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_overflow_on_one_rank_skips_the_step_on_every_rank():
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_inf_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (t, m)) for r, t, m in (collect(queue, procs) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+    for rank in (0, 1):
+        taken = results[rank][0]
+        assert taken[0][0] and not taken[0][3]  # step 0 taken: masters moved
+        stepped, scale_before, scale_after, masters_same, model_same = taken[1]
+        assert not stepped and scale_after == scale_before / 2 and masters_same and model_same
+        assert taken[2][0]  # and training goes on
+    assert torch.equal(results[0][1], results[1][1])  # ranks agree
+
+
+@pytest.mark.slow
+def test_trainer_fp16_resume_keeps_fp32_masters_exactly(tmp_path):
+    common = [*FAST, "--precision", "fp16", "--image-size", "8", "--global-batch-size", "64",
+              "--micro-batch-size", "32", "--epochs", "2", "--optimizer", "lars", "--base-lr", "20",
+              "--checkpoint-interval", "5"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_trainer([*common, "--max-steps", "30", "--out-dir", str(full)]).returncode == 0
+    assert run_trainer([*common, "--max-steps", "15", "--out-dir", str(part)]).returncode == 0
+    res = run_trainer([*common, "--max-steps", "30", "--out-dir", str(part), "--resume", str(part / "checkpoints")])
+    assert res.returncode == 0, res.stderr
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert a["precision"]["master"].dtype == torch.float32
+    assert torch.equal(a["precision"]["master"], b["precision"]["master"])
+    assert a["precision"]["scaler"] == b["precision"]["scaler"]
+    for key, t in a["model"].items():
+        assert torch.equal(t, b["model"][key]), key
+        if key.endswith("weight") and t.dim() == 4:
+            assert t.dtype == torch.float16
+        if "running_mean" in key:
+            assert t.dtype == torch.float32
