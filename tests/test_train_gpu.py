@@ -9,7 +9,7 @@ from tests.conftest import FAST, run_trainer
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("precision", ["fp32", "amp"])
+@pytest.mark.parametrize("precision", ["fp32", "amp", "fp16", "bf16"])
 def test_cuda_training_learns_and_resumes(tmp_path, precision):
     common = [*FAST, "--device", "cuda", "--precision", precision, "--global-batch-size", "64",
               "--micro-batch-size", "32", "--epochs", "3", "--log-interval", "1", "--base-lr", "0.4"]
@@ -19,8 +19,13 @@ def test_cuda_training_learns_and_resumes(tmp_path, precision):
     recs = read_metrics(out / "metrics.jsonl")
     steps = [r for r in recs if r["kind"] == "step"]
     assert sum(r["train_loss"] for r in steps[-5:]) < 0.6 * sum(r["train_loss"] for r in steps[:5])
-    if precision == "amp":
+    if precision in ("amp", "fp16"):
         assert steps[-1]["loss_scale"] >= 1.0
+    if precision in ("fp16", "bf16"):
+        ck0 = torch.load(out / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+        assert ck0["precision"]["master"].dtype == torch.float32
+        assert ck0["model"]["0.weight"].dtype == (torch.float16 if precision == "fp16" else torch.bfloat16)
+        assert ck0["model"]["1.weight"].dtype == torch.float32  # BatchNorm stays FP32
     ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ck["rng"]["cuda"], "CUDA RNG state saved"
     res = run_trainer([*common, "--max-steps", "60", "--out-dir", str(out), "--resume", str(out / "checkpoints")])

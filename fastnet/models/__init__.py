@@ -9,6 +9,8 @@ Models:
   * ``alexnet``: torchvision AlexNet.
   * ``alexnet_bn``: AlexNet with BatchNorm after every conv and hidden fc layer (You et al. 2017).
   * ``resnet20`` / ``resnet56``: CIFAR ResNets of He et al. 2016, §4.2 (6n+2 layers, option-A shortcuts).
+  * ``resnet18_cifar``: torchvision ResNet-18 with the usual CIFAR stem (3×3 stride-1 first conv,
+    no max-pool), 11.2M parameters.
   * ``small_cnn``: a four-conv CNN for small images (the embedded digits dataset).
 """
 
@@ -28,6 +30,14 @@ def _resnet50(num_classes: int, image_size: int) -> nn.Module:
     return torchvision.models.resnet50(weights=None, num_classes=num_classes, zero_init_residual=True)
 
 
+def _resnet18_cifar(num_classes: int, image_size: int) -> nn.Module:
+    m = torchvision.models.resnet18(weights=None, num_classes=num_classes, zero_init_residual=True)
+    m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(m.conv1.weight, mode="fan_out", nonlinearity="relu")
+    m.maxpool = nn.Identity()
+    return m
+
+
 def _alexnet(num_classes: int, image_size: int) -> nn.Module:
     return torchvision.models.alexnet(weights=None, num_classes=num_classes)
 
@@ -36,6 +46,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet50": _resnet50,
     "alexnet": _alexnet,
     "alexnet_bn": lambda num_classes, image_size: alexnet_bn(num_classes),
+    "resnet18_cifar": _resnet18_cifar,
     "resnet20": lambda num_classes, image_size: resnet20(num_classes),
     "resnet56": lambda num_classes, image_size: resnet56(num_classes),
     "small_cnn": lambda num_classes, image_size: small_cnn(num_classes),

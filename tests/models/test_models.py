@@ -34,7 +34,13 @@ def test_alexnet_bn_has_bn_after_every_conv_and_hidden_fc():
     assert not any(isinstance(x, nn.Dropout) for x in cls)
 
 
-@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet56", 32), ("small_cnn", 16), ("alexnet_bn", 64),
+def test_resnet18_cifar_stem():
+    m = build_model("resnet18_cifar", 10, 32)
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
+    assert round(_count(m) / 1e6, 1) == 11.2
+
+
+@pytest.mark.parametrize("name,size", [("resnet18_cifar", 32), ("resnet20", 32), ("resnet56", 32), ("small_cnn", 16), ("alexnet_bn", 64),
                                        ("alexnet", 64), ("resnet50", 64)])
 def test_forward_shapes(name, size):
     m = build_model(name, 7, size).eval()
