@@ -32,6 +32,18 @@ MODELS = {"resnet18_cifar": (32, 10), "resnet50": (224, 1000)}
 
 
 def measure(model_name: str, precision: str, batch: int, steps: int, warmup: int, device: torch.device) -> float:
+    """Images/s of one policy. ``fp32-strict``: fp32 with TF32 disabled for convolutions and matmuls
+    (PyTorch's default lets cuDNN run FP32 convolutions in TF32 on Ampere and newer)."""
+    strict = precision == "fp32-strict"
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not strict and tf32[0]
+    try:
+        return _measure(model_name, "fp32" if strict else precision, batch, steps, warmup, device)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _measure(model_name: str, precision: str, batch: int, steps: int, warmup: int, device: torch.device) -> float:
     size, classes = MODELS[model_name]
     torch.manual_seed(0)
     model = build_model(model_name, classes, size).to(device).to(memory_format=torch.channels_last)
@@ -60,7 +72,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", default=list(MODELS))
-    p.add_argument("--precisions", nargs="+", default=["fp32", "amp", "fp16", "bf16"])
+    p.add_argument("--precisions", nargs="+", default=None,
+                   help="default: fp32 amp fp16 bf16, plus fp32-strict (TF32 off) on CUDA")
     p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA; 32 (ResNet-18) / 4 (ResNet-50) on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None)
@@ -68,6 +81,7 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
+    precisions = args.precisions or (["fp32-strict"] if cuda else []) + ["fp32", "amp", "fp16", "bf16"]
     if cuda:
         torch.backends.cudnn.benchmark = True
     rows = []
@@ -76,10 +90,10 @@ def main() -> None:
         steps = args.steps or (30 if cuda else 3)
         warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
         ips = {}
-        for prec in args.precisions:
+        for prec in precisions:
             ips[prec] = measure(m, prec, batch, steps, warmup, dev)
             print(f"{m} {prec}: {ips[prec]:.1f} img/s", file=sys.stderr, flush=True)
-        for prec in args.precisions:
+        for prec in precisions:
             rows.append((m, batch, prec, ips[prec], ips[prec] / ips.get("fp32", float("nan")),
                          ips[prec] / ips.get("amp", float("nan"))))
     name = torch.cuda.get_device_name(dev) if cuda else \

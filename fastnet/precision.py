@@ -131,6 +131,7 @@ class MasterWeights:
         self.param_flat: dict[torch.dtype, torch.Tensor] = {}
         self.grad_flat: dict[torch.dtype, torch.Tensor] = {}
         self.segments: list[tuple[torch.dtype, int, int]] = []  # (model dtype, master offset, numel)
+        self.layout: list[tuple[torch.dtype, int, int]] = []  # per parameter: (dtype, offset in its buffer, numel)
         self.master_params: list[nn.Parameter] = []
         self._master_of: dict[int, nn.Parameter] = {}
         offset = 0
@@ -151,6 +152,7 @@ class MasterWeights:
                 mp.grad = _flat_view(self.master_grad, offset + local, p)
                 self.master_params.append(mp)
                 self._master_of[id(p)] = mp
+                self.layout.append((seg_dtype, local, p.numel()))
                 local += p.numel()
             self.param_flat[seg_dtype], self.grad_flat[seg_dtype] = pflat, gflat
             self.segments.append((seg_dtype, offset, n))
@@ -168,6 +170,30 @@ class MasterWeights:
     def grad_buffers(self) -> list[torch.Tensor]:
         """The flat gradient buffers (low precision first), for one all-reduce each."""
         return [self.grad_flat[d] for d, _, _ in self.segments]
+
+    def buckets(self, fusion_threshold_bytes: int) -> list[torch.Tensor]:
+        """Fusion buckets as 1-D views of the flat gradient buffers, for the comm layer.
+
+        Parameters are taken in reverse registration order (about the order backward produces their
+        gradients), one dtype per bucket; a bucket closes once it holds ``fusion_threshold_bytes``
+        or more, so every boundary falls between two parameters and a bucket exceeds the threshold
+        only by its last parameter. The views alias the buffers: reducing them reduces the gradients.
+
+        Raises:
+            ValueError: ``fusion_threshold_bytes <= 0``.
+        """
+        if fusion_threshold_bytes <= 0:
+            raise ValueError(f"Invalid fusion threshold: {fusion_threshold_bytes} bytes (must be > 0)")
+        out = []
+        for seg_dtype, flat in self.grad_flat.items():
+            end = flat.numel()  # the bucket being filled is flat[off:end], growing towards the front
+            for _, off, _ in reversed([entry for entry in self.layout if entry[0] == seg_dtype]):
+                if (end - off) * flat.element_size() >= fusion_threshold_bytes:
+                    out.append(flat[off:end])
+                    end = off
+            if end > 0:
+                out.append(flat[:end])
+        return out
 
     def unscale_(self, inv_scale: float) -> torch.Tensor:
         """``master_grad = float32(grad) × inv_scale``; returns a 0-dim bool device tensor: any inf/NaN."""

@@ -256,3 +256,26 @@ def test_trainer_fp16_resume_keeps_fp32_masters_exactly(tmp_path):
             assert t.dtype == torch.float16
         if "running_mean" in key:
             assert t.dtype == torch.float32
+
+
+@pytest.mark.parametrize("threshold", [1, 1000, 40_000, 10**9])
+def test_fusion_buckets_tile_the_flat_buffers_at_parameter_boundaries(threshold):
+    net, prec, _ = _setup("fp16", model="resnet20")
+    m = prec.masters
+    buckets = m.buckets(threshold)
+    for dtype, flat in m.grad_flat.items():
+        mine = [b for b in buckets if b.dtype == dtype]
+        base = flat.data_ptr()
+        spans = sorted(((b.data_ptr() - base) // flat.element_size(), b.numel()) for b in mine)
+        assert spans[0][0] == 0 and sum(n for _, n in spans) == flat.numel()  # exact tiling, no overlap
+        assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
+        starts = {off for d, off, _ in m.layout if d == dtype}
+        assert all(off in starts for off, _ in spans)  # boundaries between parameters
+        sizes = {off: n for d, off, n in m.layout if d == dtype}
+        for off, n in spans[1:]:  # all but the front bucket reach the threshold, exceeding it by < 1 param
+            assert n * flat.element_size() >= threshold
+            assert (n - sizes[off]) * flat.element_size() < threshold
+    if threshold == 1:
+        assert len(buckets) == len(m.layout)
+    with pytest.raises(ValueError, match="Invalid fusion threshold: 0 bytes"):
+        m.buckets(0)
