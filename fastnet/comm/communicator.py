@@ -1,0 +1,193 @@
+"""The communicator protocol and its torch.distributed backend.
+
+fastnet's algorithms (:mod:`fastnet.comm.algorithms`) are written against :class:`Communicator`
+only, so they run on every backend that implements it. Tensors are contiguous; ``all_reduce``,
+``reduce``, ``broadcast`` and ``recv`` work in place. Methods with ``async_op=True`` return a
+:class:`Work` handle (``wait()``, ``is_completed()``); otherwise they return None when done.
+
+Backends: :class:`TorchCommunicator` (a torch.distributed process group: gloo on CPU, nccl on
+CUDA). The CuPy-NCCL and mpi4py backends of the comm issue implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+from typing import Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+
+OPS = ("sum", "avg", "max", "min")
+_TORCH_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class Work(Protocol):
+    def wait(self) -> object: ...
+
+    def is_completed(self) -> bool: ...
+
+
+class Communicator(Protocol):
+    """A group of ``size`` processes; this one is ``rank`` (0-based, in the group)."""
+
+    rank: int
+    size: int
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False) -> Work | None: ...
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum") -> None:
+        """``output`` (n elements) = the reduction over ranks of ``input[rank*n:(rank+1)*n]`` (``input``: size×n)."""
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        """``output[r*n:(r+1)*n]`` = rank ``r``'s ``input`` (n elements) for every r."""
+
+    def reduce(self, tensor: torch.Tensor, dst: int, op: str = "sum") -> None: ...
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None: ...
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None: ...
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> Work: ...
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> Work: ...
+
+    def barrier(self) -> None: ...
+
+    def split(self, color: int | None, key: int = 0) -> "Communicator | None":
+        """Collective over this group: ranks passing the same ``color`` form a new communicator,
+        ordered by ``key`` (ties by rank); ``color=None`` joins none and gets None (MPI_Comm_split).
+        TorchCommunicator splits the world communicator only (RuntimeError otherwise)."""
+
+
+_NEW_GROUP_SORTS_ONLY = "sort_ranks" not in inspect.signature(dist.new_group).parameters
+
+
+def check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"Unknown reduction op {op!r}; valid ops: {', '.join(OPS)}")
+
+
+class TorchCommunicator:
+    """:class:`Communicator` over a torch.distributed process group (default: the world group).
+
+    Ranks passed to methods are ranks in this group. ``reduce_scatter`` and ``all_gather`` use the
+    backend's tensor collectives where it has them and fall back to ``all_reduce`` + slice /
+    ``all_gather`` of a list (gloo). Raises ValueError for an unknown op or mismatched sizes.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call fastnet.distributed.setup() or "
+                               "torch.distributed.init_process_group() first")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        self._global = dist.get_process_group_ranks(self.group)
+        self.backend = dist.get_backend(self.group)
+
+    def __repr__(self) -> str:
+        return f"TorchCommunicator(rank={self.rank}, size={self.size}, backend={self.backend})"
+
+    def global_rank(self, rank: int) -> int:
+        return self._global[rank]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", async_op: bool = False) -> Work | None:
+        check_op(op)
+        if op == "avg":
+            tensor.div_(self.size)  # before the sum: no overflow in FP16
+            op = "sum"
+        return dist.all_reduce(tensor, op=_TORCH_OPS[op], group=self.group, async_op=async_op)
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum") -> None:
+        check_op(op)
+        if input.numel() != output.numel() * self.size:
+            raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {self.size} × "
+                             f"output {output.numel()}")
+        if self.backend == "nccl":
+            if op == "avg":
+                input = input / self.size
+            dist.reduce_scatter_tensor(output, input, op=_TORCH_OPS["sum" if op == "avg" else op], group=self.group)
+            return
+        tmp = input.clone()
+        self.all_reduce(tmp, op)
+        n = output.numel()
+        output.copy_(tmp[self.rank * n:(self.rank + 1) * n])
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        if output.numel() != input.numel() * self.size:
+            raise ValueError(f"all_gather: output has {output.numel()} elements, expected size {self.size} × "
+                             f"input {input.numel()}")
+        if self.backend == "nccl":
+            dist.all_gather_into_tensor(output, input, group=self.group)
+            return
+        dist.all_gather(list(output.view(self.size, -1).unbind(0)) if input.numel() else
+                        [output[:0]] * self.size, input.view(-1), group=self.group)
+
+    def reduce(self, tensor: torch.Tensor, dst: int, op: str = "sum") -> None:
+        check_op(op)
+        if op == "avg":
+            tensor.div_(self.size)
+            op = "sum"
+        dist.reduce(tensor, dst=self._global[dst], op=_TORCH_OPS[op], group=self.group)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        dist.broadcast(tensor, src=self._global[src], group=self.group)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        dist.send(tensor, dst=self._global[dst], group=self.group)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        dist.recv(tensor, src=self._global[src], group=self.group)
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> Work:
+        return dist.isend(tensor, dst=self._global[dst], group=self.group)
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> Work:
+        return dist.irecv(tensor, src=self._global[src], group=self.group)
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def split(self, color: int | None, key: int = 0) -> "TorchCommunicator | None":
+        if self.size != dist.get_world_size():
+            raise RuntimeError("TorchCommunicator.split works on the world communicator only (torch.distributed "
+                               "needs every process to create every group); split the world with a color "
+                               "that combines both levels instead")
+        entries: list[tuple[int | None, int, int] | None] = [None] * self.size
+        dist.all_gather_object(entries, (color, key, self.rank), group=self.group)
+        colors = sorted({e[0] for e in entries if e is not None and e[0] is not None})
+        mine = None
+        # Every process creates every new group, in the same (sorted) order: torch names groups by a
+        # per-process counter, which must advance alike everywhere.
+        for c in colors:
+            members = sorted((e for e in entries if e is not None and e[0] == c), key=lambda e: (e[1], e[2]))
+            ranks = [self._global[e[2]] for e in members]
+            if _NEW_GROUP_SORTS_ONLY and ranks != sorted(ranks):
+                raise RuntimeError(f"this torch ({torch.__version__}) orders new groups by rank only; "
+                                   f"split keys giving the order {ranks} need torch with new_group(sort_ranks=)")
+            group = dist.new_group(ranks, **({} if _NEW_GROUP_SORTS_ONLY else {"sort_ranks": False}))
+            if c == color:
+                mine = TorchCommunicator(group)
+        return mine
+
+
+def world_communicator(timeout_s: float | None = None) -> TorchCommunicator:
+    """The world group as a communicator (initialising torch.distributed from torchrun's env if
+    needed, gloo on CPU / nccl on CUDA, with ``timeout_s``)."""
+    if not dist.is_initialized():
+        from fastnet.distributed import setup
+
+        setup(timeout_s=timeout_s or 300.0)
+        if not dist.is_initialized():  # world size 1: a one-rank gloo group keeps the API uniform
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=datetime.timedelta(seconds=timeout_s or 300.0))
+    return TorchCommunicator()
+
+
+def split_sizes(length: int, parts: int) -> Sequence[int]:
+    """``length`` elements in ``parts`` chunks as equal as possible, the larger ones first."""
+    base, extra = divmod(length, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]

@@ -1,0 +1,101 @@
+"""Ring, hierarchical and leader all-reduce over TorchCommunicator (gloo), in real processes."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastnet.comm.algorithms import ring_all_reduce
+from fastnet.comm.communicator import TorchCommunicator, split_sizes
+from fastnet.comm.topology import Hierarchy, Topology
+from tests.comm.test_native import collect
+from tests.conftest import free_port
+
+LENGTHS = [0, 1, 2, 5, 7, 13, 97, 1000, 65537]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _input(rank: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    # integer-valued, so every partial sum is exact in fp16/bf16 (max 21 * 7 = 147)
+    return ((torch.arange(length) % 7 + 1) * (rank + 1)).to(dtype)
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        comm = TorchCommunicator()
+        results = {}
+        hierarchies = {rpn: Hierarchy(comm, rpn) for rpn in sorted({1, 2, 3, world}) if rpn <= world}
+        for dtype in DTYPES:
+            for length in LENGTHS:
+                cases = [("ring", None)] + [(alg, rpn) for rpn in hierarchies for alg in ("hierarchical", "leader")
+                                            if alg == "leader" or world % rpn == 0]
+                for alg, rpn in cases:
+                    x = _input(rank, length, dtype)
+                    if alg == "ring":
+                        ring_all_reduce(comm, x)
+                    else:
+                        hierarchies[rpn].all_reduce(x, alg)
+                    key = (alg, rpn, str(dtype), length)
+                    results[key] = (torch.equal(x, _input(0, length, torch.float64).mul(world * (world + 1) // 2)
+                                                .to(dtype)),
+                                    hashlib.sha256(x.view(torch.uint8).numpy().tobytes()).hexdigest())
+        errors = []
+        if world % 2 == 1 and world > 2:
+            try:
+                hierarchies[2].all_reduce(torch.ones(4), "hierarchical")
+            except ValueError as exc:
+                errors.append(str(exc))
+        split = comm.split(rank % 2, key=-rank)  # reversed order inside each color
+        queue.put((rank, results, errors, (split.size, split.rank)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 6])
+def test_algorithms_sum_exactly_and_agree_bitwise(world):
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {r: (res, err, sp) for r, res, err, sp in (collect(queue, procs, timeout=240) for _ in procs)}
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    keys = out[0][0].keys()
+    assert len(keys) >= 3 * len(LENGTHS) * 3
+    for key in keys:
+        assert all(out[r][0][key][0] for r in range(world)), (key, [out[r][0][key][0] for r in range(world)])
+        assert len({out[r][0][key][1] for r in range(world)}) == 1, key  # bitwise identical on every rank
+    if world % 2 == 1 and world > 2:
+        assert all("equal ranks per node" in out[r][1][0] for r in range(world))
+    for r in range(world):  # split: color = rank % 2, key = -rank -> highest rank first
+        members = [q for q in range(world) if q % 2 == r % 2]
+        assert out[r][2] == (len(members), sorted(members, reverse=True).index(r))
+
+
+def test_topology_layout():
+    t = Topology.of(5, 7, 3)
+    assert (t.node, t.local_rank, t.local_size, t.num_nodes, t.uniform) == (1, 2, 3, 3, False)
+    assert Topology.of(6, 7, 3).local_size == 1
+    with pytest.raises(ValueError, match="ranks_per_node: 0"):
+        Topology.of(0, 4, 0)
+
+
+def test_split_sizes_and_input_checks():
+    assert split_sizes(10, 4) == [3, 3, 2, 2] and split_sizes(2, 4) == [1, 1, 0, 0] and split_sizes(0, 3) == [0] * 3
+
+    class One:
+        rank, size = 0, 1
+
+    with pytest.raises(ValueError, match="1-D contiguous"):
+        ring_all_reduce(One(), torch.ones(2, 2))
+    assert torch.equal(ring_all_reduce(One(), torch.arange(5.0)), torch.arange(5.0))
