@@ -32,7 +32,8 @@ import yaml
 from tqdm import tqdm
 
 from fastnet import checkpoint as ckpt
-from fastnet.comm import NativeAllReduce
+from fastnet.comm import AlgorithmAllReduce
+from fastnet.comm.communicator import TorchCommunicator
 from fastnet.config import TrainConfig, accumulation_steps, epoch_plan, parse_cli
 from fastnet.data import EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, train_loader
 from fastnet.distributed import World, all_reduce_sum, broadcast_from_rank0, setup, teardown
@@ -147,7 +148,9 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                                warmup_start_lr=min(cfg.base_lr, peak_lr), steps_per_epoch=steps_per_epoch,
                                milestones_epochs=cfg.lr_milestones, gamma=cfg.lr_gamma, power=cfg.poly_power)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    grad_sync = NativeAllReduce(world.size)
+    grad_sync = AlgorithmAllReduce(TorchCommunicator(), cfg.allreduce, int(cfg.fusion_mb * (1 << 20)),
+                                   cfg.wire_dtype, cfg.ranks_per_node or world.local_size) \
+        if world.distributed else (lambda grads: 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
 
     progress = Progress()

@@ -208,3 +208,17 @@ def test_two_process_fp16_masters_with_lars_learn(tmp_path):
     assert summary["param_checksums"][0] == summary["param_checksums"][1]
     assert summary["best_top1"] > 90.0, summary
     assert summary["loss_scale"] > 1.0  # scaling stayed on and sane
+
+
+@pytest.mark.parametrize("extra", [["--allreduce", "ring", "--wire-dtype", "fp16", "--fusion-mb", "0.05"],
+                                   ["--allreduce", "hierarchical", "--ranks-per-node", "1"],
+                                   ["--allreduce", "leader", "--precision", "fp16", "--image-size", "8"]])
+def test_two_process_run_with_fastnet_all_reduce(tmp_path, extra):
+    out = tmp_path / "alg"
+    res = run_trainer([*FAST, "--global-batch-size", "64", "--micro-batch-size", "32", "--epochs", "2",
+                       "--base-lr", "0.4", "--out-dir", str(out), *extra], nproc=2)
+    assert res.returncode == 0, res.stderr
+    (summary,) = _records(out, "summary")
+    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert summary["best_top1"] > 50.0
+    assert all(r["comm_s"] > 0 for r in _records(out, "epoch"))

@@ -1,10 +1,15 @@
-"""fastnet.comm: gradient synchronisation for data-parallel training.
+"""fastnet.comm: communicators, all-reduce algorithms and gradient synchronisation.
 
-Today the trainer uses :class:`NativeAllReduce` (one flat all-reduce per dtype through
-torch.distributed). The custom algorithms (ring, hierarchical, hybrid), tensor fusion and the
-CuPy-NCCL / MPI communicators plug in behind the same ``GradientSync`` seam.
+* :mod:`fastnet.comm.communicator` — the ``Communicator`` protocol and its torch.distributed backend.
+* :mod:`fastnet.comm.algorithms` — ring, hierarchical and leader (Jia et al. 2018) all-reduce,
+  built only from the protocol's primitives.
+* :mod:`fastnet.comm.topology` — node layout and intra/inter/leader sub-communicators.
+* :mod:`fastnet.comm.sync` — :class:`AlgorithmAllReduce`, the trainer's gradient sync (fusion
+  buckets, FP16/BF16 wire, layout check); :class:`NativeAllReduce` is the plain baseline.
+* :mod:`fastnet.comm.bench` — ``fastnet-bench``.
 """
 
 from fastnet.comm.native import GradientSync, NativeAllReduce
+from fastnet.comm.sync import ALGORITHMS, WIRE_DTYPES, AlgorithmAllReduce
 
-__all__ = ["GradientSync", "NativeAllReduce"]
+__all__ = ["ALGORITHMS", "WIRE_DTYPES", "AlgorithmAllReduce", "GradientSync", "NativeAllReduce"]

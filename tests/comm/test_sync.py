@@ -1,0 +1,89 @@
+"""AlgorithmAllReduce in real processes: every algorithm x wire dtype x fusion threshold."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastnet.comm import AlgorithmAllReduce
+from fastnet.comm.communicator import TorchCommunicator
+from tests.comm.test_native import collect
+from tests.conftest import free_port
+
+SHAPES = [(3, 5), (17,), (2, 3, 4), (1,), (257,)]
+
+
+def _grads(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    out = [torch.randn(s, generator=g) for s in SHAPES]
+    out.append(torch.randn(33, generator=g).half())  # a second dtype
+    return out
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        comm = TorchCommunicator()
+        expected = [sum(_grads(r)[i].double() for r in range(world)) / world for i in range(len(SHAPES) + 1)]
+        results = {}
+        for alg in ("native", "ring", "hierarchical", "leader"):
+            for wire in ("none", "fp16", "bf16"):
+                for threshold in (16, 1 << 20):  # 16 bytes: many buckets; 1 MiB: one per dtype
+                    sync = AlgorithmAllReduce(comm, alg, threshold, wire, ranks_per_node=1 if world % 2 else 2)
+                    for _ in range(2):  # the persistent fusion buffer is reused on the second call
+                        grads = _grads(rank)
+                        sync(grads)
+                    err = max(((g.double() - e).abs().max() / e.abs().max()).item() for g, e in zip(grads, expected))
+                    digest = hashlib.sha256(b"".join(g.view(torch.uint8).numpy().tobytes() for g in grads)).hexdigest()
+                    results[(alg, wire, threshold)] = (err, digest, [g.dtype for g in grads])
+        flat = torch.full((10,), float(rank + 1))
+        AlgorithmAllReduce(comm, "ring", 12)([flat])  # one contiguous tensor: reduced in place
+        mismatch = None
+        try:
+            AlgorithmAllReduce(comm, "ring")([torch.ones(5 + (rank == 1))])
+        except ValueError as exc:
+            mismatch = str(exc)
+        queue.put((rank, results, flat, mismatch))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_algorithm_all_reduce_averages_and_agrees(world):
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {r: (res, flat, mm) for r, res, flat, mm in (collect(queue, procs, timeout=240) for _ in procs)}
+    for p in procs:
+        p.join(timeout=30)
+    for key, (err, digest, dtypes) in out[0][0].items():
+        tol = {"none": 1e-3, "fp16": 2e-3, "bf16": 2e-2}[key[1]]  # the fp16 gradient bounds "none"
+        assert err < tol, (key, err)
+        assert dtypes[0] == torch.float32 and dtypes[-1] == torch.float16  # back in the gradient dtype
+        assert all(out[r][0][key][1] == digest for r in range(world)), key  # bitwise identical
+    mean = sum(range(1, world + 1)) / world
+    assert all(torch.allclose(out[r][1], torch.full((10,), mean)) for r in range(world))
+    assert all("gradient layouts differ across ranks" in out[r][2] and "rank 1" in out[r][2] for r in range(world))
+
+
+def test_bad_arguments():
+    class Comm:
+        rank, size = 0, 1
+
+    with pytest.raises(ValueError, match="valid algorithms: native, ring, hierarchical, leader"):
+        AlgorithmAllReduce(Comm(), "tree")
+    with pytest.raises(ValueError, match="valid wire dtypes: none, fp16, bf16"):
+        AlgorithmAllReduce(Comm(), "ring", wire_dtype="int8")
+    with pytest.raises(ValueError, match="Invalid fusion threshold: 0 bytes"):
+        AlgorithmAllReduce(Comm(), "ring", 0)
+    g = torch.ones(3)
+    assert AlgorithmAllReduce(Comm(), "ring")([g]) == 0.0 and torch.equal(g, torch.ones(3))
