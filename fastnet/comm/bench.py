@@ -11,8 +11,9 @@ Columns (nccl-tests, doc/PERFORMANCE.md):
   algbw = size / time (GB/s), busbw = algbw × 2(n−1)/n (GB/s, the per-link load of a ring
   all-reduce), #wrong (elements differing from n(n+1)/2 after the last iteration, summed over ranks).
 
-Algorithms: ``native`` (the backend's own all-reduce through torch.distributed). The ring,
-hierarchical and hybrid algorithms join this table when they land (fastnet.comm issue).
+Algorithms: ``native`` (the backend's own all-reduce through torch.distributed), and fastnet's
+``ring``, ``hierarchical`` and ``leader`` (:mod:`fastnet.comm.algorithms`, over send/recv) with
+``--ranks-per-node`` emulating nodes. ``-a all`` runs each in turn.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from fastnet.distributed import setup, teardown
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int32": torch.int32}
-ALGORITHMS = ("native",)
+ALGORITHMS = ("native", "ring", "hierarchical", "leader")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -67,7 +68,8 @@ def sizes(begin: int, end: int, factor: float) -> list[int]:
 
 
 def run_one(nbytes: int, dtype: torch.dtype, algorithm: str, iters: int, warmup: int, device: torch.device,
-            rank: int, world: int) -> dict:
+            rank: int, world: int, reduce=None) -> dict:
+    """One size: ``reduce(buf)`` (SUM in place; default: the backend's all-reduce), timed and checked."""
     elem = torch.tensor([], dtype=dtype).element_size()
     count = max(1, nbytes // elem)
     buf = torch.empty(count, dtype=dtype, device=device)
@@ -80,7 +82,7 @@ def run_one(nbytes: int, dtype: torch.dtype, algorithm: str, iters: int, warmup:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         if world > 1:
-            dist.all_reduce(buf)
+            (reduce or dist.all_reduce)(buf)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
@@ -117,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-e", "--maxbytes", default="32M", help="largest message, bytes, default 32M")
     p.add_argument("-f", "--stepfactor", type=float, default=2.0, help="size multiplier per step, default 2")
     p.add_argument("-d", "--dtype", default="float32", help=f"element type: {', '.join(DTYPES)}")
-    p.add_argument("-a", "--algorithm", default="native", help=f"all-reduce algorithm: {', '.join(ALGORITHMS)}")
+    p.add_argument("-a", "--algorithm", default="native",
+                   help=f"all-reduce algorithm: {', '.join(ALGORITHMS)}, or all")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="node size for hierarchical/leader "
+                   "(default: LOCAL_WORLD_SIZE, i.e. one node)")
     p.add_argument("-n", "--iters", type=int, default=20, help="timed iterations per size, default 20")
     p.add_argument("-w", "--warmup", type=int, default=5, help="untimed iterations per size, default 5")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -127,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {args.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
-        if args.algorithm not in ALGORITHMS:
+        if args.algorithm not in ALGORITHMS + ("all",):
             raise ValueError(f"Unknown algorithm {args.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
         if args.iters < 1 or args.warmup < 0:
             raise ValueError(f"Invalid iters {args.iters} / warmup {args.warmup} (need iters >= 1, warmup >= 0)")
@@ -136,8 +141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(exc))
     world = setup(args.device, "auto", args.timeout_s)
     backend = dist.get_backend() if world.distributed else "none"
-    rows = [run_one(n, DTYPES[args.dtype], args.algorithm, args.iters, args.warmup, world.device, world.rank,
-                    world.size) for n in todo]
+    algorithms = ALGORITHMS if args.algorithm == "all" else (args.algorithm,)
+    reducers = {"native": None}
+    if world.distributed and any(a != "native" for a in algorithms):
+        from fastnet.comm.algorithms import ring_all_reduce
+        from fastnet.comm.communicator import TorchCommunicator
+        from fastnet.comm.topology import Hierarchy
+
+        comm = TorchCommunicator()
+        hierarchy = Hierarchy(comm, args.ranks_per_node or world.local_size)
+        reducers["ring"] = lambda b: ring_all_reduce(comm, b)
+        reducers["hierarchical"] = lambda b: hierarchy.all_reduce(b, "hierarchical")
+        reducers["leader"] = lambda b: hierarchy.all_reduce(b, "leader")
+    rows = [run_one(n, DTYPES[args.dtype], a, args.iters, args.warmup, world.device, world.rank, world.size,
+                    reducers.get(a)) for a in algorithms for n in todo]
     if world.is_main:
         dev = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else platform.processor() or \
             platform.machine()

@@ -28,7 +28,7 @@ def test_bad_arguments_exit_with_choices(capsys):
     assert "valid dtypes: float32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["-a", "tree"])
-    assert "valid algorithms: native" in capsys.readouterr().err
+    assert "valid algorithms: native, ring, hierarchical, leader" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -36,13 +36,15 @@ def test_bad_arguments_exit_with_choices(capsys):
 def test_two_rank_sweep_checks_results(tmp_path, dtype):
     out = tmp_path / "b.json"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                          "fastnet.comm.bench", "-b", "8", "-e", "64K", "-f", "8", "-n", "3", "-w", "1", "-d", dtype,
+                          "fastnet.comm.bench", "-b", "8", "-e", "64K", "-f", "8", "-n", "3", "-w", "1", "-d", dtype, "-a", "all",
+                          "--ranks-per-node", "1",
                           "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "#wrong" in res.stdout and "busbw(GB/s)" in res.stdout
     data = json.loads(out.read_text())
     assert data["world_size"] == 2 and data["backend"] == "gloo"
-    assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768]
+    assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768] * 4
+    assert [r["algorithm"] for r in data["rows"][::5]] == ["native", "ring", "hierarchical", "leader"]
     for r in data["rows"]:
         assert r["wrong"] == 0 and r["time_us"] > 0 and r["busbw"] == pytest.approx(r["algbw"])
         assert r["count"] * (2 if dtype == "float16" else 4) == r["size"]
