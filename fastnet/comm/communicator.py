@@ -87,6 +87,7 @@ class TorchCommunicator:
         self.size = dist.get_world_size(self.group)
         self._global = dist.get_process_group_ranks(self.group)
         self.backend = dist.get_backend(self.group)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, size={self.size}, backend={self.backend})"

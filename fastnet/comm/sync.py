@@ -21,13 +21,14 @@ import time
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from fastnet.comm.algorithms import ring_all_reduce
-from fastnet.comm.communicator import Communicator, TorchCommunicator
+from fastnet.comm.communicator import Communicator
 from fastnet.comm.topology import Hierarchy
 
 ALGORITHMS = ("native", "ring", "hierarchical", "leader")
+_DTYPE_CODES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
+_MAX_DTYPES = 8
 WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -68,16 +69,27 @@ class AlgorithmAllReduce:
         self._checked: set[tuple] = set()
 
     def _check_layout(self, layout: tuple) -> None:
+        """Compare (dtype, elements) per dtype across ranks with one small all_gather of int64."""
         if layout in self._checked or self.comm.size == 1:
             return
-        mine = tuple((str(d), n) for d, n in layout)
-        gathered: list = [None] * self.comm.size
-        group = self.comm.group if isinstance(self.comm, TorchCommunicator) else None
-        dist.all_gather_object(gathered, mine, group=group)
-        if any(g != gathered[0] for g in gathered):
-            diff = "; ".join(f"rank {r}: {g}" for r, g in enumerate(gathered) if g != gathered[0])
+        if len(layout) > _MAX_DTYPES:
+            raise ValueError(f"at most {_MAX_DTYPES} gradient dtypes per call, got {len(layout)}")
+        mine = torch.full((1 + 2 * _MAX_DTYPES,), -1, dtype=torch.int64)
+        mine[0] = len(layout)
+        for i, (d, n) in enumerate(layout):
+            mine[1 + 2 * i], mine[2 + 2 * i] = _DTYPE_CODES.index(d) if d in _DTYPE_CODES else 99, n
+        device = getattr(self.comm, "device", None) or torch.device("cpu")
+        gathered = torch.empty(self.comm.size * mine.numel(), dtype=torch.int64, device=device)
+        self.comm.all_gather(gathered, mine.to(device))
+        rows = gathered.cpu().view(self.comm.size, -1)
+        if not bool((rows == rows[0]).all()):
+            def show(row: torch.Tensor) -> str:
+                return str([(str(_DTYPE_CODES[c]) if c < len(_DTYPE_CODES) else "other", int(n))
+                            for c, n in row[1:1 + 2 * int(row[0])].view(-1, 2).tolist()])
+            diff = "; ".join(f"rank {r}: {show(rows[r])}" for r in range(self.comm.size)
+                             if not bool((rows[r] == rows[0]).all()))
             raise ValueError(f"gradient layouts differ across ranks (dtype, elements per dtype): rank 0: "
-                             f"{gathered[0]}; {diff}. Every rank must all-reduce the same tensors.")
+                             f"{show(rows[0])}; {diff}. Every rank must all-reduce the same tensors.")
         self._checked.add(layout)
 
     def _reduce_bucket(self, bucket: torch.Tensor) -> None:

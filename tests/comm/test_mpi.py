@@ -1,0 +1,70 @@
+"""fastnet over mpi4py: real processes launched by mpiexec (MPICH from the `mpi` extra)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, child_env
+
+pytestmark = pytest.mark.mpi
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _need_mpi():
+    pytest.importorskip("mpi4py", reason="install the mpi extra: pip install 'fastnet[mpi]'")
+    if MPIEXEC is None:
+        pytest.skip("no mpiexec on PATH: pip install 'fastnet[mpi]'")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_algorithms_over_mpi(n):
+    res = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-m", "tests.comm.mpi_worker"], cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULTS "))
+    data = json.loads(line[len("RESULTS "):])
+    assert data["size"] == n and data["rpn"] == n  # one machine: MPI's shared-memory split sees all ranks
+    ranks = data["ranks"]
+    for key, (ok, digest) in ranks[0].items():
+        if key == "mismatch":
+            if n > 1:
+                assert all("gradient layouts differ" in rk[key][0] for rk in ranks)
+            continue
+        assert all(rk[key][0] is True for rk in ranks), (key, [rk[key][0] for rk in ranks])
+        assert len({rk[key][1] for rk in ranks}) == 1, key  # bitwise identical on every rank
+
+
+def test_unsupported_dtype_names_dtype_and_backend():
+    from fastnet.comm.mpi import MPICommunicator
+
+    comm = MPICommunicator()  # a singleton MPI world outside mpiexec
+    with pytest.raises(TypeError, match="complex32 is not supported by the mpi backend"):
+        comm.broadcast(torch.zeros(2, dtype=torch.complex32), 0)
+    x = torch.tensor([1.5, 2.0], dtype=torch.bfloat16)
+    comm.all_reduce(x)  # bf16 through float32
+    assert torch.equal(x, torch.tensor([1.5, 2.0], dtype=torch.bfloat16))
+
+
+def test_missing_mpi4py_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("mpi4py"):
+            raise ImportError("no mpi4py")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    from fastnet.comm.mpi import MPICommunicator
+
+    with pytest.raises(RuntimeError, match=r"pip install 'fastnet\[mpi\]'"):
+        MPICommunicator()
