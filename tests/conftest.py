@@ -53,3 +53,50 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def init_gloo(rank: int, world: int, port: int, timeout_s: float = 60.0) -> None:
+    """In a spawned worker: join a gloo group of ``world`` ranks on 127.0.0.1:``port``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _collect(queue, procs, timeout: float):
+    """Next result from the queue; fails at once if a worker died instead of waiting out the timeout."""
+    import queue as q
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=0.5)
+        except q.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"worker exited with {dead}"
+    raise TimeoutError("no result from the workers")
+
+
+def spawn_ranks(target, world: int, timeout: float = 240.0) -> list:
+    """Run ``target(rank, world, port, queue)`` in ``world`` spawned processes (real processes, a
+    fresh loopback port) and return what each put on the queue, in arrival order. Fails fast when a
+    worker dies; kills stragglers."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = [_collect(queue, procs, timeout) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=120)  # results are in; a loaded machine can be slow to tear the group down
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return results

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from fastnet.comm import NativeAllReduce
 from fastnet.data import build_datasets
 from fastnet.models import build_model
 from fastnet.precision import DynamicLossScaler, Precision, check_device_support
-from tests.comm.test_native import collect
-from tests.conftest import FAST, free_port, run_trainer
+from tests.conftest import FAST, init_gloo, run_trainer, spawn_ranks
 
 CPU = torch.device("cpu")
 
@@ -194,8 +190,7 @@ def test_device_without_fp16_arithmetic_is_refused(monkeypatch):
 
 
 def _inf_worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    init_gloo(rank, world, port)
     try:
         net, prec, opt = _setup("fp16")
         sync = NativeAllReduce(world)
@@ -218,14 +213,7 @@ def _inf_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_overflow_on_one_rank_skips_the_step_on_every_rank():
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_inf_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, (t, m)) for r, t, m in (collect(queue, procs) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
+    results = {r: (t, m) for r, t, m in spawn_ranks(_inf_worker, 2)}
     for rank in (0, 1):
         taken = results[rank][0]
         assert taken[0][0] and not taken[0][3]  # step 0 taken: masters moved

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastnet.comm.algorithms import ring_all_reduce
 from fastnet.comm.communicator import TorchCommunicator, split_sizes
 from fastnet.comm.topology import Hierarchy, Topology
-from tests.comm.test_native import collect
-from tests.conftest import free_port
+from tests.conftest import init_gloo, spawn_ranks
 
 LENGTHS = [0, 1, 2, 5, 7, 13, 97, 1000, 65537]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -27,8 +23,7 @@ def _input(rank: int, length: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         comm = TorchCommunicator()
         results = {}
@@ -61,15 +56,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 6])
 def test_algorithms_sum_exactly_and_agree_bitwise(world):
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = {r: (res, err, sp) for r, res, err, sp in (collect(queue, procs, timeout=240) for _ in procs)}
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    out = {r: (res, err, sp) for r, res, err, sp in spawn_ranks(_worker, world)}
     keys = out[0][0].keys()
     assert len(keys) >= 3 * len(LENGTHS) * 3
     for key in keys:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
-import os
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastnet.comm import ddp_hook
-from tests.comm.test_native import collect
-from tests.conftest import free_port
+from tests.conftest import init_gloo, spawn_ranks
 
 
 def _train(rank: int, hook_args: dict | None) -> list[torch.Tensor]:
@@ -33,8 +28,7 @@ def _train(rank: int, hook_args: dict | None) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         plain = _train(rank, None)
         out = {}
@@ -48,14 +42,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_ddp_with_fastnet_hook_matches_plain_ddp():
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = dict(collect(queue, procs, timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    res = dict(spawn_ranks(_worker, 2))
     for key in res[0]:
         tol = 5e-3 if "fp16" in key else 1e-5
         assert res[0][key][0] < tol and res[1][key][0] < tol, (key, res[0][key][0])

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastnet.comm import AlgorithmAllReduce
 from fastnet.comm.communicator import TorchCommunicator
-from tests.comm.test_native import collect
-from tests.conftest import free_port
+from tests.conftest import init_gloo, spawn_ranks
 
 SHAPES = [(3, 5), (17,), (2, 3, 4), (1,), (257,)]
 
@@ -27,8 +23,7 @@ def _grads(rank: int) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, world, port)
     try:
         comm = TorchCommunicator()
         expected = [sum(_grads(r)[i].double() for r in range(world)) / world for i in range(len(SHAPES) + 1)]
@@ -57,14 +52,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_algorithm_all_reduce_averages_and_agrees(world):
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = {r: (res, flat, mm) for r, res, flat, mm in (collect(queue, procs, timeout=240) for _ in procs)}
-    for p in procs:
-        p.join(timeout=30)
+    out = {r: (res, flat, mm) for r, res, flat, mm in spawn_ranks(_worker, world)}
     for key, (err, digest, dtypes) in out[0][0].items():
         tol = {"none": 1e-3, "fp16": 2e-3, "bf16": 2e-2}[key[1]]  # the fp16 gradient bounds "none"
         assert err < tol, (key, err)
