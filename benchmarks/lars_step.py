@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastnet.models import build_model  # noqa: E402
 from fastnet.optim import LARS, param_groups  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def make(kind: str, device: torch.device):
@@ -76,11 +78,7 @@ def main() -> None:
     lines += ["", f"Goals: LARS <= 1.5x SGD: {'met' if ok1 else 'NOT met'} "
               f"({med['lars_foreach'] / med['sgd_foreach']:.2f}x); >= 2x faster than the reference: "
               f"{'met' if ok2 else 'NOT met'} ({med['lars_reference'] / med['lars_foreach']:.2f}x)."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + table)
+    emit(lines, args.append)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastnet.models import build_model  # noqa: E402
 from fastnet.precision import Precision  # noqa: E402
+from report import emit  # noqa: E402
 
 MODELS = {"resnet18_cifar": (32, 10), "resnet50": (224, 1000)}
 
@@ -104,11 +106,7 @@ def main() -> None:
              f"median step time after warm-up.", "",
              "| model | batch | precision | images/s | vs fp32 | vs amp |", "|---|---:|---|---:|---:|---:|"]
     lines += [f"| {m} | {b} | {p} | {v:.1f} | {r32:.2f}x | {ramp:.2f}x |" for m, b, p, v, r32, ramp in rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + table)
+    emit(lines, args.append)
 
 
 if __name__ == "__main__":

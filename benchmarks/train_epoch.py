@@ -25,7 +25,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.metrics import read_metrics  # noqa: E402
+from report import emit  # noqa: E402
 
 
 def find_cifar() -> str | None:
@@ -96,11 +98,7 @@ def main() -> None:
         top1 = f"{r['top1']:.2f}%" if real else "n/a (synthetic)"
         lines.append(f"| {r['nproc']} | {r['precision']} | {r['steps']} | {r['images_per_s']:.0f} | "
                      f"{r['images_per_s'] / base[r['precision']]:.2f}x | {r['train_s']:.1f} | {r['comm_s']:.1f} | {top1} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.append:
-        with open(args.append, "a") as f:
-            f.write("\n" + table)
+    emit(lines, args.append)
 
 
 if __name__ == "__main__":
