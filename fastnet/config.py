@@ -86,10 +86,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
     timeout_s: float = 300.0  # collective timeout in seconds; a dead rank ends the job within it
-    allreduce: str = "native"  # native | ring | hierarchical | leader
-    fusion_mb: float = 64.0  # fusion threshold: MiB per bucket on the wire
+    allreduce: str = "native"  # native | ring | hierarchical | leader | hybrid (per bucket, by the cost model)
+    fusion_mb: float = 25.0  # fusion threshold: MiB per bucket on the wire (DDP's default)
     wire_dtype: str = "none"  # none | fp16 | bf16: gradients on the wire (divided by world size first)
     ranks_per_node: int | None = None  # node size for hierarchical/leader; None: LOCAL_WORLD_SIZE
+    cost_model: str | None = None  # YAML from `fastnet-bench --calibrate` for hybrid; None: built-in placeholders
+    overlap: bool = True  # all-reduce buckets during backward (False: all after backward)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -255,13 +257,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"Invalid target_accuracy: {cfg.target_accuracy} (a top-1 percentage in (0, 100])")
     if cfg.fusion_mb <= 0:
         raise ValueError(f"Invalid fusion_mb: {cfg.fusion_mb} (must be > 0 MiB)")
+    if cfg.cost_model is not None and not Path(cfg.cost_model).is_file():
+        raise ValueError(f"Invalid cost_model: {cfg.cost_model!r} is not a file (write one with "
+                         f"`fastnet-bench --calibrate FILE`, or leave it unset)")
     if cfg.ranks_per_node is not None and cfg.ranks_per_node < 1:
         raise ValueError(f"Invalid ranks_per_node: {cfg.ranks_per_node} (must be >= 1)")
     if cfg.batch_factor < 1:
         raise ValueError(f"Invalid batch_factor: {cfg.batch_factor} (must be >= 1)")
     for key, choices in (("device", ("auto", "cpu", "cuda")), ("backend", ("auto", "gloo", "nccl")),
                          ("lars_exclude", ("1d", "bn_bias", "none")), ("batch_schedule", ("constant", "increase")),
-                         ("allreduce", ("native", "ring", "hierarchical", "leader")),
+                         ("allreduce", ("native", "ring", "hierarchical", "leader", "hybrid")),
                          ("wire_dtype", ("none", "fp16", "bf16"))):
         if getattr(cfg, key) not in choices:
             raise ValueError(f"Invalid {key}: {getattr(cfg, key)!r}; valid choices: {', '.join(choices)}")

@@ -85,7 +85,7 @@ class DynamicLossScaler:
         self.scale, self.growth_tracker = float(state["scale"]), int(state["growth_tracker"])
 
 
-def _flat_view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+def flat_view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
     """A view of ``flat[offset:offset + like.numel()]`` with ``like``'s shape and memory layout
     (contiguous or channels_last), so an elementwise op on views matches the flat buffer order."""
     n = like.numel()
@@ -143,13 +143,13 @@ class MasterWeights:
             gflat = torch.zeros(n, dtype=seg_dtype, device=device)
             local = 0
             for p in members:
-                view = _flat_view(pflat, local, p)
+                view = flat_view(pflat, local, p)
                 view.copy_(p.data)
-                _flat_view(self.master, offset + local, p).copy_(p.data)
+                flat_view(self.master, offset + local, p).copy_(p.data)
                 p.data = view
-                p.grad = _flat_view(gflat, local, p)
-                mp = nn.Parameter(_flat_view(self.master, offset + local, p))
-                mp.grad = _flat_view(self.master_grad, offset + local, p)
+                p.grad = flat_view(gflat, local, p)
+                mp = nn.Parameter(flat_view(self.master, offset + local, p))
+                mp.grad = flat_view(self.master_grad, offset + local, p)
                 self.master_params.append(mp)
                 self._master_of[id(p)] = mp
                 self.layout.append((seg_dtype, local, p.numel()))
@@ -157,11 +157,19 @@ class MasterWeights:
             self.param_flat[seg_dtype], self.grad_flat[seg_dtype] = pflat, gflat
             self.segments.append((seg_dtype, offset, n))
             offset += n
+        self._layout_of = {id(p): entry for p, entry in zip(low + full, self.layout)}
         self._ready: set[int] = set()
         self._handles = [p.register_post_accumulate_grad_hook(self._mark_ready) for p in self.params]
 
     def _mark_ready(self, p: torch.Tensor) -> None:
         self._ready.add(id(p))
+
+    def grad_location(self, p: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(flat gradient buffer, element offset)`` of model parameter ``p``'s gradient, for
+        :class:`fastnet.comm.GradientSynchronizer`'s ``storage``. Raises KeyError for a parameter
+        not managed here."""
+        seg_dtype, offset, _ = self._layout_of[id(p)]
+        return self.grad_flat[seg_dtype], offset
 
     def master_of(self, p: nn.Parameter) -> nn.Parameter:
         """The FP32 master of model parameter ``p``. Raises KeyError for a parameter not managed here."""

@@ -6,7 +6,9 @@ One optimizer step (the data flow of docs/ARCHITECTURE.md):
   1. each rank runs ``accumulation_steps`` micro-batches of ``micro_batch_size`` forward/backward
      (loss divided by the accumulation steps), so the global batch is
      ``world_size × micro_batch_size × accumulation_steps``;
-  2. gradients are averaged over ranks by the ``GradientSync`` seam (:mod:`fastnet.comm`);
+  2. gradients are averaged over ranks by :class:`fastnet.comm.GradientSynchronizer`: buckets are
+     launched from backward hooks on the last micro-batch (the others run under ``no_sync()``) and
+     overlap the rest of backward; ``synchronize()`` waits for them before the step;
   3. the mean loss over ranks is checked: a non-finite loss in fp32 stops the run, naming the step;
   4. the precision policy steps the optimizer (skipping on overflow with loss scaling), then the
      per-iteration LR schedule advances.
@@ -16,6 +18,7 @@ test image counts once. Rank 0 writes ``config.yaml``, ``metrics.jsonl`` and che
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -32,7 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from fastnet import checkpoint as ckpt
-from fastnet.comm import AlgorithmAllReduce
+from fastnet.comm import CostModel, GradientSynchronizer
 from fastnet.comm.communicator import TorchCommunicator
 from fastnet.config import TrainConfig, accumulation_steps, epoch_plan, parse_cli
 from fastnet.data import EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, train_loader
@@ -148,10 +151,15 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                                warmup_start_lr=min(cfg.base_lr, peak_lr), steps_per_epoch=steps_per_epoch,
                                milestones_epochs=cfg.lr_milestones, gamma=cfg.lr_gamma, power=cfg.poly_power)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    grad_sync = AlgorithmAllReduce(TorchCommunicator(), cfg.allreduce, int(cfg.fusion_mb * (1 << 20)),
-                                   cfg.wire_dtype, cfg.ranks_per_node or world.local_size) \
-        if world.distributed else (lambda grads: 0.0)
-    params = [p for p in model.parameters() if p.requires_grad]
+    grad_sync = None
+    if world.distributed:  # gradients become views into its buckets (or its buckets slice the FP16 buffers)
+        grad_sync = GradientSynchronizer(
+            TorchCommunicator(), model.parameters(), algorithm=cfg.allreduce,
+            fusion_threshold_bytes=int(cfg.fusion_mb * (1 << 20)), wire_dtype=cfg.wire_dtype,
+            ranks_per_node=cfg.ranks_per_node or world.local_size,
+            cost_model=CostModel.load(cfg.cost_model) if cfg.cost_model else None, overlap=cfg.overlap,
+            storage=precision.masters.grad_location if precision.masters is not None else None,
+            timeout_s=cfg.timeout_s)
 
     progress = Progress()
     if state is not None:
@@ -169,7 +177,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         resolved = {**cfg.to_dict(), "world_size": world.size, "accumulation_steps": accum,
                     "epoch_plan": [dataclasses.asdict(e) for e in plan], "total_steps": total_steps,
-                    "peak_lr": peak_lr}
+                    "peak_lr": peak_lr, "buckets": grad_sync.describe() if grad_sync else []}
         (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     def wall() -> float:
@@ -200,16 +208,18 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         step_t0 = time.perf_counter()
         while progress.step_in_epoch < steps_per_epoch and progress.global_step < stop_step:
             loss_sum = torch.zeros((), device=world.device)
-            for _ in range(accum):
+            for micro in range(accum):
                 x, y = next(it)
                 x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                accumulate_only = grad_sync.no_sync() if grad_sync and micro < accum - 1 else contextlib.nullcontext()
                 with precision.autocast():
                     loss = criterion(model(precision.cast_input(x)).float(), y) / accum
-                precision.backward(loss)
+                with accumulate_only:
+                    precision.backward(loss)
                 loss_sum += loss.detach().float()
-            comm_s = grad_sync(precision.grad_buffers(params))
+            comm_s = grad_sync.synchronize() if grad_sync else 0.0  # exposed (not overlapped) seconds
             global_loss = all_reduce_sum([loss_sum.item()], world)[0] / world.size  # the step's one host sync
             if not math.isfinite(global_loss) and not precision.loss_scaling:
                 raise NonFiniteLossError(
@@ -217,7 +227,10 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                     f"lower base_lr ({cfg.base_lr}), add warm-up, or check the data")
             if not precision.step(optimizer):
                 progress.overflow_skips += 1
-            precision.zero_grad(optimizer)
+            if grad_sync is not None and precision.masters is None:
+                grad_sync.zero_grad()  # keeps p.grad as views into the buckets
+            else:
+                precision.zero_grad(optimizer)
             scheduler.step()
             progress.global_step += 1
             progress.step_in_epoch += 1
@@ -269,6 +282,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         gathered: list[Any] = [None] * world.size
         dist.all_gather_object(gathered, checksums[0])
         checksums = gathered
+    if grad_sync is not None:
+        grad_sync.close()
     summary = {
         "best_top1": progress.best_top1, "final_top1": progress.final_top1,
         "time_to_target_s": progress.time_to_target_s, "target_accuracy": cfg.target_accuracy,

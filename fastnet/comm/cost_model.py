@@ -1,0 +1,210 @@
+"""The α-β (latency-bandwidth) cost model of all-reduce, its calibration, and the hybrid choice.
+
+A message step over a link costs ``α + m·β`` seconds for ``m`` bytes (Hockney's model, as used by
+Thakur, Rabenseifner & Gropp 2005, "Optimization of Collective Communication Operations in MPICH",
+§3, and by Jia et al. 2018, §4.2). Each link level has its own :class:`Link`: ``intra`` (ranks of one
+node) and ``inter`` (between nodes); the backend's own all-reduce gets a third, ``native``, fitted to
+its measured times with the ring formula. For ``n`` bytes on ``N`` ranks in nodes of ``k``
+(``m = N / k`` nodes):
+
+==================  ==========================================================  ===================
+algorithm           time (seconds)                                              steps
+==================  ==========================================================  ===================
+ring                2(N−1)·(α + n/N·β), over ``inter`` when m > 1               2(N−1)
+hierarchical        2(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + n/(k·m)·β_e)         2(k−1) + 2(m−1)
+leader (Jia et al.) 4(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + n/m·β_e)             4(k−1) + 2(m−1)
+tree                2⌈log₂N⌉·(α + n·β) (binary-tree reduce + broadcast)          2⌈log₂N⌉
+halving_doubling    2⌈log₂N⌉·α + 2(N−1)/N·n·β (Rabenseifner)                     2⌈log₂N⌉
+native              the ring formula with the ``native`` link                    2(N−1)
+==================  ==========================================================  ===================
+
+``leader``'s intra-node reduce and broadcast are each counted as a ring reduce-scatter plus a
+gather (scatter plus all-gather), 2(k−1) steps, which gives the paper's 4(k−1) + 2(N/k − 1) steps
+against the flat ring's 2(N−1). The reduction arithmetic is folded into β.
+
+:func:`calibrate` fits the links to a ``fastnet-bench --json`` sweep by non-negative least squares
+on relative error; :meth:`CostModel.choose` is the hybrid algorithm's per-message choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import yaml
+
+MODELLED = ("native", "ring", "hierarchical", "leader", "tree", "halving_doubling")
+RUNNABLE = ("native", "ring", "hierarchical", "leader")  # what fastnet can execute (hybrid picks among these)
+_LEVELS = ("intra", "inter", "native")
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One link level: ``alpha_s`` latency per message step (seconds), ``beta_s_per_byte`` inverse
+    bandwidth (seconds per byte; 1e-9 is 1 GB/s). Raises ValueError for a negative value."""
+
+    alpha_s: float
+    beta_s_per_byte: float
+
+    def __post_init__(self) -> None:
+        if not (self.alpha_s >= 0 and self.beta_s_per_byte >= 0):
+            raise ValueError(f"Invalid link: alpha_s {self.alpha_s}, beta_s_per_byte {self.beta_s_per_byte} "
+                             f"(both must be >= 0 seconds)")
+
+    @classmethod
+    def of(cls, latency_us: float, bandwidth_gbps: float) -> "Link":
+        """From latency (µs) and bandwidth (GB/s, 1e9 bytes per second)."""
+        if bandwidth_gbps <= 0:
+            raise ValueError(f"Invalid bandwidth: {bandwidth_gbps} GB/s (must be > 0)")
+        return cls(latency_us * 1e-6, 1e-9 / bandwidth_gbps)
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        return math.inf if self.beta_s_per_byte == 0 else 1e-9 / self.beta_s_per_byte
+
+
+def _shape(world_size: int, ranks_per_node: int | None) -> tuple[int, int, int]:
+    if world_size < 1:
+        raise ValueError(f"Invalid world size {world_size} (must be >= 1)")
+    k = ranks_per_node or world_size
+    if not 1 <= k <= world_size:
+        raise ValueError(f"Invalid ranks_per_node {ranks_per_node} for world size {world_size}")
+    return world_size, k, -(-world_size // k)
+
+
+def steps(algorithm: str, world_size: int, ranks_per_node: int | None = None) -> int:
+    """Message steps one rank takes (the table in the module docstring). Raises ValueError for an
+    unknown algorithm (valid ones listed)."""
+    n, k, m = _shape(world_size, ranks_per_node)
+    log = math.ceil(math.log2(n)) if n > 1 else 0
+    table = {"ring": 2 * (n - 1), "native": 2 * (n - 1), "hierarchical": 2 * (k - 1) + 2 * (m - 1),
+             "leader": 4 * (k - 1) + 2 * (m - 1), "tree": 2 * log, "halving_doubling": 2 * log}
+    if algorithm not in table:
+        raise ValueError(f"Unknown algorithm {algorithm!r}; modelled algorithms: {', '.join(MODELLED)}")
+    return table[algorithm]
+
+
+def coefficients(algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None
+                 ) -> dict[str, tuple[float, float]]:
+    """Per link level, ``(latency steps, bytes)`` such that time = Σ steps·α + bytes·β (the model is
+    linear in the link parameters; :func:`calibrate` fits them from these). Bytes are per rank on
+    the critical path. Raises ValueError for an unknown algorithm."""
+    n, k, m = _shape(world_size, ranks_per_node)
+    steps(algorithm, n, k)  # validates the name
+    if n == 1:
+        return {}
+    if algorithm in ("ring", "native"):
+        level = "native" if algorithm == "native" else ("inter" if m > 1 else "intra")
+        return {level: (2.0 * (n - 1), 2.0 * (n - 1) / n * nbytes)}
+    if algorithm == "tree":
+        level = "inter" if m > 1 else "intra"
+        s = 2.0 * math.ceil(math.log2(n))
+        return {level: (s, s * nbytes)}
+    if algorithm == "halving_doubling":
+        level = "inter" if m > 1 else "intra"
+        return {level: (2.0 * math.ceil(math.log2(n)), 2.0 * (n - 1) / n * nbytes)}
+    intra_steps = 2.0 * (k - 1) if algorithm == "hierarchical" else 4.0 * (k - 1)
+    out = {"intra": (intra_steps, intra_steps * nbytes / k)} if k > 1 else {}
+    if m > 1:
+        chunk = nbytes / k if algorithm == "hierarchical" else nbytes
+        out["inter"] = (2.0 * (m - 1), 2.0 * (m - 1) / m * chunk)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """α-β parameters per link level; predicts all-reduce times and picks the fastest algorithm.
+
+    The defaults are order-of-magnitude placeholders for one CPU host over loopback (intra 30 µs,
+    5 GB/s) with a 1 Gbit/s Ethernet between nodes (inter 50 µs, 0.125 GB/s); :func:`calibrate`
+    replaces them with measured ones. ``state_dict()``/``to_dict()`` keys: ``intra``, ``inter``,
+    ``native``, each ``{alpha_s, beta_s_per_byte}``.
+    """
+
+    intra: Link = Link.of(30.0, 5.0)
+    inter: Link = Link.of(50.0, 0.125)
+    native: Link = Link.of(30.0, 5.0)
+
+    def time(self, algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None) -> float:
+        """Predicted seconds for one SUM all-reduce of ``nbytes`` bytes."""
+        links = {"intra": self.intra, "inter": self.inter, "native": self.native}
+        return sum(s * links[lv].alpha_s + b * links[lv].beta_s_per_byte
+                   for lv, (s, b) in coefficients(algorithm, nbytes, world_size, ranks_per_node).items())
+
+    def choose(self, nbytes: float, world_size: int, ranks_per_node: int | None = None,
+               candidates: Sequence[str] = RUNNABLE) -> str:
+        """The hybrid algorithm's choice: the candidate with the smallest predicted time (ties: the
+        earlier candidate). ``hierarchical`` is left out when nodes are unequal."""
+        n, k, _ = _shape(world_size, ranks_per_node)
+        usable = [a for a in candidates if a != "hierarchical" or n % k == 0]
+        if not usable:
+            raise ValueError(f"no usable algorithm among {list(candidates)} for world size {n}, ranks_per_node {k}")
+        return min(usable, key=lambda a: (self.time(a, nbytes, n, k), usable.index(a)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {lv: dataclasses.asdict(getattr(self, lv)) for lv in _LEVELS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CostModel":
+        """Raises ValueError naming an unknown level or a malformed link."""
+        unknown = set(data) - set(_LEVELS)
+        if unknown:
+            raise ValueError(f"Unknown cost-model levels {sorted(unknown)}; valid levels: {', '.join(_LEVELS)}")
+        try:
+            return cls(**{lv: Link(float(v["alpha_s"]), float(v["beta_s_per_byte"])) for lv, v in data.items()})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed cost model {data!r}: each level needs alpha_s and beta_s_per_byte") from exc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        """From a YAML file written by :meth:`save` / ``fastnet-bench --calibrate``. Raises
+        FileNotFoundError, or ValueError for malformed content."""
+        data = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of link levels, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: int | None = None,
+              base: CostModel | None = None) -> CostModel:
+    """Fit the link parameters to measured all-reduce times.
+
+    ``rows``: ``fastnet-bench`` rows (``algorithm``, ``size`` in bytes, ``time_us``), all from one
+    world size / node size. Solves min Σ ((predicted − measured) / measured)² over the α, β of the
+    levels the rows exercise, subject to α, β ≥ 0 (``scipy.optimize.nnls``); levels no row
+    exercises keep ``base``'s values. Raises ValueError if no row is usable.
+    """
+    from scipy.optimize import nnls
+
+    base = base or CostModel()
+    eqs, rhs = [], []
+    for r in rows:
+        if r["algorithm"] not in MODELLED or r["time_us"] <= 0:
+            continue
+        coef = coefficients(r["algorithm"], r["size"], world_size, ranks_per_node)
+        if not coef:
+            continue
+        t = r["time_us"] * 1e-6
+        row = np.zeros(2 * len(_LEVELS))
+        for lv, (s, b) in coef.items():
+            i = _LEVELS.index(lv)
+            row[2 * i], row[2 * i + 1] = s / t, b / t  # relative error: every size weighs the same
+        eqs.append(row)
+        rhs.append(1.0)
+    if not eqs:
+        raise ValueError("calibrate: no usable rows (need algorithm in "
+                         f"{', '.join(MODELLED)}, time_us > 0, world size > 1)")
+    a = np.array(eqs)
+    used = [i for i in range(a.shape[1]) if a[:, i].any()]
+    # Scale columns to comparable magnitude (α ~ 1e-5 s, β ~ 1e-10 s/B) before NNLS.
+    scale = np.abs(a[:, used]).max(axis=0)
+    sol, _ = nnls(a[:, used] / scale, np.array(rhs))
+    x = np.array([v for lv in _LEVELS for v in dataclasses.astuple(getattr(base, lv))])
+    x[used] = sol / scale
+    return CostModel(**{lv: Link(float(x[2 * i]), float(x[2 * i + 1])) for i, lv in enumerate(_LEVELS)})

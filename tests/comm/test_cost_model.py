@@ -1,0 +1,79 @@
+"""The α-β cost model: the paper's step counts, the formulas, calibration, the hybrid choice."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastnet.comm.cost_model import CostModel, Link, calibrate, coefficients, steps
+
+
+def test_step_counts_reproduce_jia_et_al():
+    # Jia et al. 2018, §4.2: flat ring 2(N-1) steps vs hierarchical 4(k-1) + 2(N/k - 1).
+    assert steps("ring", 1024) == 2046
+    assert steps("leader", 1024, 16) == 4 * 15 + 2 * 63 == 186
+    assert steps("hierarchical", 1024, 16) == 2 * 15 + 2 * 63
+    assert steps("tree", 1024) == steps("halving_doubling", 1024) == 20
+    assert steps("ring", 1) == 0 and steps("tree", 5) == 6
+
+
+def test_formulas_by_hand():
+    m = CostModel(intra=Link(1e-6, 1e-9), inter=Link(1e-5, 1e-8), native=Link(2e-6, 2e-9))
+    n = 1 << 20
+    # one node of 4: ring over the intra link
+    assert m.time("ring", n, 4) == pytest.approx(6 * (1e-6 + n / 4 * 1e-9))
+    # 2 nodes x 2: the flat ring's slowest link is the inter-node one
+    assert m.time("ring", n, 4, 2) == pytest.approx(6 * (1e-5 + n / 4 * 1e-8))
+    assert m.time("hierarchical", n, 4, 2) == pytest.approx(2 * (1e-6 + n / 2 * 1e-9) + 2 * (1e-5 + n / 4 * 1e-8))
+    assert m.time("leader", n, 4, 2) == pytest.approx(4 * (1e-6 + n / 2 * 1e-9) + 2 * (1e-5 + n / 2 * 1e-8))
+    assert m.time("native", n, 2) == pytest.approx(2 * (2e-6 + n / 2 * 2e-9))
+    assert m.time("tree", n, 4) == pytest.approx(4 * (1e-6 + n * 1e-9))
+    assert m.time("halving_doubling", n, 4) == pytest.approx(4 * 1e-6 + 1.5 * n * 1e-9)
+    assert m.time("ring", n, 1) == 0.0
+    # a slow inter-node link: hierarchical moves 1/k of the bytes across it
+    assert m.choose(64 << 20, 4, 2, ("ring", "hierarchical", "leader")) == "hierarchical"
+    assert m.choose(64 << 20, 6, 4, ("ring", "hierarchical", "leader")) == "leader"  # unequal nodes
+
+
+def test_choose_crosses_over_with_size():
+    # native: low latency, low bandwidth; ring: high latency, high bandwidth
+    m = CostModel(intra=Link.of(200.0, 10.0), native=Link.of(10.0, 1.0))
+    assert m.choose(1 << 10, 2, candidates=("native", "ring")) == "native"
+    assert m.choose(256 << 20, 2, candidates=("native", "ring")) == "ring"
+
+
+@settings(max_examples=30, deadline=None)
+@given(alpha_us=st.floats(1.0, 500.0), bw=st.floats(0.05, 50.0), a2=st.floats(1.0, 500.0), bw2=st.floats(0.05, 50.0))
+def test_calibrate_recovers_parameters(alpha_us, bw, a2, bw2):
+    truth = CostModel(intra=Link.of(alpha_us, bw), inter=Link.of(a2, bw2), native=Link.of(a2, bw))
+    rows = [{"algorithm": alg, "size": s, "time_us": truth.time(alg, s, 4, 2) * 1e6}
+            for alg in ("ring", "hierarchical", "native") for s in (8, 1 << 10, 1 << 16, 1 << 20, 1 << 24)]
+    fit = calibrate(rows, 4, 2)
+    for row in rows:
+        assert fit.time(row["algorithm"], row["size"], 4, 2) * 1e6 == pytest.approx(row["time_us"], rel=1e-3)
+    assert fit.inter.bandwidth_gbps == pytest.approx(bw2, rel=1e-3)
+
+
+def test_calibrate_keeps_unexercised_levels_and_round_trips(tmp_path):
+    base = CostModel()
+    rows = [{"algorithm": "ring", "size": s, "time_us": 50 + s / 2e3} for s in (1 << 10, 1 << 20, 1 << 24)]
+    fit = calibrate(rows, 2, base=base)
+    assert fit.inter == base.inter and fit.native == base.native and fit.intra != base.intra
+    fit.save(tmp_path / "cm.yaml")
+    assert CostModel.load(tmp_path / "cm.yaml") == fit
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="modelled algorithms: native, ring, hierarchical, leader, tree"):
+        steps("butterfly", 4)
+    with pytest.raises(ValueError, match="Invalid ranks_per_node 5 for world size 4"):
+        coefficients("ring", 10, 4, 5)
+    with pytest.raises(ValueError, match="Invalid link"):
+        Link(-1.0, 0.0)
+    with pytest.raises(ValueError, match="Invalid bandwidth: 0 GB/s"):
+        Link.of(1.0, 0)
+    with pytest.raises(ValueError, match="Unknown cost-model levels \\['wan'\\]"):
+        CostModel.from_dict({"wan": {"alpha_s": 1, "beta_s_per_byte": 1}})
+    with pytest.raises(ValueError, match="no usable rows"):
+        calibrate([{"algorithm": "ring", "size": 8, "time_us": 3.0}], 1)
