@@ -1,39 +1,50 @@
-"""fastnet-bench: all-reduce microbenchmark in the style of nccl-tests.
+"""fastnet-bench: all-reduce microbenchmarks in the style of nccl-tests.
 
-    torchrun --standalone --nproc_per_node=2 -m fastnet.comm.bench -b 8 -e 64M -f 2
+    torchrun --standalone --nproc_per_node=2 -m fastnet.comm.bench -b 8 -e 64M -f 2 -a all
+    mpiexec -n 4 python -m fastnet.comm.bench --backend mpi -a all --ranks-per-node 2
+    torchrun --standalone --nproc_per_node=2 -m fastnet.comm.bench --model resnet50
 
-For each message size from ``-b`` to ``-e`` (bytes, growing by factor ``-f``) every rank fills a
-buffer with ``rank + 1`` (integers, so the sum is exact in every dtype), runs ``--warmup`` untimed
-and ``--iters`` timed all-reduces (SUM) with a barrier before each, and reports the median time.
+**Sweep mode.** For each message size from ``-b`` to ``-e`` (bytes, growing by factor ``-f``),
+every rank fills a buffer with ``rank + 1`` (integers, so the sum is exact in every dtype), runs
+``--warmup`` untimed and ``--iters`` timed SUM all-reduces with a barrier before each, and reports
+the median. Columns (nccl-tests, doc/PERFORMANCE.md): size (B), count (elements), type, algorithm,
+time (µs, median over iterations, max over ranks), algbw = size / time (GB/s), busbw = algbw ×
+2(n−1)/n (GB/s), #wrong (elements differing from n(n+1)/2 after the last iteration, summed over
+ranks). ``--calibrate FILE`` fits the α-β cost model to the rows and writes it (YAML) for
+``--allreduce hybrid --cost-model FILE``; ``--plot FILE`` draws busbw against size.
 
-Columns (nccl-tests, doc/PERFORMANCE.md):
-  size (B), count (elements), type, algorithm, time (µs, median over iterations, max over ranks),
-  algbw = size / time (GB/s), busbw = algbw × 2(n−1)/n (GB/s, the per-link load of a ring
-  all-reduce), #wrong (elements differing from n(n+1)/2 after the last iteration, summed over ranks).
+**Model mode** (``--model resnet50|alexnet|...``): the real gradient tensor list of a torchvision
+model (filled with ``rank + 1``) is averaged per "step" as: one all-reduce of a flat buffer of the
+same bytes (``single``, the floor), one blocking all-reduce per tensor (``per-tensor``), packed
+into fusion buckets and unpacked (``fused-pack``, :class:`fastnet.comm.AlgorithmAllReduce`), and
+bucket views of one persistent buffer without packing (``fused-views``, what
+:class:`fastnet.comm.GradientSynchronizer` does), for each ``--fusion-mb`` threshold.
 
-Algorithms: ``native`` (the backend's own all-reduce through torch.distributed), and fastnet's
-``ring``, ``hierarchical`` and ``leader`` (:mod:`fastnet.comm.algorithms`, over send/recv) with
-``--ranks-per-node`` emulating nodes. ``-a all`` runs each in turn.
+Backends (``--backend``): ``torch`` (torch.distributed: gloo on CPU, nccl on CUDA; under
+torchrun), ``mpi`` (mpi4py; under mpiexec), ``nccl`` (CuPy's NCCL; under torchrun). Algorithms:
+``native`` (the backend's own all-reduce), fastnet's ``ring``, ``hierarchical``, ``leader``, and
+``hybrid`` (per message, by the cost model). Exit status 1 if any result is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import statistics
 import sys
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
-from fastnet.distributed import setup, teardown
+from fastnet.comm.cost_model import CostModel, calibrate
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int32": torch.int32}
-ALGORITHMS = ("native", "ring", "hierarchical", "leader")
+ALGORITHMS = ("native", "ring", "hierarchical", "leader", "hybrid")
+BACKENDS = ("torch", "mpi", "nccl")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -67,49 +78,228 @@ def sizes(begin: int, end: int, factor: float) -> list[int]:
     return out
 
 
-def run_one(nbytes: int, dtype: torch.dtype, algorithm: str, iters: int, warmup: int, device: torch.device,
-            rank: int, world: int, reduce=None) -> dict:
-    """One size: ``reduce(buf)`` (SUM in place; default: the backend's all-reduce), timed and checked."""
+class Bench:
+    """The communicator under test and how to time on it."""
+
+    def __init__(self, backend: str, device: str, timeout_s: float, ranks_per_node: int | None,
+                 cost_model: CostModel | None) -> None:
+        self.backend_name = backend
+        if backend == "mpi":
+            from fastnet.comm.mpi import MPICommunicator
+
+            self.comm: Any = MPICommunicator()
+            self.device = torch.device("cpu")
+            local = self.comm.ranks_per_node()
+            self.label = "mpi"
+        else:
+            from fastnet.comm.communicator import TorchCommunicator
+            from fastnet.distributed import setup
+
+            world = setup(device, "auto", timeout_s)
+            self.device = world.device
+            local = world.local_size
+            if world.distributed:
+                self.comm = TorchCommunicator()
+                self.label = self.comm.backend
+            else:
+                self.comm, self.label = None, "none"
+            if backend == "nccl":
+                from fastnet.comm.nccl import NcclCommunicator
+
+                self.comm, self.label = NcclCommunicator.from_torch(timeout_s=timeout_s), "nccl-cupy"
+        self.rank = self.comm.rank if self.comm else 0
+        self.size = self.comm.size if self.comm else 1
+        self.ranks_per_node = ranks_per_node or local
+        self.cost_model = cost_model or CostModel()
+        self._hierarchy = None
+
+    def reducer(self, algorithm: str) -> Callable[[torch.Tensor], None]:
+        """SUM all-reduce in place of a 1-D tensor with ``algorithm`` (``hybrid``: per message)."""
+        from fastnet.comm.algorithms import ring_all_reduce
+        from fastnet.comm.topology import Hierarchy
+
+        if self.size == 1:
+            return lambda buf: None
+        if algorithm in ("hierarchical", "leader", "hybrid") and self._hierarchy is None:
+            self._hierarchy = Hierarchy(self.comm, self.ranks_per_node)
+
+        def run(buf: torch.Tensor, alg: str = algorithm) -> None:
+            if alg == "hybrid":
+                alg = self.cost_model.choose(buf.numel() * buf.element_size(), self.size, self.ranks_per_node)
+            if alg == "native":
+                self.comm.all_reduce(buf)
+            elif alg == "ring":
+                ring_all_reduce(self.comm, buf)
+            else:
+                self._hierarchy.all_reduce(buf, alg)
+        return run
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def barrier(self) -> None:
+        if self.comm is not None:
+            self.comm.barrier()
+        self.sync()
+
+    def timed(self, fn: Callable[[], None], prepare: Callable[[], None], iters: int, warmup: int) -> float:
+        """Median seconds of ``fn`` over ``iters`` runs after ``warmup``, max over ranks."""
+        times = []
+        for i in range(warmup + iters):
+            prepare()
+            self.barrier()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return self.reduce_scalar(statistics.median(times), "max")
+
+    def reduce_scalar(self, value: float, op: str = "sum") -> float:
+        if self.comm is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self.comm.all_reduce(t, op=op)
+        self.sync()
+        return float(t.item())
+
+    def teardown(self) -> None:
+        if self.backend_name != "mpi":
+            from fastnet.distributed import teardown
+
+            teardown()
+
+
+def run_size(bench: Bench, nbytes: int, dtype: torch.dtype, algorithm: str, iters: int, warmup: int) -> dict:
+    """One sweep row: ``nbytes`` of ``dtype`` all-reduced (SUM) with ``algorithm``, timed and checked."""
     elem = torch.tensor([], dtype=dtype).element_size()
     count = max(1, nbytes // elem)
-    buf = torch.empty(count, dtype=dtype, device=device)
-    times = []
-    for i in range(warmup + iters):
-        buf.fill_(rank + 1)
-        if world > 1:
-            dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        if world > 1:
-            (reduce or dist.all_reduce)(buf)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    expected = world * (world + 1) // 2
-    wrong = int((buf != expected).sum().item())
-    med = statistics.median(times)
-    stats = torch.tensor([med, float(wrong)], dtype=torch.float64, device=device)
-    if world > 1:
-        t_max = stats[:1].clone()
-        dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
-        dist.all_reduce(stats)
-        stats[0] = t_max[0]
-    med, wrong = float(stats[0]), int(stats[1])
+    buf = torch.empty(count, dtype=dtype, device=bench.device)
+    reduce = bench.reducer(algorithm)
+    med = bench.timed(lambda: reduce(buf), lambda: buf.fill_(bench.rank + 1), iters, warmup)
+    wrong = int(bench.reduce_scalar(float((buf != bench.size * (bench.size + 1) // 2).sum().item())))
     size = count * elem
     algbw = size / med / 1e9
     return {"size": size, "count": count, "type": str(dtype).removeprefix("torch."), "algorithm": algorithm,
-            "time_us": med * 1e6, "algbw": algbw, "busbw": algbw * bus_factor(world), "wrong": wrong}
+            "time_us": med * 1e6, "algbw": algbw, "busbw": algbw * bus_factor(bench.size), "wrong": wrong}
+
+
+def model_shapes(name: str) -> list[torch.Size]:
+    """Parameter shapes of a torchvision / fastnet model (the gradients data parallelism all-reduces)."""
+    from fastnet.models import build_model
+
+    size = 224 if name in ("resnet50", "alexnet", "alexnet_bn") else 32
+    return [p.shape for p in build_model(name, 1000 if size == 224 else 10, size).parameters()]
+
+
+def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusion_mb: Sequence[float],
+              iters: int, warmup: int) -> list[dict]:
+    """Model-mode rows (module docstring): time per step of each way to average the gradient list."""
+    from fastnet.comm.sync import AlgorithmAllReduce
+
+    shapes = model_shapes(name)
+    grads = [torch.empty(s, dtype=dtype, device=bench.device) for s in shapes]
+    total = sum(g.numel() for g in grads)
+    flat = torch.empty(total, dtype=dtype, device=bench.device)
+    reduce = bench.reducer(algorithm)
+    n = bench.size
+    mean = (n + 1) / 2
+    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+
+    def fill() -> None:
+        for g in grads:
+            g.fill_(bench.rank + 1)
+        flat.fill_(bench.rank + 1)
+
+    def wrong(tensors: Sequence[torch.Tensor], expected: float) -> int:
+        bad = sum(int(((t.double() - expected).abs() > tol * expected).sum().item()) for t in tensors)
+        return int(bench.reduce_scalar(float(bad)))
+
+    def views(threshold: int) -> Callable[[], None]:
+        per = max(1, threshold // flat.element_size())
+        buckets = [flat[lo:lo + per] for lo in range(0, total, per)]
+
+        def run() -> None:
+            for b in buckets:
+                b.div_(n)
+                reduce(b)
+        return run
+
+    def per_tensor() -> None:
+        for g in grads:
+            g.div_(n)
+            reduce(g.view(-1))
+
+    cases: list[tuple[str, float | None, Callable[[], None], list[torch.Tensor]]] = [
+        ("single", None, views(total * flat.element_size()), [flat]), ("per-tensor", None, per_tensor, grads)]
+    for mb in fusion_mb:
+        threshold = int(mb * (1 << 20))
+        sync = AlgorithmAllReduce(bench.comm, algorithm, threshold, ranks_per_node=bench.ranks_per_node,
+                                  cost_model=bench.cost_model) if bench.comm else None
+        cases.append(("fused-pack", mb, (lambda s=sync: s(grads)) if sync else (lambda: None), grads))
+        cases.append(("fused-views", mb, views(threshold), [flat]))
+    rows = []
+    single = None
+    for mode, mb, fn, out in cases:
+        med = bench.timed(fn, fill, iters, warmup)
+        single = single or med
+        rows.append({"model": name, "tensors": len(grads), "bytes": total * flat.element_size(), "mode": mode,
+                     "fusion_mb": mb, "algorithm": algorithm, "time_ms": med * 1e3, "vs_single": med / single,
+                     "wrong": wrong(out, mean if n > 1 else 1.0)})
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'size(B)':>12} {'count':>12} {'type':>9} {'algorithm':>10} {'time(us)':>10} {'algbw(GB/s)':>12} " \
+    head = f"{'size(B)':>12} {'count':>12} {'type':>9} {'algorithm':>12} {'time(us)':>10} {'algbw(GB/s)':>12} " \
            f"{'busbw(GB/s)':>12} {'#wrong':>7}"
     lines = [head]
     for r in rows:
-        lines.append(f"{r['size']:>12} {r['count']:>12} {r['type']:>9} {r['algorithm']:>10} {r['time_us']:>10.1f} "
+        lines.append(f"{r['size']:>12} {r['count']:>12} {r['type']:>9} {r['algorithm']:>12} {r['time_us']:>10.1f} "
                      f"{r['algbw']:>12.3f} {r['busbw']:>12.3f} {r['wrong']:>7}")
+    return "\n".join(lines)
+
+
+def format_model_table(rows: list[dict]) -> str:
+    lines = [f"{'model':>10} {'tensors':>8} {'bytes':>11} {'mode':>12} {'fusion(MiB)':>11} {'algorithm':>10} "
+             f"{'time(ms)':>9} {'vs single':>9} {'#wrong':>7}"]
+    for r in rows:
+        mb = "-" if r["fusion_mb"] is None else f"{r['fusion_mb']:g}"
+        lines.append(f"{r['model']:>10} {r['tensors']:>8} {r['bytes']:>11} {r['mode']:>12} {mb:>11} "
+                     f"{r['algorithm']:>10} {r['time_ms']:>9.2f} {r['vs_single']:>9.2f} {r['wrong']:>7}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """busbw (GB/s) against message size (bytes, log scale), one line per algorithm (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for alg in dict.fromkeys(r["algorithm"] for r in rows):
+        pts = [(r["size"], r["busbw"]) for r in rows if r["algorithm"] == alg]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=alg)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibration_table(model: CostModel, rows: list[dict], world: int, ranks_per_node: int) -> str:
+    lines = [f"{'size(B)':>12} {'algorithm':>12} {'measured(us)':>13} {'model(us)':>10} {'error':>7}"]
+    for r in rows:
+        if r["algorithm"] == "hybrid":
+            continue
+        pred = model.time(r["algorithm"], r["size"], world, ranks_per_node) * 1e6
+        lines.append(f"{r['size']:>12} {r['algorithm']:>12} {r['time_us']:>13.1f} {pred:>10.1f} "
+                     f"{(pred - r['time_us']) / r['time_us']:>+7.1%}")
     return "\n".join(lines)
 
 
@@ -121,53 +311,82 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-d", "--dtype", default="float32", help=f"element type: {', '.join(DTYPES)}")
     p.add_argument("-a", "--algorithm", default="native",
                    help=f"all-reduce algorithm: {', '.join(ALGORITHMS)}, or all")
-    p.add_argument("--ranks-per-node", type=int, default=None, help="node size for hierarchical/leader "
-                   "(default: LOCAL_WORLD_SIZE, i.e. one node)")
+    p.add_argument("--backend", default="torch", help=f"communicator: {', '.join(BACKENDS)} (default torch)")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="node size for hierarchical/leader/hybrid "
+                   "(default: LOCAL_WORLD_SIZE, or MPI's shared-memory split)")
+    p.add_argument("--cost-model", help="YAML cost model for hybrid (from --calibrate); default: placeholders")
+    p.add_argument("--model", help="model mode: all-reduce this model's gradient list (e.g. resnet50, alexnet)")
+    p.add_argument("--fusion-mb", default="1,4,16,64", help="model mode: fusion thresholds, MiB, comma-separated")
     p.add_argument("-n", "--iters", type=int, default=20, help="timed iterations per size, default 20")
     p.add_argument("-w", "--warmup", type=int, default=5, help="untimed iterations per size, default 5")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--timeout-s", type=float, default=300.0, help="collective timeout, seconds")
     p.add_argument("--json", help="also write the rows as JSON to this file")
+    p.add_argument("--csv", help="also write the rows as CSV to this file")
+    p.add_argument("--plot", help="sweep mode: write a PNG of busbw against size per algorithm")
+    p.add_argument("--calibrate", help="sweep mode: fit the α-β cost model to the rows and write it (YAML)")
     args = p.parse_args(argv)
     try:
         if args.dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {args.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
         if args.algorithm not in ALGORITHMS + ("all",):
-            raise ValueError(f"Unknown algorithm {args.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
+            raise ValueError(f"Unknown algorithm {args.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}, all")
+        if args.backend not in BACKENDS:
+            raise ValueError(f"Unknown backend {args.backend!r}; valid backends: {', '.join(BACKENDS)}")
         if args.iters < 1 or args.warmup < 0:
             raise ValueError(f"Invalid iters {args.iters} / warmup {args.warmup} (need iters >= 1, warmup >= 0)")
         todo = sizes(parse_size(args.minbytes), parse_size(args.maxbytes), args.stepfactor)
-    except ValueError as exc:
+        fusion = [float(x) for x in args.fusion_mb.split(",") if x.strip()]
+        if not fusion or any(x <= 0 for x in fusion):
+            raise ValueError(f"Invalid --fusion-mb {args.fusion_mb!r} (positive MiB values, comma-separated)")
+        cost_model = CostModel.load(args.cost_model) if args.cost_model else None
+        if args.model:
+            model_shapes(args.model)  # validates the name
+    except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
-    world = setup(args.device, "auto", args.timeout_s)
-    backend = dist.get_backend() if world.distributed else "none"
-    algorithms = ALGORITHMS if args.algorithm == "all" else (args.algorithm,)
-    reducers = {"native": None}
-    if world.distributed and any(a != "native" for a in algorithms):
-        from fastnet.comm.algorithms import ring_all_reduce
-        from fastnet.comm.communicator import TorchCommunicator
-        from fastnet.comm.topology import Hierarchy
-
-        comm = TorchCommunicator()
-        hierarchy = Hierarchy(comm, args.ranks_per_node or world.local_size)
-        reducers["ring"] = lambda b: ring_all_reduce(comm, b)
-        reducers["hierarchical"] = lambda b: hierarchy.all_reduce(b, "hierarchical")
-        reducers["leader"] = lambda b: hierarchy.all_reduce(b, "leader")
-    rows = [run_one(n, DTYPES[args.dtype], a, args.iters, args.warmup, world.device, world.rank, world.size,
-                    reducers.get(a)) for a in algorithms for n in todo]
-    if world.is_main:
-        dev = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else platform.processor() or \
-            platform.machine()
-        print(f"# fastnet-bench all-reduce: world size {world.size}, backend {backend}, device {dev}, "
-              f"torch {torch.__version__}, python {platform.python_version()}, host {platform.node()}")
+    bench = Bench(args.backend, args.device, args.timeout_s, args.ranks_per_node, cost_model)
+    dtype = DTYPES[args.dtype]
+    if args.algorithm == "all":
+        algorithms = ALGORITHMS
+    else:
+        algorithms = (args.algorithm,)
+    if args.model:
+        rows = [r for a in algorithms for r in run_model(bench, args.model, dtype, a, fusion, args.iters,
+                                                         args.warmup)]
+        table = format_model_table(rows)
+    else:
+        rows = [run_size(bench, n, dtype, a, args.iters, args.warmup) for a in algorithms for n in todo]
+        table = format_table(rows)
+    wrong = sum(r["wrong"] for r in rows)
+    if bench.rank == 0:
+        dev = torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else \
+            platform.processor() or platform.machine()
+        header = (f"fastnet-bench all-reduce: world size {bench.size}, ranks per node {bench.ranks_per_node}, "
+                  f"backend {bench.label}, device {dev}, torch {torch.__version__}, "
+                  f"python {platform.python_version()}, host {platform.node()}")
+        print(f"# {header}")
         print(f"# median of {args.iters} iterations after {args.warmup} warm-up; busbw = algbw x 2(n-1)/n")
-        print(format_table(rows))
-        print(f"# out of bounds values : {sum(r['wrong'] for r in rows)} {'OK' if not any(r['wrong'] for r in rows) else 'FAILED'}")
+        print(table)
+        print(f"# out of bounds values : {wrong} {'OK' if not wrong else 'FAILED'}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"world_size": world.size, "backend": backend, "rows": rows}, f, indent=1)
-    wrong = sum(r["wrong"] for r in rows)
-    teardown()
+                json.dump({"world_size": bench.size, "ranks_per_node": bench.ranks_per_node, "backend": bench.label,
+                           "header": header, "rows": rows}, f, indent=1)
+        if args.csv:
+            with open(args.csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        if args.plot and not args.model:
+            plot(rows, args.plot, header)
+        if args.calibrate and not args.model:
+            fitted = calibrate(rows, bench.size, bench.ranks_per_node)
+            fitted.save(args.calibrate)
+            print(f"# cost model written to {args.calibrate}: " + ", ".join(
+                f"{lv} α={getattr(fitted, lv).alpha_s * 1e6:.1f} µs, {getattr(fitted, lv).bandwidth_gbps:.3g} GB/s"
+                for lv in ("intra", "inter", "native")))
+            print(calibration_table(fitted, rows, bench.size, bench.ranks_per_node))
+    bench.teardown()
     return 1 if wrong else 0
 
 

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from fastnet.comm.bench import bus_factor, main, parse_size, sizes
+from fastnet.comm.cost_model import CostModel
 from tests.conftest import REPO, child_env
 
 
@@ -28,7 +29,16 @@ def test_bad_arguments_exit_with_choices(capsys):
     assert "valid dtypes: float32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["-a", "tree"])
-    assert "valid algorithms: native, ring, hierarchical, leader" in capsys.readouterr().err
+    assert "valid algorithms: native, ring, hierarchical, leader, hybrid, all" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--backend", "shmem"])
+    assert "valid backends: torch, mpi, nccl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "vgg99"])
+    assert "vgg99" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--fusion-mb", "0"])
+    assert "Invalid --fusion-mb" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -37,14 +47,36 @@ def test_two_rank_sweep_checks_results(tmp_path, dtype):
     out = tmp_path / "b.json"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                           "fastnet.comm.bench", "-b", "8", "-e", "64K", "-f", "8", "-n", "3", "-w", "1", "-d", dtype, "-a", "all",
-                          "--ranks-per-node", "1",
+                          "--ranks-per-node", "1", "--calibrate", str(tmp_path / "cm.yaml"),
+                          "--plot", str(tmp_path / "b.png"), "--csv", str(tmp_path / "b.csv"),
                           "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "#wrong" in res.stdout and "busbw(GB/s)" in res.stdout
     data = json.loads(out.read_text())
     assert data["world_size"] == 2 and data["backend"] == "gloo"
-    assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768] * 4
-    assert [r["algorithm"] for r in data["rows"][::5]] == ["native", "ring", "hierarchical", "leader"]
+    assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768] * 5
+    assert [r["algorithm"] for r in data["rows"][::5]] == ["native", "ring", "hierarchical", "leader", "hybrid"]
+    model = CostModel.load(tmp_path / "cm.yaml")  # fitted to these rows: the inter and native links moved
+    assert model.native != CostModel().native and model.inter != CostModel().inter
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "b.csv").read_text().startswith("size,count,type,algorithm,time_us,algbw,busbw,wrong")
     for r in data["rows"]:
         assert r["wrong"] == 0 and r["time_us"] > 0 and r["busbw"] == pytest.approx(r["algbw"])
         assert r["count"] * (2 if dtype == "float16" else 4) == r["size"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 3])
+def test_model_mode_averages_every_way(tmp_path, nproc):
+    out = tmp_path / "m.json"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                          "-m", "fastnet.comm.bench", "--model", "resnet20", "--fusion-mb", "0.01,1", "-n", "2", "-w",
+                          "1", "-a", "ring", "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["fusion_mb"]) for r in rows] == [("single", None), ("per-tensor", None),
+                                                           ("fused-pack", 0.01), ("fused-views", 0.01),
+                                                           ("fused-pack", 1.0), ("fused-views", 1.0)]
+    assert all(r["wrong"] == 0 and r["tensors"] == 59 and r["vs_single"] > 0 for r in rows)
+    assert rows[0]["vs_single"] == 1.0

@@ -68,3 +68,15 @@ def test_missing_mpi4py_names_the_extra(monkeypatch):
 
     with pytest.raises(RuntimeError, match=r"pip install 'fastnet\[mpi\]'"):
         MPICommunicator()
+
+
+def test_bench_over_mpi(tmp_path):
+    out = tmp_path / "b.json"
+    res = subprocess.run([MPIEXEC, "-n", "3", sys.executable, "-m", "fastnet.comm.bench", "--backend", "mpi", "-a",
+                          "all", "-b", "8", "-e", "4K", "-f", "8", "-n", "2", "-w", "1", "--ranks-per-node", "1",
+                          "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["backend"] == "mpi" and data["world_size"] == 3
+    assert {r["algorithm"] for r in data["rows"]} == {"native", "ring", "hierarchical", "leader", "hybrid"}
+    assert all(r["wrong"] == 0 for r in data["rows"])
