@@ -1,0 +1,189 @@
+"""An emulated cluster on one machine: network namespaces as nodes, a shaped link between them.
+
+    python benchmarks/topology/cluster.py study --nodes 2 --ranks-per-node 2 --rate 1gbit --append docs/BENCHMARKS.md
+    python benchmarks/topology/cluster.py run --nodes 2 --ranks-per-node 2 -- -m fastnet.comm.bench -a all
+    python benchmarks/topology/cluster.py down        # remove leftovers of an interrupted run
+
+Needs root (``ip netns``, ``tc``). Layout: a bridge ``fnt-br`` in the root namespace; per node ``i``
+a namespace ``fnt-n<i>`` with a veth ``eth0`` (address 10.77.0.<i+1>/24) plugged into the bridge,
+whose egress is shaped by ``tc tbf`` to ``--rate`` (netem is not in this kernel, so no delay is
+added: latency is the veth/bridge path's own). Ranks of one node share its namespace and talk over
+its local address (the kernel routes that through ``lo``: unshaped, like shared memory within a
+node); ranks of different nodes go through the shaped veths. Every rank runs under ``torchrun
+--nnodes N --node_rank i`` inside its node's namespace with ``GLOO_SOCKET_IFNAME=eth0``.
+Everything created is removed on exit, also on failure or Ctrl-C.
+
+``study`` measures, on the emulated cluster: native, flat ring, hierarchical, leader and hybrid in
+FP32, and ring/hierarchical with FP16 on the wire (16–256 MiB); it calibrates the α-β model's
+links from separate runs (ring within one node → intra; ring across nodes with one rank each →
+inter; native on the full cluster → native) and compares every prediction with the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from fastnet.comm.bench import parse_size  # noqa: E402
+from fastnet.comm.cost_model import CostModel, calibrate  # noqa: E402
+from report import emit  # noqa: E402
+
+BRIDGE, PREFIX, SUBNET = "fnt-br", "fnt-n", "10.77.0"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def down() -> None:
+    """Remove every namespace, veth and the bridge this script may have created (idempotent)."""
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX):
+            sh("ip", "netns", "del", name, check=False)
+    for i in range(64):
+        sh("ip", "link", "del", f"fnt-v{i}", check=False)
+    sh("ip", "link", "del", BRIDGE, check=False)
+
+
+@contextlib.contextmanager
+def cluster(nodes: int, rate: str) -> Iterator[list[str]]:
+    """Build ``nodes`` namespaces bridged together, egress shaped to ``rate``; yields their addresses."""
+    if os.geteuid() != 0:
+        raise SystemExit("the emulated cluster needs root (ip netns, tc)")
+    down()
+    try:
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "link", "set", BRIDGE, "up")
+        addrs = []
+        for i in range(nodes):
+            ns, veth, addr = f"{PREFIX}{i}", f"fnt-v{i}", f"{SUBNET}.{i + 1}"
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "link", "set", veth, "master", BRIDGE)
+            sh("ip", "link", "set", veth, "up")
+            for cmd in (("ip", "link", "set", "lo", "up"), ("ip", "addr", "add", f"{addr}/24", "dev", "eth0"),
+                        ("ip", "link", "set", "eth0", "up"),
+                        ("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "256kb",
+                         "latency", "100ms")):
+                sh("ip", "netns", "exec", ns, *cmd)
+            addrs.append(addr)
+        yield addrs
+    finally:
+        down()
+
+
+def launch(nodes: int, rpn: int, args: list[str], timeout: float = 1800) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m torch.distributed.run ... <args>`` on every node of the current cluster."""
+    port = 29000 + os.getpid() % 1000
+    procs = []
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for i in range(nodes):
+        cmd = ["ip", "netns", "exec", f"{PREFIX}{i}", sys.executable, "-m", "torch.distributed.run",
+               f"--nnodes={nodes}", f"--node_rank={i}", f"--nproc_per_node={rpn}", f"--master_addr={SUBNET}.1",
+               f"--master_port={port}", *args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def bench(nodes: int, rpn: int, args: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o777)
+        out = Path(tmp) / "rows.json"
+        res = launch(nodes, rpn, ["-m", "fastnet.comm.bench", *args, "--ranks-per-node", str(rpn), "--json", str(out)])
+        if any(r.returncode for r in res):
+            raise SystemExit("fastnet-bench failed on the emulated cluster:\n" +
+                             "\n".join(r.stdout + r.stderr[-2000:] for r in res))
+        return json.loads(out.read_text())
+
+
+def study(a: argparse.Namespace) -> None:
+    n, k = a.nodes, a.ranks_per_node
+    sweep = ["-b", a.minbytes, "-e", a.maxbytes, "-f", "4", "-n", str(a.iters), "-w", "2"]
+    with cluster(n, a.rate):
+        intra = bench(1, k, [*sweep, "-a", "ring"])["rows"]  # one node: the intra-node link
+        inter = bench(n, 1, [*sweep, "-a", "ring"])["rows"]  # one rank per node: the inter-node link
+        native = bench(n, k, [*sweep, "-a", "native"])["rows"]
+        model = CostModel(intra=calibrate(intra, k).intra, inter=calibrate(inter, n, 1).inter,
+                          native=calibrate(native, n * k, k).native)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            cm_path = f.name
+        model.save(cm_path)
+        os.chmod(cm_path, 0o644)
+        fp32 = bench(n, k, [*sweep, "-a", "all", "--cost-model", cm_path])
+        half = ["-b", str(parse_size(a.minbytes) // 2), "-e", str(parse_size(a.maxbytes) // 2), *sweep[4:]]
+        fp16 = {alg: bench(n, k, [*half, "-a", alg, "-d", "float16"])["rows"] for alg in ("ring", "hierarchical")}
+    world = n * k
+    rows = fp32["rows"]
+    lines = [f"### Emulated cluster: {n} nodes × {k} ranks, {a.rate} inter-node link — {datetime.date.today()}", "",
+             f"Command: `python benchmarks/topology/cluster.py study --nodes {n} --ranks-per-node {k} --rate {a.rate}"
+             f" -b {a.minbytes} -e {a.maxbytes} --iters {a.iters}`",
+             f"Machine: {platform.machine()} {os.cpu_count()} CPUs; network namespaces as nodes, veth + bridge, "
+             f"`tc tbf` at {a.rate} on each node's egress, no added delay; gloo; {fp32['header']}.",
+             "Links calibrated from separate runs (ring on one node → intra; ring, 1 rank per node → inter; native "
+             "on the cluster → native): " + ", ".join(
+                 f"{lv} α={getattr(model, lv).alpha_s * 1e6:.0f} µs, {getattr(model, lv).bandwidth_gbps:.3f} GB/s"
+                 for lv in ("intra", "inter", "native")) + ".", "",
+             "| size (MiB) | algorithm | wire | time (ms) | busbw (GB/s) | vs flat ring | model (ms) | model error "
+             "| #wrong |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    ring_t = {r["size"]: r["time_us"] for r in rows if r["algorithm"] == "ring"}
+    for r in rows + [x for v in fp16.values() for x in v]:
+        alg, size = r["algorithm"], r["size"]
+        wire = "fp16" if r["type"] == "float16" else "fp32"
+        fp32_size = size * (2 if wire == "fp16" else 1)  # compare at equal element count
+        pick = model.choose(size, world, k) if alg == "hybrid" else alg
+        pred = model.time(pick, size, world, k) * 1e6
+        name = f"hybrid→{pick}" if alg == "hybrid" else alg
+        lines.append(f"| {fp32_size / 2**20:g} | {name} | {wire} | {r['time_us'] / 1e3:.1f} | {r['busbw']:.3f} | "
+                     f"{ring_t.get(fp32_size, float('nan')) / r['time_us']:.2f}x | {pred / 1e3:.1f} | "
+                     f"{(pred - r['time_us']) / r['time_us']:+.0%} | {r['wrong']} |")
+    emit(lines, a.append)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("study", "run"):
+        s = sub.add_parser(name)
+        s.add_argument("--nodes", type=int, default=2)
+        s.add_argument("--ranks-per-node", type=int, default=2)
+        s.add_argument("--rate", default="1gbit", help="tc tbf rate of each node's link, e.g. 1gbit, 500mbit")
+        if name == "study":
+            s.add_argument("-b", "--minbytes", default="1M")
+            s.add_argument("-e", "--maxbytes", default="256M")
+            s.add_argument("--iters", type=int, default=3)
+            s.add_argument("--append")
+        else:
+            s.add_argument("args", nargs=argparse.REMAINDER, help="after --: torchrun arguments, e.g. -m fastnet.comm.bench")
+    sub.add_parser("down")
+    a = p.parse_args()
+    if a.cmd == "down":
+        down()
+    elif a.cmd == "run":
+        with cluster(a.nodes, a.rate):
+            for r in launch(a.nodes, a.ranks_per_node, [x for x in a.args if x != "--"]):
+                print(r.stdout, end="")
+                print(r.stderr[-2000:], end="", file=sys.stderr)
+    else:
+        study(a)
+
+
+if __name__ == "__main__":
+    main()

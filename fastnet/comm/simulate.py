@@ -1,0 +1,179 @@
+"""Step-time simulator for data-parallel training at scale (the α-β cost model + the bucket schedule).
+
+    python -m fastnet.comm.simulate --model resnet50 --nodes 256 --gpus-per-node 8 --global-batch 65536 \\
+        --gpu-images-per-s 1000 --intra 10us,10GB/s --inter 5us,12.5GB/s --wire fp16 --fusion-mb 64
+
+One step on every GPU (Jia et al. 2018, §4: fusion and overlap; Li et al. 2020, §3.2):
+
+1. forward of the local batch (``1/3`` of the compute time: backward costs about twice forward);
+2. backward, layer by layer in reverse order; a layer's gradients are ready when its backward ends.
+   Layer times are the compute time split in proportion to each layer's FLOPs
+   (``torch.utils.flop_counter``) unless given;
+3. buckets: gradients in backward order, closed at the fusion threshold (bytes on the wire);
+4. one communication channel: bucket ``b`` starts at ``max(ready_b, end_{b−1})`` and takes the cost
+   model's all-reduce time for its bytes (:class:`fastnet.comm.cost_model.CostModel`);
+5. step = forward + max(end of backward, end of the last all-reduce) + optimizer time.
+
+Scaling efficiency = single-GPU step time (no communication) ÷ simulated step time; time to train
+= epochs × ceil(dataset / global batch) steps × step time. What it leaves out: stragglers, the
+input pipeline, evaluation, and contention between compute and communication for memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from typing import Sequence
+
+from fastnet.comm.cost_model import CostModel, Link
+
+IMAGENET_TRAIN = 1_281_167
+
+
+@dataclasses.dataclass(frozen=True)
+class SimResult:
+    """Seconds per step and its parts; ``buckets`` = (bytes on the wire, ready s, start s, end s)."""
+
+    step_s: float
+    compute_s: float
+    comm_s: float
+    exposed_comm_s: float
+    scaling_efficiency: float
+    buckets: list[tuple[int, float, float, float]]
+
+    def time_to_train_s(self, epochs: float, dataset: int, global_batch: int) -> float:
+        return epochs * math.ceil(dataset / global_batch) * self.step_s
+
+
+def layer_profile(model_name: str, image_size: int | None = None) -> list[tuple[int, float]]:
+    """Per parameterised module in registration order: (parameter elements, share of the model's FLOPs).
+
+    FLOPs of one forward pass of a batch of 1 (``torch.utils.flop_counter.FlopCounterMode``),
+    attributed to the module that owns the parameters; modules with parameters but no counted FLOPs
+    (normalisation) get a share in proportion to their elements only through the rounding floor."""
+    import torch
+
+    from fastnet.models import build_model
+
+    size = image_size or (224 if model_name in ("resnet50", "alexnet", "alexnet_bn") else 32)
+    model = build_model(model_name, 1000 if size == 224 else 10, size)
+    owners = [(name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.randn(1, 3, size, size))
+    flops = counter.get_flop_counts()
+    total = sum(flops.get("Global", {}).values()) or 1
+    out = []
+    for name, m in owners:
+        key = f"{type(model).__name__}.{name}" if name else type(model).__name__  # the counter's module names
+        f = sum(flops.get(key, {}).values()) if name else 0
+        out.append((sum(p.numel() for p in m.parameters(recurse=False)), max(f / total, 1e-6)))
+    s = sum(x[1] for x in out)
+    return [(n, f / s) for n, f in out]
+
+
+def simulate(layers: Sequence[tuple[int, float]], compute_s: float, world_size: int, ranks_per_node: int,
+             model: CostModel, algorithm: str = "hierarchical", fusion_threshold_bytes: int = 64 << 20,
+             wire_bytes: int = 2, optimizer_s: float = 0.0) -> SimResult:
+    """Simulate one step (module docstring).
+
+    Args:
+        layers: (gradient elements, share of compute) per layer in registration (forward) order.
+        compute_s: forward + backward seconds of one step on one GPU at the local batch.
+        world_size, ranks_per_node: the cluster (GPUs, GPUs per node).
+        model: link parameters; algorithm: as in :meth:`CostModel.time` or ``hybrid`` (per bucket).
+        fusion_threshold_bytes: bucket size on the wire; wire_bytes: bytes per element (2: FP16).
+        optimizer_s: seconds of the optimizer step after communication.
+
+    Raises:
+        ValueError: non-positive compute time or threshold, or an unknown algorithm.
+    """
+    if compute_s <= 0 or fusion_threshold_bytes <= 0:
+        raise ValueError(f"Invalid compute_s {compute_s} / fusion_threshold_bytes {fusion_threshold_bytes} "
+                         f"(both must be > 0)")
+    forward = compute_s / 3
+    t = forward
+    buckets: list[tuple[int, float, float, float]] = []
+    pending, channel_free, comm_total = 0, 0.0, 0.0
+
+    def flush(nbytes: int, ready: float) -> None:
+        nonlocal channel_free, comm_total
+        alg = model.choose(nbytes, world_size, ranks_per_node) if algorithm == "hybrid" else algorithm
+        dur = model.time(alg, nbytes, world_size, ranks_per_node)
+        start = max(ready, channel_free)
+        channel_free = start + dur
+        comm_total += dur
+        buckets.append((nbytes, ready, start, channel_free))
+
+    for elements, share in reversed(layers):
+        t += 2 * compute_s / 3 * share
+        pending += elements * wire_bytes
+        if pending >= fusion_threshold_bytes:
+            flush(pending, t)
+            pending = 0
+    if pending:
+        flush(pending, t)
+    backward_end = t
+    end = max(backward_end, channel_free) if world_size > 1 else backward_end
+    step = end + optimizer_s
+    single = compute_s + optimizer_s
+    return SimResult(step, compute_s, comm_total if world_size > 1 else 0.0, end - backward_end, single / step,
+                     buckets if world_size > 1 else [])
+
+
+def parse_link(text: str) -> Link:
+    """``"10us,12.5GB/s"`` → Link (latency µs, bandwidth GB/s; also ``Gbit/s``)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*us\s*,\s*([\d.]+)\s*(GB/s|Gbit/s)\s*", text)
+    if not m:
+        raise ValueError(f"Invalid link {text!r}; write latency and bandwidth as e.g. '10us,12.5GB/s' or "
+                         f"'5us,100Gbit/s'")
+    bw = float(m.group(2)) / (8 if m.group(3) == "Gbit/s" else 1)
+    return Link.of(float(m.group(1)), bw)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastnet.comm.simulate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--global-batch", type=int, required=True)
+    p.add_argument("--gpu-images-per-s", type=float, required=True, help="one GPU's training throughput at the "
+                   "local batch, no communication (images/s)")
+    p.add_argument("--intra", default="10us,10GB/s", help="intra-node link: latency,bandwidth")
+    p.add_argument("--inter", default="5us,100Gbit/s", help="inter-node link: latency,bandwidth")
+    p.add_argument("--algorithm", default="hybrid")
+    p.add_argument("--wire", default="fp16", choices=("fp16", "fp32"))
+    p.add_argument("--fusion-mb", type=float, default=64.0)
+    p.add_argument("--epochs", type=float, default=90)
+    p.add_argument("--dataset", type=int, default=IMAGENET_TRAIN)
+    args = p.parse_args(argv)
+    try:
+        intra, inter = parse_link(args.intra), parse_link(args.inter)
+    except ValueError as exc:
+        p.error(str(exc))
+    world = args.nodes * args.gpus_per_node
+    if args.global_batch % world:
+        p.error(f"global batch {args.global_batch} is not a multiple of the {world} GPUs")
+    local = args.global_batch // world
+    cm = CostModel(intra=intra, inter=inter, native=inter)
+    layers = layer_profile(args.model)
+    compute = local / args.gpu_images_per_s
+    res = simulate(layers, compute, world, args.gpus_per_node, cm, args.algorithm, int(args.fusion_mb * 2**20),
+                   2 if args.wire == "fp16" else 4)
+    print(f"{args.model}: {world} GPUs ({args.nodes} x {args.gpus_per_node}), global batch {args.global_batch} "
+          f"(local {local}), {sum(n for n, _ in layers) / 1e6:.1f} M parameters, {len(res.buckets)} buckets")
+    print(f"step {res.step_s * 1e3:.1f} ms = compute {res.compute_s * 1e3:.1f} ms + exposed communication "
+          f"{res.exposed_comm_s * 1e3:.1f} ms (all-reduce total {res.comm_s * 1e3:.1f} ms); scaling efficiency "
+          f"{res.scaling_efficiency:.1%}; {args.global_batch / res.step_s:,.0f} images/s")
+    print(f"time to train {args.epochs:g} epochs of {args.dataset:,} images: "
+          f"{res.time_to_train_s(args.epochs, args.dataset, args.global_batch) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The step-time simulator: hand-computed schedules, overlap, the FLOP profile, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastnet.comm.cost_model import CostModel, Link
+from fastnet.comm.simulate import layer_profile, main, parse_link, simulate
+
+LINK = CostModel(intra=Link(1e-3, 1e-6), inter=Link(1e-3, 1e-6), native=Link(1e-3, 1e-6))
+
+
+def test_one_gpu_has_no_communication():
+    res = simulate([(10, 0.5), (10, 0.5)], 0.3, 1, 1, LINK)
+    assert res.step_s == pytest.approx(0.3) and res.scaling_efficiency == 1.0 and res.buckets == []
+
+
+def test_schedule_by_hand():
+    # 2 ranks on 2 nodes, ring: 2 steps of (1 ms + n/2 µs); two layers of 1000 elements in fp32 (4000 B)
+    layers = [(1000, 0.25), (1000, 0.75)]  # forward order; backward meets the second layer first
+    res = simulate(layers, 0.3, 2, 1, LINK, "ring", fusion_threshold_bytes=4000, wire_bytes=4)
+    t_ar = 2 * (1e-3 + 2000 * 1e-6)  # 6 ms per bucket
+    b1_ready = 0.1 + 0.2 * 0.75
+    b2_ready = 0.3
+    assert [b[0] for b in res.buckets] == [4000, 4000]
+    assert res.buckets[0][1:] == pytest.approx((b1_ready, b1_ready, b1_ready + t_ar))
+    assert res.buckets[1][1:] == pytest.approx((b2_ready, b2_ready, b2_ready + t_ar))  # channel already free
+    assert res.step_s == pytest.approx(0.3 + t_ar) and res.exposed_comm_s == pytest.approx(t_ar)
+    assert res.scaling_efficiency == pytest.approx(0.3 / (0.3 + t_ar))
+    assert res.time_to_train_s(2, 10, 4) == pytest.approx(2 * 3 * res.step_s)
+
+
+def test_smaller_buckets_overlap_more():
+    layers = [(100_000, 0.1)] * 10
+    one = simulate(layers, 1.0, 16, 8, LINK, "hierarchical", fusion_threshold_bytes=1 << 30)
+    many = simulate(layers, 1.0, 16, 8, LINK, "hierarchical", fusion_threshold_bytes=200_000)
+    assert len(one.buckets) == 1 and len(many.buckets) == 10
+    assert many.exposed_comm_s < one.exposed_comm_s and many.step_s < one.step_s
+
+
+def test_layer_profile_counts_parameters_and_flops():
+    prof = layer_profile("resnet20")
+    from fastnet.models import build_model
+
+    assert sum(n for n, _ in prof) == sum(p.numel() for p in build_model("resnet20", 10, 32).parameters())
+    assert sum(f for _, f in prof) == pytest.approx(1.0)
+    convs = [f for n, f in prof if n > 1000]
+    assert max(convs) > 10 * min(f for _, f in prof)  # convolutions dominate, norms do not
+
+
+def test_cli_and_bad_input(capsys):
+    assert main(["--model", "resnet20", "--nodes", "2", "--gpus-per-node", "2", "--global-batch", "512",
+                 "--gpu-images-per-s", "1000", "--epochs", "1", "--dataset", "50000"]) == 0
+    out = capsys.readouterr().out
+    assert "scaling efficiency" in out and "time to train 1 epochs" in out
+    with pytest.raises(ValueError, match="Invalid link '10ms'"):
+        parse_link("10ms")
+    assert parse_link("5us,100Gbit/s").bandwidth_gbps == pytest.approx(12.5)
+    with pytest.raises(SystemExit):
+        main(["--nodes", "3", "--global-batch", "100", "--gpu-images-per-s", "1"])
+    assert "not a multiple of the 24 GPUs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Invalid compute_s 0"):
+        simulate([(1, 1.0)], 0, 2, 1, LINK)
