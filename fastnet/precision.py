@@ -31,6 +31,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from fastnet import kernels
+
 PRECISIONS = ("fp32", "amp", "fp16", "bf16")
 LOW_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -205,9 +207,9 @@ class MasterWeights:
 
     def unscale_(self, inv_scale: float) -> torch.Tensor:
         """``master_grad = float32(grad) × inv_scale``; returns a 0-dim bool device tensor: any inf/NaN."""
-        for seg_dtype, off, n in self.segments:
-            self.master_grad[off:off + n].copy_(self.grad_flat[seg_dtype]).mul_(inv_scale)
-        return ~torch.isfinite(self.master_grad).all()
+        flags = [kernels.unpack_unscale(self.grad_flat[d], [self.master_grad[off:off + n]], inv_scale)
+                 for d, off, n in self.segments]
+        return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Optimizer step on the masters (those whose parameter got no gradient are skipped), then
@@ -224,8 +226,8 @@ class MasterWeights:
         self.copy_to_model()
 
     def copy_to_model(self) -> None:
-        for seg_dtype, off, n in self.segments:
-            self.param_flat[seg_dtype].copy_(self.master[off:off + n])
+        kernels.copy_cast([self.master[off:off + n] for _, off, n in self.segments],
+                          [self.param_flat[d] for d, _, _ in self.segments])
 
     def zero_grad(self) -> None:
         for g in self.grad_flat.values():

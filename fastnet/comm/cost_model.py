@@ -11,7 +11,7 @@ its measured times with the ring formula. For ``n`` bytes on ``N`` ranks in node
 algorithm           time (seconds)                                              steps
 ==================  ==========================================================  ===================
 ring                2(N−1)·(α + n/N·β), over ``inter`` when m > 1               2(N−1)
-hierarchical        2(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + n/(k·m)·β_e)         2(k−1) + 2(m−1)
+hierarchical        2(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + s·n/(k·m)·β_e)       2(k−1) + 2(m−1)
 leader (Jia et al.) 4(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + n/m·β_e)             4(k−1) + 2(m−1)
 tree                2⌈log₂N⌉·(α + n·β) (binary-tree reduce + broadcast)          2⌈log₂N⌉
 halving_doubling    2⌈log₂N⌉·α + 2(N−1)/N·n·β (Rabenseifner)                     2⌈log₂N⌉
@@ -21,6 +21,14 @@ native              the ring formula with the ``native`` link                   
 ``leader``'s intra-node reduce and broadcast are each counted as a ring reduce-scatter plus a
 gather (scatter plus all-gather), 2(k−1) steps, which gives the paper's 4(k−1) + 2(N/k − 1) steps
 against the flat ring's 2(N−1). The reduction arithmetic is folded into β.
+
+The inter-node link belongs to the node: ``inter_links_per_node`` (NICs) of them. A flat ring with
+consecutive ranks per node and ``leader`` send one flow out of each node; ``hierarchical`` runs k
+inter-node rings at once, which share the node's links: ``s = k / min(k, inter_links_per_node)``.
+With one NIC per node (Jia et al.'s P40 nodes; the emulated cluster of benchmarks/topology) the
+hierarchical algorithm therefore moves as many bytes across the node's link as ``leader`` and
+wins over the flat ring through the ring's 2(N−1)/N·n > 2(m−1)/m·n inter-node bytes, not through
+the 1/k split (measured: docs/BENCHMARKS.md, emulated cluster).
 
 :func:`calibrate` fits the links to a ``fastnet-bench --json`` sweep by non-negative least squares
 on relative error; :meth:`CostModel.choose` is the hybrid algorithm's per-message choice.
@@ -87,8 +95,8 @@ def steps(algorithm: str, world_size: int, ranks_per_node: int | None = None) ->
     return table[algorithm]
 
 
-def coefficients(algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None
-                 ) -> dict[str, tuple[float, float]]:
+def coefficients(algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None,
+                 inter_links_per_node: int = 1) -> dict[str, tuple[float, float]]:
     """Per link level, ``(latency steps, bytes)`` such that time = Σ steps·α + bytes·β (the model is
     linear in the link parameters; :func:`calibrate` fits them from these). Bytes are per rank on
     the critical path. Raises ValueError for an unknown algorithm."""
@@ -109,7 +117,8 @@ def coefficients(algorithm: str, nbytes: float, world_size: int, ranks_per_node:
     intra_steps = 2.0 * (k - 1) if algorithm == "hierarchical" else 4.0 * (k - 1)
     out = {"intra": (intra_steps, intra_steps * nbytes / k)} if k > 1 else {}
     if m > 1:
-        chunk = nbytes / k if algorithm == "hierarchical" else nbytes
+        share = k / min(k, max(1, inter_links_per_node))  # concurrent inter-node rings per node link
+        chunk = nbytes / k * share if algorithm == "hierarchical" else nbytes
         out["inter"] = (2.0 * (m - 1), 2.0 * (m - 1) / m * chunk)
     return out
 
@@ -120,19 +129,21 @@ class CostModel:
 
     The defaults are order-of-magnitude placeholders for one CPU host over loopback (intra 30 µs,
     5 GB/s) with a 1 Gbit/s Ethernet between nodes (inter 50 µs, 0.125 GB/s); :func:`calibrate`
-    replaces them with measured ones. ``state_dict()``/``to_dict()`` keys: ``intra``, ``inter``,
-    ``native``, each ``{alpha_s, beta_s_per_byte}``.
+    replaces them with measured ones. ``inter_links_per_node``: NICs per node (module docstring).
+    ``to_dict()`` keys: ``intra``, ``inter``, ``native`` (each ``{alpha_s, beta_s_per_byte}``) and
+    ``inter_links_per_node``.
     """
 
     intra: Link = Link.of(30.0, 5.0)
     inter: Link = Link.of(50.0, 0.125)
     native: Link = Link.of(30.0, 5.0)
+    inter_links_per_node: int = 1
 
     def time(self, algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None) -> float:
         """Predicted seconds for one SUM all-reduce of ``nbytes`` bytes."""
         links = {"intra": self.intra, "inter": self.inter, "native": self.native}
-        return sum(s * links[lv].alpha_s + b * links[lv].beta_s_per_byte
-                   for lv, (s, b) in coefficients(algorithm, nbytes, world_size, ranks_per_node).items())
+        return sum(s * links[lv].alpha_s + b * links[lv].beta_s_per_byte for lv, (s, b) in
+                   coefficients(algorithm, nbytes, world_size, ranks_per_node, self.inter_links_per_node).items())
 
     def choose(self, nbytes: float, world_size: int, ranks_per_node: int | None = None,
                candidates: Sequence[str] = RUNNABLE) -> str:
@@ -145,16 +156,22 @@ class CostModel:
         return min(usable, key=lambda a: (self.time(a, nbytes, n, k), usable.index(a)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {lv: dataclasses.asdict(getattr(self, lv)) for lv in _LEVELS}
+        return {**{lv: dataclasses.asdict(getattr(self, lv)) for lv in _LEVELS},
+                "inter_links_per_node": self.inter_links_per_node}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CostModel":
         """Raises ValueError naming an unknown level or a malformed link."""
+        data = dict(data)
+        links = int(data.pop("inter_links_per_node", 1))
         unknown = set(data) - set(_LEVELS)
         if unknown:
             raise ValueError(f"Unknown cost-model levels {sorted(unknown)}; valid levels: {', '.join(_LEVELS)}")
+        if links < 1:
+            raise ValueError(f"Invalid inter_links_per_node: {links} (must be >= 1)")
         try:
-            return cls(**{lv: Link(float(v["alpha_s"]), float(v["beta_s_per_byte"])) for lv, v in data.items()})
+            return cls(**{lv: Link(float(v["alpha_s"]), float(v["beta_s_per_byte"])) for lv, v in data.items()},
+                       inter_links_per_node=links)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed cost model {data!r}: each level needs alpha_s and beta_s_per_byte") from exc
 
@@ -187,7 +204,7 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
     for r in rows:
         if r["algorithm"] not in MODELLED or r["time_us"] <= 0:
             continue
-        coef = coefficients(r["algorithm"], r["size"], world_size, ranks_per_node)
+        coef = coefficients(r["algorithm"], r["size"], world_size, ranks_per_node, base.inter_links_per_node)
         if not coef:
             continue
         t = r["time_us"] * 1e-6
@@ -207,4 +224,5 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
     sol, _ = nnls(a[:, used] / scale, np.array(rhs))
     x = np.array([v for lv in _LEVELS for v in dataclasses.astuple(getattr(base, lv))])
     x[used] = sol / scale
-    return CostModel(**{lv: Link(float(x[2 * i]), float(x[2 * i + 1])) for i, lv in enumerate(_LEVELS)})
+    return CostModel(**{lv: Link(float(x[2 * i]), float(x[2 * i + 1])) for i, lv in enumerate(_LEVELS)},
+                     inter_links_per_node=base.inter_links_per_node)

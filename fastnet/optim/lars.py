@@ -19,7 +19,8 @@ Two code paths, chosen by ``foreach`` like ``torch.optim``: a multi-tensor path 
 all norms in one pass, trust ratios computed as one device tensor, then one host sync per
 parameter group and step to hand the per-tensor scales to the fused ``_foreach`` kernels) and a
 per-parameter reference path (no host sync). They agree to rounding (tested in float32 and float64).
-The fused CUDA kernel of ``kernels/`` (fastnet issue 6) is to remove that sync.
+On CUDA with ``FASTNET_KERNELS=1`` the step runs as two fused launches of
+:func:`fastnet.kernels.lars_step` instead (no host sync; unverified on a GPU so far, hence opt-in).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from fastnet import kernels
 
 
 def _check_hparams(lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float,
@@ -202,10 +205,17 @@ class LARS(Optimizer):
                 excluded.append(self.exclude(p) if rule is None else bool(rule))
             if not params:
                 continue
-            lars(params, grads, bufs, excluded, lr=group["lr"], momentum=group["momentum"],
+            if kernels.use_cuda_kernels(params) and all(p.dtype == torch.float32 and p.is_contiguous() and
+                                                        g.is_contiguous() for p, g in zip(params, grads)):
+                bufs = [torch.zeros_like(p) if b is None else b for p, b in zip(params, bufs)]
+                kernels.lars_step(params, grads, bufs, excluded, lr=group["lr"], momentum=group["momentum"],
+                                  weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"],
+                                  eps=group["eps"], nesterov=group["nesterov"], clip=group["trust_clip"])
+            else:
+                lars(params, grads, bufs, excluded, lr=group["lr"], momentum=group["momentum"],
                  weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"], eps=group["eps"],
-                 nesterov=group["nesterov"], clip=group["trust_clip"],
-                 foreach=all(p.is_cuda for p in params) if group["foreach"] is None else group["foreach"])
+                     nesterov=group["nesterov"], clip=group["trust_clip"],
+                     foreach=all(p.is_cuda for p in params) if group["foreach"] is None else group["foreach"])
             if group["momentum"] > 0:
                 for p, buf in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = buf

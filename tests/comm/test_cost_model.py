@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,11 @@ def test_formulas_by_hand():
     assert m.time("ring", n, 4) == pytest.approx(6 * (1e-6 + n / 4 * 1e-9))
     # 2 nodes x 2: the flat ring's slowest link is the inter-node one
     assert m.time("ring", n, 4, 2) == pytest.approx(6 * (1e-5 + n / 4 * 1e-8))
-    assert m.time("hierarchical", n, 4, 2) == pytest.approx(2 * (1e-6 + n / 2 * 1e-9) + 2 * (1e-5 + n / 4 * 1e-8))
+    # one NIC per node: the 2 concurrent inter-node rings of hierarchical share it
+    assert m.time("hierarchical", n, 4, 2) == pytest.approx(2 * (1e-6 + n / 2 * 1e-9) + 2 * 1e-5 + n * 1e-8)
+    two_nics = dataclasses.replace(m, inter_links_per_node=2)
+    assert two_nics.time("hierarchical", n, 4, 2) == pytest.approx(2 * (1e-6 + n / 2 * 1e-9) + 2 * (1e-5 + n / 4 * 1e-8))
+    assert two_nics.time("leader", n, 4, 2) == m.time("leader", n, 4, 2)
     assert m.time("leader", n, 4, 2) == pytest.approx(4 * (1e-6 + n / 2 * 1e-9) + 2 * (1e-5 + n / 2 * 1e-8))
     assert m.time("native", n, 2) == pytest.approx(2 * (2e-6 + n / 2 * 2e-9))
     assert m.time("tree", n, 4) == pytest.approx(4 * (1e-6 + n * 1e-9))
@@ -62,6 +68,8 @@ def test_calibrate_keeps_unexercised_levels_and_round_trips(tmp_path):
     assert fit.inter == base.inter and fit.native == base.native and fit.intra != base.intra
     fit.save(tmp_path / "cm.yaml")
     assert CostModel.load(tmp_path / "cm.yaml") == fit
+    with pytest.raises(ValueError, match="Invalid inter_links_per_node: 0"):
+        CostModel.from_dict({**fit.to_dict(), "inter_links_per_node": 0})
 
 
 def test_bad_input():

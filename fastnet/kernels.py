@@ -1,0 +1,232 @@
+"""One dispatch point for fastnet's fused multi-tensor CUDA kernels (``kernels/fastnet_kernels.cu``).
+
+Each operation takes lists of tensors and runs, on CUDA tensors with CuPy installed, one kernel
+launch for the whole list (compiled at first use by ``cupy.RawModule``, cached per device, launched
+on PyTorch's current stream; tensors are passed by device address through a tensor table), and
+otherwise its PyTorch reference twin, which is also the test oracle.
+
+The CUDA path is **opt-in** (``FASTNET_KERNELS=1``, read once at import) until it has run on a GPU:
+no device was available when it was written (fastnet issue 6), so by default the reference path
+runs everywhere.
+
+* :func:`pack` — gradients (fp32/fp16) → one flat fusion buffer, times ``scale``, cast to its dtype.
+* :func:`unpack_unscale` — flat buffer (fp32/fp16) → fp32 tensors times ``inv_scale``; returns a 0-dim
+  bool device tensor "found inf/NaN" (Micikevicius et al. 2018, dynamic loss scaling).
+* :func:`copy_cast` — fp32 tensors → fp32/fp16 tensors (master weights → model copy).
+* :func:`lars_step` — LARS (You et al. 2017, Alg. 1; formulas of :mod:`fastnet.optim.lars`) on fp32
+  masters with momentum, weight decay and the exclusion rule, optionally writing the FP16 model
+  copy; two launches (per-chunk norms, then update), deterministic.
+
+Raises: TypeError for dtypes a kernel lacks (listed) or mixed devices; ValueError for mismatched
+lengths / sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+CHUNK = 4096  # elements per LARS block; must match kernels/fastnet_kernels.cu
+_THREADS = 256
+_CODES = {torch.float32: "f32", torch.float16: "f16"}
+_ENABLED = os.environ.get("FASTNET_KERNELS", "0") == "1"
+
+
+def kernel_source() -> str:
+    """The CUDA C source, from the installed package (``fastnet._cuda``) or the repository's ``kernels/``."""
+    try:
+        return (resources.files("fastnet._cuda") / "fastnet_kernels.cu").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return (Path(__file__).resolve().parents[1] / "kernels" / "fastnet_kernels.cu").read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_index: int):
+    cupy = _cupy()
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(code=kernel_source(), options=("-std=c++17",))
+
+
+def use_cuda_kernels(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when the fused kernels will run: CUDA tensors, CuPy importable, not disabled."""
+    return _ENABLED and bool(tensors) and tensors[0].is_cuda and _cupy() is not None
+
+
+def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ptrs, offsets)`` int64 tensors on ``device``: the tensors' addresses and the exclusive
+    prefix sums of their element counts (``offsets[-1]`` = total). Empty list → ``([], [0])``.
+
+    Raises:
+        ValueError: a non-contiguous tensor (the kernels index them flat).
+    """
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError(f"tensor tables need contiguous tensors, got shape {tuple(t.shape)} strides {t.stride()}")
+    device = device or (tensors[0].device if tensors else torch.device("cpu"))
+    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    offsets = torch.zeros(len(tensors) + 1, dtype=torch.int64)
+    if tensors:
+        offsets[1:] = torch.tensor([t.numel() for t in tensors], dtype=torch.int64).cumsum(0)
+    return ptrs.to(device), offsets.to(device)
+
+
+def group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    """Indices of ``tensors`` per dtype, in first-seen order (a kernel takes one dtype per table)."""
+    out: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault(t.dtype, []).append(i)
+    return out
+
+
+def _code(dtype: torch.dtype) -> str:
+    if dtype not in _CODES:
+        raise TypeError(f"fastnet's kernels take float32 and float16 tensors, got {dtype}")
+    return _CODES[dtype]
+
+
+def _launch(name: str, device: torch.device, total: int, args: tuple, blocks: int | None = None) -> None:
+    import numpy as np
+
+    cupy = _cupy()
+    fn = _module(device.index).get_function(name)
+    grid = blocks if blocks is not None else max(1, min(-(-total // _THREADS), 65535))
+    cargs = tuple(cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else
+                  np.float32(a) if isinstance(a, float) else np.int32(a) for a in args)
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        fn((grid,), (_THREADS,), cargs)
+
+
+def _check_lengths(**lists: Sequence) -> None:
+    lens = {k: len(v) for k, v in lists.items()}
+    if len(set(lens.values())) > 1:
+        raise ValueError(f"tensor lists of different lengths: {lens}")
+
+
+def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``out[:] = cat(flatten(t) for t in tensors) × scale``, cast to ``out.dtype`` (1-D, numel = total).
+
+    Raises ValueError if ``out`` has the wrong size."""
+    total = sum(t.numel() for t in tensors)
+    if out.dim() != 1 or out.numel() != total:
+        raise ValueError(f"pack: out must be 1-D with {total} elements, got shape {tuple(out.shape)}")
+    if not use_cuda_kernels(tensors):
+        if tensors:
+            flat = torch.cat([t.reshape(-1).float() for t in tensors])
+            out.copy_(flat.mul_(scale) if scale != 1.0 else flat)
+        return out
+    off = 0
+    for dtype, idx in group_by_dtype(tensors).items():  # one launch per source dtype
+        members = [tensors[i] for i in idx]
+        n = sum(t.numel() for t in members)
+        if idx != list(range(idx[0], idx[-1] + 1)):
+            raise ValueError("pack: tensors of one dtype must be adjacent in the list")
+        ptrs, offsets = tensor_table(members)
+        _launch(f"pack_{_code(dtype)}_{_code(out.dtype)}", out.device, n,
+                (ptrs, offsets, len(members), out[off:off + n], float(scale)))
+        off += n
+    return out
+
+
+def unpack_unscale(flat: torch.Tensor, outs: Sequence[torch.Tensor], inv_scale: float) -> torch.Tensor:
+    """``outs[i][:] = float32(flat[segment i]) × inv_scale`` (``outs`` fp32, in order, covering ``flat``).
+    Returns a 0-dim bool tensor on the device: any result inf/NaN. No host sync.
+
+    Raises ValueError if the sizes do not add up, TypeError for non-fp32 outputs."""
+    total = sum(o.numel() for o in outs)
+    if flat.numel() != total:
+        raise ValueError(f"unpack_unscale: flat has {flat.numel()} elements, the outputs {total}")
+    if any(o.dtype != torch.float32 for o in outs):
+        raise TypeError("unpack_unscale writes float32 outputs (FP32 master gradients)")
+    if not use_cuda_kernels([flat]):
+        off = 0
+        for o in outs:
+            o.copy_(flat[off:off + o.numel()].view(o.shape)).mul_(inv_scale)
+            off += o.numel()
+        return ~torch.stack([torch.isfinite(o).all() for o in outs]).all() if outs else torch.tensor(False)
+    found = torch.zeros(1, dtype=torch.int32, device=flat.device)
+    ptrs, offsets = tensor_table(outs)
+    _launch(f"unpack_unscale_{_code(flat.dtype)}", flat.device, total,
+            (flat, ptrs, offsets, len(outs), float(inv_scale), found))
+    return found[0] != 0
+
+
+def copy_cast(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor]) -> None:
+    """``dst[i][:] = src[i]`` cast to ``dst[i]``'s dtype (fp32 sources; fp32 or fp16 destinations of
+    equal element counts)."""
+    _check_lengths(src=src, dst=dst)
+    if any(s.numel() != d.numel() for s, d in zip(src, dst)):
+        raise ValueError("copy_cast: source and destination element counts differ")
+    if not use_cuda_kernels(list(src)):
+        for s, d in zip(src, dst):
+            d.copy_(s.view(d.shape) if s.is_contiguous() and d.is_contiguous() else s)
+        return
+    for dtype, idx in group_by_dtype(dst).items():
+        if any(src[i].dtype != torch.float32 for i in idx):
+            raise TypeError("copy_cast: the kernel copies from float32 sources")
+        sp, offsets = tensor_table([src[i] for i in idx])
+        dp, _ = tensor_table([dst[i] for i in idx])
+        _launch(f"copy_f32_{_code(dtype)}", dst[idx[0]].device, int(offsets[-1]), (sp, dp, offsets, len(idx)))
+
+
+def lars_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor],
+              excluded: Sequence[bool], *, lr: float, momentum: float, weight_decay: float,
+              trust_coefficient: float, eps: float, nesterov: bool, clip: bool,
+              model_copies: Sequence[torch.Tensor | None] | None = None) -> None:
+    """One LARS step in place on fp32 ``params`` (momentum ``bufs`` allocated by the caller, zeros
+    at the start), then, if given, ``model_copies[i][:] = params[i]`` (fp16). Same formulas as
+    :func:`fastnet.optim.lars.lars`; the reference path calls it."""
+    _check_lengths(params=params, grads=grads, bufs=bufs, excluded=excluded)
+    copies = list(model_copies) if model_copies is not None else [None] * len(params)
+    if not use_cuda_kernels(list(params)):
+        from fastnet.optim.lars import lars
+
+        lars(list(params), list(grads), list(bufs), list(excluded), lr=lr, momentum=momentum,
+             weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
+             clip=clip, foreach=False)
+        for p, c in zip(params, copies):
+            if c is not None:
+                c.copy_(p)
+        return
+    if not params:
+        return
+    if any(p.dtype != torch.float32 or g.dtype != torch.float32 for p, g in zip(params, grads)):
+        raise TypeError("lars_step: the kernel updates float32 masters with float32 gradients")
+    device = params[0].device
+    numels = [p.numel() for p in params]
+    block_tensor, block_start, first_block = [], [], [0]
+    for t, n in enumerate(numels):
+        starts = range(0, n, CHUNK) if n else []
+        block_tensor += [t] * len(starts)
+        block_start += list(starts)
+        first_block.append(len(block_tensor))
+    nblocks = len(block_tensor)
+    if nblocks == 0:
+        return
+    wp, _ = tensor_table(params)
+    gp, _ = tensor_table(grads)
+    bp, _ = tensor_table(bufs)
+    hp = torch.tensor([c.data_ptr() if c is not None else 0 for c in copies], dtype=torch.int64).to(device)
+    as_dev = functools.partial(torch.tensor, device=device)
+    nt, bt = as_dev(numels, dtype=torch.int64), as_dev(block_tensor, dtype=torch.int32)
+    bs, fb = as_dev(block_start, dtype=torch.int64), as_dev(first_block, dtype=torch.int32)
+    ex = as_dev([bool(e) for e in excluded], dtype=torch.uint8)
+    partials = torch.empty(nblocks, 2, dtype=torch.float32, device=device)
+    _launch("lars_norms_f32", device, 0, (wp, gp, nt, bt, bs, partials), blocks=nblocks)
+    _launch("lars_update_f32", device, 0, (wp, gp, bp, hp, nt, ex, bt, bs, fb, partials, float(lr), float(momentum),
+                                           float(weight_decay), float(trust_coefficient), float(eps), int(nesterov),
+                                           int(clip)), blocks=nblocks)
