@@ -1,0 +1,68 @@
+"""The experiment configs: each resolves, names its source, derives its accumulation for the paper's
+world size, and (paper configs) starts and steps on synthetic ImageNet-shaped data on CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastnet.config import accumulation_steps, parse_cli
+from tests.conftest import REPO, run_trainer
+
+PAPER = sorted((REPO / "experiments" / "paper").glob("*.yaml"))
+CIFAR = REPO / "experiments" / "cifar10_large_batch"
+# (config, a world size of the paper's cluster, its micro-steps per optimizer step)
+PAPER_SCALE = {"resnet50_imagenet_64k_jia2018": (2048, 1), "alexnet_bn_imagenet_64k_jia2018": (1024, 1),
+               "resnet50_imagenet_32k_you2018": (1024, 1), "resnet50_imagenet_8k_goyal2017": (256, 1)}
+
+
+def test_every_paper_config_is_listed():
+    assert {p.stem for p in PAPER} == set(PAPER_SCALE)
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_paper_config_resolves(path):
+    text = path.read_text()
+    assert "Source:" in text  # every config names its paper
+    cfg, _ = parse_cli(["--config", str(path)])
+    world, accum = PAPER_SCALE[path.stem]
+    assert accumulation_steps(cfg.global_batch_size, world, cfg.micro_batch_size) == accum
+    assert accumulation_steps(cfg.global_batch_size, 8, cfg.micro_batch_size) == cfg.global_batch_size // (8 * cfg.micro_batch_size)
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation_steps(cfg.global_batch_size, 3, cfg.micro_batch_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_paper_config_starts_on_synthetic_imagenet(path, tmp_path):
+    # The paper's config with only the data and the batch shrunk: 2 ranks x micro-batch 2 x 2 accumulation steps.
+    res = run_trainer(["--config", str(path), "--dataset", "synthetic", "--image-size", "224", "--num-classes", "1000",
+                       "--synthetic-samples", "16", "--global-batch-size", "8", "--micro-batch-size", "2",
+                       "--max-steps", "2", "--eval-batch-size", "4", "--workers", "0", "--no-progress",
+                       "--precision", "fp32", "--timeout-s", "120", "--out-dir", str(tmp_path)], nproc=2, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (summary,) = [r for r in records if r["kind"] == "summary"]
+    assert summary["steps"] == 2 and summary["accumulation_steps"] == 2 and summary["world_size"] == 2
+    assert len(set(summary["param_checksums"])) == 1
+    resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert resolved["model"] == yaml.safe_load(path.read_text())["model"] and resolved["buckets"]
+
+
+@pytest.mark.parametrize("name", ["b256_sgd", "b4096_sgd", "b8192_sgd", "b4096_lars", "b8192_lars"])
+def test_cifar10_study_configs_resolve(name, tmp_path):
+    sys.path.insert(0, str(CIFAR))
+    try:
+        import run as study
+    finally:
+        sys.path.remove(str(CIFAR))
+    cfg = study.config_for(name, {"data_dir": str(tmp_path)})
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    resolved, _ = parse_cli(["--config", str(cfg_path)])
+    assert resolved.model == "resnet20" and resolved.precision == "fp16" and resolved.epochs == 30
+    assert accumulation_steps(resolved.global_batch_size, 2, resolved.micro_batch_size) == resolved.global_batch_size // 256
