@@ -70,7 +70,7 @@ def param_checksum(model: nn.Module) -> str:
     """SHA-256 of all parameters' bytes in registration order (buffers excluded: BN statistics are per rank)."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
