@@ -62,6 +62,10 @@ def run_one(cfg: dict, nproc: int, out: Path) -> dict:
     return summary
 
 
+def fmt_s(seconds: float | None) -> str:
+    return "not reached" if seconds is None else f"{seconds:.0f} s"
+
+
 def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
     import matplotlib
 
@@ -150,7 +154,7 @@ def main() -> None:
         eff = n["mean_images_per_s"] / (a.nproc * one["mean_images_per_s"])
         lines += ["", f"Scaling (b256_sgd): 1 process {one['mean_images_per_s']:.0f} images/s, {a.nproc} processes "
                       f"{n['mean_images_per_s']:.0f} images/s: efficiency {eff:.0%}; time to target "
-                      f"{one['time_to_target_s']} s vs {n['time_to_target_s']} s."]
+                      f"{fmt_s(one['time_to_target_s'])} vs {fmt_s(n['time_to_target_s'])}."]
     if a.plot:
         plot(results, a.plot, f"ResNet-20, {data.split(' (')[0]}, {cfg0['epochs']} epochs")
         lines += ["", f"Plot: `{a.plot}`."]
