@@ -11,9 +11,11 @@
         opt.step(); opt.zero_grad()
 
 The hook follows torch's ``ddp_comm_hooks`` contract: ``hook(state, bucket) -> Future`` whose value
-is the bucket's flat gradient buffer averaged over ranks. The reduction runs synchronously inside
-the hook (the returned future is already complete); DDP still overlaps bucket reductions with the
-rest of backward as far as its bucket order allows.
+is the bucket's flat gradient buffer averaged over ranks. The hook only queues the bucket on the
+state's communication thread (FIFO, so every rank reduces DDP's buckets in the same order, on a
+communicator split off for the hook) and returns at once: the reduction overlaps the rest of
+backward, and DDP waits for the futures before the step. On CUDA the thread's side stream first
+waits for an event recorded on the backward stream and is synchronised before the future completes.
 """
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations as live types.
@@ -24,23 +26,48 @@ import torch.distributed as dist
 
 from fastnet.comm.communicator import TorchCommunicator
 from fastnet.comm.sync import AlgorithmAllReduce
+from fastnet.comm.synchronizer import _CommThread
 
 
 class HookState:
-    """State of :func:`fastnet_allreduce_hook`: the :class:`AlgorithmAllReduce` it calls."""
+    """State of :func:`fastnet_allreduce_hook`: the :class:`AlgorithmAllReduce` it calls, the
+    communication thread it runs on, and (CUDA) that thread's stream. ``close()`` stops the thread."""
 
-    __slots__ = ("sync",)
+    __slots__ = ("sync", "thread", "stream")
 
     def __init__(self, sync: AlgorithmAllReduce) -> None:
-        self.sync = sync
+        self.sync, self.thread = sync, _CommThread()
+        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+
+    def close(self) -> None:
+        self.thread.close()
 
 
 def fastnet_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Average ``bucket.buffer()`` (1-D, the bucket's gradients) in place with fastnet's algorithm."""
+    """Queue the average of ``bucket.buffer()`` (1-D, the bucket's gradients; in place, fastnet's
+    algorithm) on the communication thread; the returned future completes with the buffer."""
     buffer = bucket.buffer()
-    state.sync([buffer])
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(buffer)
+    ready = None
+    if buffer.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+
+    def reduce() -> None:
+        try:
+            if ready is None:
+                state.sync([buffer])
+            else:
+                with torch.cuda.stream(state.stream):
+                    state.stream.wait_event(ready)
+                    state.sync([buffer])
+                state.stream.synchronize()
+        except Exception as exc:  # DDP re-raises it from fut.wait()
+            fut.set_exception(exc)
+            return
+        fut.set_result(buffer)
+
+    state.thread.submit(reduce)
     return fut
 
 
@@ -56,5 +83,7 @@ def ddp_hook(algorithm: str = "ring", wire_dtype: str = "none", fusion_mb: float
         ValueError: unknown algorithm / wire dtype (valid ones listed). RuntimeError: no process group.
     """
     comm = TorchCommunicator(group)
+    if comm.size > 1 and comm.size == dist.get_world_size():
+        comm = comm.split(0, comm.rank)  # dedicated groups: never interleaves with DDP's own collectives
     sync = AlgorithmAllReduce(comm, algorithm, int(fusion_mb * (1 << 20)), wire_dtype, ranks_per_node)
     return HookState(sync), fastnet_allreduce_hook

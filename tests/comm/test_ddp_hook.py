@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         for args in ({"algorithm": "ring"}, {"algorithm": "leader", "ranks_per_node": 1},
                      {"algorithm": "ring", "wire_dtype": "fp16", "fusion_mb": 0.0005}):
             params = _train(rank, args)
-            out[str(args)] = (max((a - b).abs().max().item() for a, b in zip(params, plain)), params)
+            out[str(args)] = (max((a - b).abs().max().item() for a, b in zip(params, plain)), [p.tolist() for p in params])
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -46,4 +46,4 @@ def test_ddp_with_fastnet_hook_matches_plain_ddp():
     for key in res[0]:
         tol = 5e-3 if "fp16" in key else 1e-5
         assert res[0][key][0] < tol and res[1][key][0] < tol, (key, res[0][key][0])
-        assert all(torch.equal(a, b) for a, b in zip(res[0][key][1], res[1][key][1]))  # ranks identical
+        assert res[0][key][1] == res[1][key][1]  # ranks bitwise identical
