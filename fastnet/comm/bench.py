@@ -16,7 +16,8 @@ ranks). ``--calibrate FILE`` fits the α-β cost model to the rows and writes it
 **Model mode** (``--model resnet50|alexnet|...``): the real gradient tensor list of a torchvision
 model (filled with ``rank + 1``) is averaged per "step" as: one all-reduce of a flat buffer of the
 same bytes (``single``, the floor), one blocking all-reduce per tensor (``per-tensor``), packed
-into fusion buckets and unpacked (``fused-pack``, :class:`fastnet.comm.AlgorithmAllReduce`), and
+into fusion buckets and unpacked (``fused-pack``, :class:`fastnet.comm.AlgorithmAllReduce`, with
+``--wire-dtype``), and
 bucket views of one persistent buffer without packing (``fused-views``, what
 :class:`fastnet.comm.GradientSynchronizer` does), for each ``--fusion-mb`` threshold.
 
@@ -40,6 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fastnet.comm.cost_model import CostModel, calibrate
+from fastnet.comm.sync import WIRE_DTYPES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int32": torch.int32}
@@ -194,7 +196,7 @@ def model_shapes(name: str) -> list[torch.Size]:
 
 
 def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusion_mb: Sequence[float],
-              iters: int, warmup: int) -> list[dict]:
+              iters: int, warmup: int, wire_dtype: str = "none") -> list[dict]:
     """Model-mode rows (module docstring): time per step of each way to average the gradient list."""
     from fastnet.comm.sync import AlgorithmAllReduce
 
@@ -205,7 +207,7 @@ def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusio
     reduce = bench.reducer(algorithm)
     n = bench.size
     mean = (n + 1) / 2
-    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) or wire_dtype != "none" else 1e-5
 
     def fill() -> None:
         for g in grads:
@@ -235,7 +237,7 @@ def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusio
         ("single", None, views(total * flat.element_size()), [flat]), ("per-tensor", None, per_tensor, grads)]
     for mb in fusion_mb:
         threshold = int(mb * (1 << 20))
-        sync = AlgorithmAllReduce(bench.comm, algorithm, threshold, ranks_per_node=bench.ranks_per_node,
+        sync = AlgorithmAllReduce(bench.comm, algorithm, threshold, wire_dtype, ranks_per_node=bench.ranks_per_node,
                                   cost_model=bench.cost_model) if bench.comm else None
         cases.append(("fused-pack", mb, (lambda s=sync: s(grads)) if sync else (lambda: None), grads))
         cases.append(("fused-views", mb, views(threshold), [flat]))
@@ -244,7 +246,8 @@ def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusio
     for mode, mb, fn, out in cases:
         med = bench.timed(fn, fill, iters, warmup)
         single = single or med
-        rows.append({"model": name, "tensors": len(grads), "bytes": total * flat.element_size(), "mode": mode,
+        rows.append({"model": name, "tensors": len(grads), "bytes": total * flat.element_size(),
+                     "wire": wire_dtype if mode == "fused-pack" else "none", "mode": mode,
                      "fusion_mb": mb, "algorithm": algorithm, "time_ms": med * 1e3, "vs_single": med / single,
                      "wrong": wrong(out, mean if n > 1 else 1.0)})
     return rows
@@ -261,11 +264,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_model_table(rows: list[dict]) -> str:
-    lines = [f"{'model':>10} {'tensors':>8} {'bytes':>11} {'mode':>12} {'fusion(MiB)':>11} {'algorithm':>10} "
+    lines = [f"{'model':>10} {'tensors':>8} {'bytes':>11} {'mode':>12} {'wire':>5} {'fusion(MiB)':>11} {'algorithm':>10} "
              f"{'time(ms)':>9} {'vs single':>9} {'#wrong':>7}"]
     for r in rows:
         mb = "-" if r["fusion_mb"] is None else f"{r['fusion_mb']:g}"
-        lines.append(f"{r['model']:>10} {r['tensors']:>8} {r['bytes']:>11} {r['mode']:>12} {mb:>11} "
+        lines.append(f"{r['model']:>10} {r['tensors']:>8} {r['bytes']:>11} {r['mode']:>12} {r['wire']:>5} {mb:>11} "
                      f"{r['algorithm']:>10} {r['time_ms']:>9.2f} {r['vs_single']:>9.2f} {r['wrong']:>7}")
     return "\n".join(lines)
 
@@ -308,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-b", "--minbytes", default="8", help="smallest message, bytes (K/M/G suffixes), default 8")
     p.add_argument("-e", "--maxbytes", default="32M", help="largest message, bytes, default 32M")
     p.add_argument("-f", "--stepfactor", type=float, default=2.0, help="size multiplier per step, default 2")
-    p.add_argument("-d", "--dtype", default="float32", help=f"element type: {', '.join(DTYPES)}")
+    p.add_argument("-d", "--dtype", default="float32", help=f"element type(s), comma-separated: {', '.join(DTYPES)}")
+    p.add_argument("--wire-dtype", default="none", help="model mode: gradients on the wire (none, fp16, bf16)")
     p.add_argument("-a", "--algorithm", default="native",
                    help=f"all-reduce algorithm: {', '.join(ALGORITHMS)}, or all")
     p.add_argument("--backend", default="torch", help=f"communicator: {', '.join(BACKENDS)} (default torch)")
@@ -327,8 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calibrate", help="sweep mode: fit the α-β cost model to the rows and write it (YAML)")
     args = p.parse_args(argv)
     try:
-        if args.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {args.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+        dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+        for d in dtypes or [args.dtype]:
+            if d not in DTYPES:
+                raise ValueError(f"Unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
+        if args.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"Unknown wire dtype {args.wire_dtype!r}; valid wire dtypes: {', '.join(WIRE_DTYPES)}")
         if args.algorithm not in ALGORITHMS + ("all",):
             raise ValueError(f"Unknown algorithm {args.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}, all")
         if args.backend not in BACKENDS:
@@ -345,17 +353,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
     bench = Bench(args.backend, args.device, args.timeout_s, args.ranks_per_node, cost_model)
-    dtype = DTYPES[args.dtype]
     if args.algorithm == "all":
         algorithms = ALGORITHMS
     else:
         algorithms = (args.algorithm,)
     if args.model:
-        rows = [r for a in algorithms for r in run_model(bench, args.model, dtype, a, fusion, args.iters,
-                                                         args.warmup)]
+        rows = [r for d in dtypes for a in algorithms for r in
+                run_model(bench, args.model, DTYPES[d], a, fusion, args.iters, args.warmup, args.wire_dtype)]
         table = format_model_table(rows)
     else:
-        rows = [run_size(bench, n, dtype, a, args.iters, args.warmup) for a in algorithms for n in todo]
+        rows = [run_size(bench, n, DTYPES[d], a, args.iters, args.warmup) for d in dtypes for a in algorithms
+                for n in todo]
         table = format_table(rows)
     wrong = sum(r["wrong"] for r in rows)
     if bench.rank == 0:

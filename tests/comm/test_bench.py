@@ -31,6 +31,12 @@ def test_bad_arguments_exit_with_choices(capsys):
         main(["-a", "tree"])
     assert "valid algorithms: native, ring, hierarchical, leader, hybrid, all" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main(["-d", "float32,int4"])
+    assert "Unknown dtype 'int4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--wire-dtype", "fp8"])
+    assert "valid wire dtypes: none, fp16, bf16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["--backend", "shmem"])
     assert "valid backends: torch, mpi, nccl" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -42,7 +48,7 @@ def test_bad_arguments_exit_with_choices(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16,bfloat16"])
 def test_two_rank_sweep_checks_results(tmp_path, dtype):
     out = tmp_path / "b.json"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
@@ -54,15 +60,17 @@ def test_two_rank_sweep_checks_results(tmp_path, dtype):
     assert "#wrong" in res.stdout and "busbw(GB/s)" in res.stdout
     data = json.loads(out.read_text())
     assert data["world_size"] == 2 and data["backend"] == "gloo"
-    assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768] * 5
-    assert [r["algorithm"] for r in data["rows"][::5]] == ["native", "ring", "hierarchical", "leader", "hybrid"]
+    ndt = len(dtype.split(","))
+    assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768] * 5 * ndt
+    assert [r["algorithm"] for r in data["rows"][::5]] == ["native", "ring", "hierarchical", "leader", "hybrid"] * ndt
+    assert [r["type"] for r in data["rows"][::25]] == dtype.split(",")
     model = CostModel.load(tmp_path / "cm.yaml")  # fitted to these rows: the inter and native links moved
     assert model.native != CostModel().native and model.inter != CostModel().inter
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "b.csv").read_text().startswith("size,count,type,algorithm,time_us,algbw,busbw,wrong")
     for r in data["rows"]:
         assert r["wrong"] == 0 and r["time_us"] > 0 and r["busbw"] == pytest.approx(r["algbw"])
-        assert r["count"] * (2 if dtype == "float16" else 4) == r["size"]
+        assert r["count"] * (4 if r["type"] == "float32" else 2) == r["size"]
 
 
 @pytest.mark.slow
@@ -71,7 +79,7 @@ def test_model_mode_averages_every_way(tmp_path, nproc):
     out = tmp_path / "m.json"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                           "-m", "fastnet.comm.bench", "--model", "resnet20", "--fusion-mb", "0.01,1", "-n", "2", "-w",
-                          "1", "-a", "ring", "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True,
+                          "1", "-a", "ring", "--wire-dtype", "fp16", "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -80,3 +88,4 @@ def test_model_mode_averages_every_way(tmp_path, nproc):
                                                            ("fused-pack", 1.0), ("fused-views", 1.0)]
     assert all(r["wrong"] == 0 and r["tensors"] == 59 and r["vs_single"] > 0 for r in rows)
     assert rows[0]["vs_single"] == 1.0
+    assert [r["wire"] for r in rows] == ["none", "none", "fp16", "none", "fp16", "none"]
