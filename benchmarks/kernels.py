@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--append")
     a = p.parse_args()
     dev = torch.device("cuda")
-    if not kernels.use_cuda_kernels([torch.zeros(1, device=dev)]):
+    if not torch.cuda.is_available() or not kernels.use_cuda_kernels([torch.zeros(1, device=dev)]):
         raise SystemExit("benchmarks/kernels.py needs CUDA and CuPy (pip install 'fastnet[gpu]')")
     shapes = [q.shape for q in build_model("resnet50", 1000, 224).parameters()]
     g = torch.Generator(device=dev).manual_seed(0)
