@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fastnet.metrics import read_metrics
 from fastnet.train import main
@@ -212,8 +213,14 @@ def test_two_process_fp16_masters_with_lars_learn(tmp_path):
 
 @pytest.mark.parametrize("extra", [["--allreduce", "ring", "--wire-dtype", "fp16", "--fusion-mb", "0.05"],
                                    ["--allreduce", "hierarchical", "--ranks-per-node", "1"],
-                                   ["--allreduce", "leader", "--precision", "fp16", "--image-size", "8"]])
+                                   ["--allreduce", "leader", "--precision", "fp16", "--image-size", "8"],
+                                   ["--allreduce", "hybrid", "--cost-model", "COST_MODEL", "--no-overlap",
+                                    "--fusion-mb", "0.02"]])
 def test_two_process_run_with_fastnet_all_reduce(tmp_path, extra):
+    from fastnet.comm.cost_model import CostModel, Link
+
+    CostModel(native=Link.of(1.0, 100.0), intra=Link.of(500.0, 0.01)).save(tmp_path / "cm.yaml")  # native wins
+    extra = [str(tmp_path / "cm.yaml") if e == "COST_MODEL" else e for e in extra]
     out = tmp_path / "alg"
     res = run_trainer([*FAST, "--global-batch-size", "64", "--micro-batch-size", "32", "--epochs", "2",
                        "--base-lr", "0.4", "--out-dir", str(out), *extra], nproc=2)
@@ -222,3 +229,6 @@ def test_two_process_run_with_fastnet_all_reduce(tmp_path, extra):
     assert summary["param_checksums"][0] == summary["param_checksums"][1]
     assert summary["best_top1"] > 50.0
     assert all(r["comm_s"] > 0 for r in _records(out, "epoch"))
+    buckets = yaml.safe_load((out / "config.yaml").read_text())["buckets"]
+    if "hybrid" in extra:
+        assert len(buckets) > 1 and {b["algorithm"] for b in buckets} == {"native"}
