@@ -113,28 +113,19 @@ class Bench:
         self.size = self.comm.size if self.comm else 1
         self.ranks_per_node = ranks_per_node or local
         self.cost_model = cost_model or CostModel()
-        self._hierarchy = None
+        self._reducers: dict[str, Any] = {}
 
     def reducer(self, algorithm: str) -> Callable[[torch.Tensor], None]:
-        """SUM all-reduce in place of a 1-D tensor with ``algorithm`` (``hybrid``: per message)."""
-        from fastnet.comm.algorithms import ring_all_reduce
-        from fastnet.comm.topology import Hierarchy
+        """SUM all-reduce in place of a 1-D tensor with ``algorithm`` (``hybrid``: per message), via
+        :meth:`fastnet.comm.sync.BucketReducer.sum_`; one reducer per algorithm, built once."""
+        from fastnet.comm.sync import BucketReducer
 
         if self.size == 1:
             return lambda buf: None
-        if algorithm in ("hierarchical", "leader", "hybrid") and self._hierarchy is None:
-            self._hierarchy = Hierarchy(self.comm, self.ranks_per_node)
-
-        def run(buf: torch.Tensor, alg: str = algorithm) -> None:
-            if alg == "hybrid":
-                alg = self.cost_model.choose(buf.numel() * buf.element_size(), self.size, self.ranks_per_node)
-            if alg == "native":
-                self.comm.all_reduce(buf)
-            elif alg == "ring":
-                ring_all_reduce(self.comm, buf)
-            else:
-                self._hierarchy.all_reduce(buf, alg)
-        return run
+        if algorithm not in self._reducers:
+            self._reducers[algorithm] = BucketReducer(self.comm, algorithm, "none", self.ranks_per_node,
+                                                      self.cost_model)
+        return self._reducers[algorithm].sum_
 
     def sync(self) -> None:
         if self.device.type == "cuda":

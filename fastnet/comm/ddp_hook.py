@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from fastnet.comm.communicator import TorchCommunicator
 from fastnet.comm.sync import AlgorithmAllReduce
-from fastnet.comm.synchronizer import _CommThread
+from fastnet.comm.synchronizer import CommThread
 
 
 class HookState:
@@ -36,7 +36,7 @@ class HookState:
     __slots__ = ("sync", "thread", "stream")
 
     def __init__(self, sync: AlgorithmAllReduce) -> None:
-        self.sync, self.thread = sync, _CommThread()
+        self.sync, self.thread = sync, CommThread()
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
 
     def close(self) -> None:

@@ -107,15 +107,22 @@ class BucketReducer:
             wire = bucket.div(n).to(self.wire_dtype)  # divide before the sum, then narrow
         else:
             wire.div_(n)
-        alg = algorithm or self.algorithm_for(wire.numel() * wire.element_size())
-        if alg == "native":
-            self.comm.all_reduce(wire)
-        elif alg == "ring":
-            ring_all_reduce(self.comm, wire)
-        else:
-            self.hierarchy.all_reduce(wire, alg)
+        self.sum_(wire, algorithm)
         if wire is not bucket:
             bucket.copy_(wire)
+
+    def sum_(self, x: torch.Tensor, algorithm: str | None = None) -> None:
+        """SUM all-reduce of the 1-D ``x`` in place with this reducer's algorithm (``hybrid``
+        resolved for ``x``'s bytes) or ``algorithm``; no division, no wire cast."""
+        if self.comm.size == 1:
+            return
+        alg = algorithm or self.algorithm_for(x.numel() * x.element_size())
+        if alg == "native":
+            self.comm.all_reduce(x)
+        elif alg == "ring":
+            ring_all_reduce(self.comm, x)
+        else:
+            self.hierarchy.all_reduce(x, alg)
 
 
 class AlgorithmAllReduce:

@@ -67,7 +67,7 @@ class Bucket:
         return self.tensor.numel() * self.tensor.element_size()
 
 
-class _CommThread:
+class CommThread:
     """One daemon thread running submitted callables in submission order (FIFO keeps every rank's
     collectives in the same order). Daemon: a collective stuck on a dead peer cannot block exit."""
 
@@ -143,7 +143,7 @@ class GradientSynchronizer:
         self._next = 0  # the next bucket to launch
         self._cuda = bool(self.params) and self.params[0].device.type == "cuda"
         self._stream = torch.cuda.Stream(self.params[0].device) if self._cuda else None
-        self._thread = _CommThread() if overlap and self.comm.size > 1 else None
+        self._thread = CommThread() if overlap and self.comm.size > 1 else None
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     # -- construction -------------------------------------------------------------------------
