@@ -9,7 +9,9 @@ each element's final sum is computed on one rank and then copied to the others.
 * :func:`ring_all_reduce` — Patarasuk & Yuan 2009 / Baidu ring: reduce-scatter then all-gather,
   2(n−1) steps, each rank sending 2(n−1)/n of the data. Chunks are as equal as the length allows.
 * :func:`hierarchical_all_reduce` — intra-node ring reduce-scatter → inter-node ring all-reduce
-  between ranks of equal local rank → intra-node ring all-gather (needs equal ranks per node).
+  between ranks of equal local rank → intra-node ring all-gather (needs equal ranks per node);
+  long messages run as a pipeline of segments (:func:`run_pipelined`), so the intra-node steps of
+  one segment overlap the inter-node steps of the previous ones.
 * :func:`leader_all_reduce` — the variant of Jia et al. 2018 (§4.2, "hierarchical all-reduce"):
   intra-node reduce to a leader → ring all-reduce among the leaders → intra-node broadcast; with k
   ranks per node and N ranks, 4(k−1) + 2(N/k − 1) steps instead of the flat ring's 2(N−1).
@@ -17,11 +19,11 @@ each element's final sum is computed on one rank and then copied to the others.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Generator, Sequence
 
 import torch
 
-from fastnet.comm.communicator import Communicator, split_sizes
+from fastnet.comm.communicator import Communicator, Work, split_sizes
 
 
 def _check(x: torch.Tensor) -> None:
@@ -38,22 +40,70 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def _exchange(comm: Communicator, send: torch.Tensor, recv: torch.Tensor) -> None:
-    """Send ``send`` to the right neighbour while receiving ``recv`` from the left one (empty
-    tensors are skipped on both sides, which agree on the sizes)."""
+Steps = Generator[list[Work], None, Any]
+"""A schedule of message steps: each ``next()`` posts one step's isend/irecv and yields their
+:class:`Work` handles; it is resumed (to finish the step and post the next) once they completed.
+Its return value is the phase's result. :func:`run_steps` drives one, :func:`run_pipelined` many."""
+
+
+def _post_exchange(comm: Communicator, send: torch.Tensor, recv: torch.Tensor) -> list[Work]:
+    """Post a send of ``send`` to the right neighbour and a receive of ``recv`` from the left one
+    (empty tensors are skipped on both sides, which agree on the sizes); returns the handles."""
     right, left = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
     works = []
     if recv.numel():
         works.append(comm.irecv(recv, left))
     if send.numel():
         works.append(comm.isend(send, right))
-    for w in works:
-        w.wait()
+    return works
 
 
-def ring_reduce_scatter(comm: Communicator, x: torch.Tensor) -> tuple[int, int]:
-    """Ring reduce-scatter in place over ``comm.size`` chunks of ``x``. Afterwards this rank's chunk
-    ``(rank + 1) mod size`` holds the full sum; returns its ``(offset, length)``. n−1 steps."""
+def run_steps(steps: Steps) -> Any:
+    """Drive ``steps`` to the end, one step at a time; returns the schedule's return value."""
+    while True:
+        try:
+            works = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        for w in works:
+            w.wait()
+
+
+def run_pipelined(schedules: Sequence[Steps], depth: int) -> None:
+    """Drive ``schedules`` (e.g. one per segment of a message) in lockstep rounds. Each round
+    advances every running schedule by one step (a schedule that ends frees its place), starts at
+    most one new schedule while fewer than ``depth`` run, then waits for all the round's messages.
+    With ``depth`` ≥ the steps per schedule, schedule i takes step j in round i + j: the phases of
+    consecutive segments overlap (segment i's inter-node steps while segment i+1 does its
+    intra-node ones), as NCCL pipelines the chunks of its rings, and S schedules of s steps take
+    S + s − 1 rounds instead of S·s. Every rank runs the
+    same rounds, so messages on each communicator are posted in the same order everywhere.
+    Raises ValueError for ``depth < 1``."""
+    if depth < 1:
+        raise ValueError(f"Invalid pipeline depth: {depth} (must be >= 1)")
+    waiting, running = list(reversed(schedules)), []
+    while waiting or running:
+        works, still = [], []
+        for steps in running:  # oldest first: the same posting order on every rank
+            try:
+                works.extend(next(steps))
+                still.append(steps)
+            except StopIteration:
+                pass
+        running = still
+        if waiting and len(running) < depth:
+            steps = waiting.pop()
+            try:
+                works.extend(next(steps))
+                running.append(steps)
+            except StopIteration:
+                pass
+        for w in works:
+            w.wait()
+
+
+def ring_reduce_scatter_steps(comm: Communicator, x: torch.Tensor) -> Steps:
+    """:func:`ring_reduce_scatter` as a step schedule (n−1 steps; returns ``(offset, length)``)."""
     _check(x)
     n, r = comm.size, comm.rank
     sizes = split_sizes(x.numel(), n)
@@ -63,23 +113,34 @@ def ring_reduce_scatter(comm: Communicator, x: torch.Tensor) -> tuple[int, int]:
         for s in range(n - 1):
             send_c, recv_c = (r - s) % n, (r - s - 1) % n
             buf = tmp[:sizes[recv_c]]
-            _exchange(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]], buf)
+            yield _post_exchange(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]], buf)
             x[offs[recv_c]:offs[recv_c] + sizes[recv_c]].add_(buf)
     own = (r + 1) % n
     return offs[own], sizes[own]
 
 
-def ring_all_gather(comm: Communicator, x: torch.Tensor) -> None:
-    """Ring all-gather in place: rank r starts owning chunk ``(r + 1) mod size`` (as left by
-    :func:`ring_reduce_scatter`) and ends with every chunk. n−1 steps."""
+def ring_all_gather_steps(comm: Communicator, x: torch.Tensor) -> Steps:
+    """:func:`ring_all_gather` as a step schedule (n−1 steps)."""
     _check(x)
     n, r = comm.size, comm.rank
     sizes = split_sizes(x.numel(), n)
     offs = _offsets(sizes)
     for s in range(n - 1):
         send_c, recv_c = (r + 1 - s) % n, (r - s) % n
-        _exchange(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]],
-                  x[offs[recv_c]:offs[recv_c] + sizes[recv_c]])
+        yield _post_exchange(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]],
+                             x[offs[recv_c]:offs[recv_c] + sizes[recv_c]])
+
+
+def ring_reduce_scatter(comm: Communicator, x: torch.Tensor) -> tuple[int, int]:
+    """Ring reduce-scatter in place over ``comm.size`` chunks of ``x``. Afterwards this rank's chunk
+    ``(rank + 1) mod size`` holds the full sum; returns its ``(offset, length)``. n−1 steps."""
+    return run_steps(ring_reduce_scatter_steps(comm, x))
+
+
+def ring_all_gather(comm: Communicator, x: torch.Tensor) -> None:
+    """Ring all-gather in place: rank r starts owning chunk ``(r + 1) mod size`` (as left by
+    :func:`ring_reduce_scatter`) and ends with every chunk. n−1 steps."""
+    run_steps(ring_all_gather_steps(comm, x))
 
 
 def ring_all_reduce(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
@@ -89,15 +150,43 @@ def ring_all_reduce(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def hierarchical_all_reduce(intra: Communicator, inter: Communicator, x: torch.Tensor) -> torch.Tensor:
+def hierarchical_steps(intra: Communicator, inter: Communicator, x: torch.Tensor) -> Steps:
+    """One segment of :func:`hierarchical_all_reduce` as a step schedule: 2(k−1) intra-node and
+    2(m−1) inter-node steps. The step count does not depend on ``x``'s length (an empty chunk still
+    takes its steps, with no messages), so every rank runs the same rounds in a pipeline."""
+    off, length = yield from ring_reduce_scatter_steps(intra, x)
+    if inter.size > 1:
+        owned = x[off:off + length]
+        yield from ring_reduce_scatter_steps(inter, owned)
+        yield from ring_all_gather_steps(inter, owned)
+    yield from ring_all_gather_steps(intra, x)
+
+
+def hierarchical_all_reduce(intra: Communicator, inter: Communicator, x: torch.Tensor,
+                            segment_elems: int | None = None) -> torch.Tensor:
     """SUM all-reduce in place: ring reduce-scatter inside the node, ring all-reduce of the owned
     chunk across nodes (``inter`` joins the ranks of equal local rank), ring all-gather inside the
     node. Every node must have the same number of ranks (the chunk a rank owns depends on its local
-    rank). Steps: 2(k−1) intra + 2(N/k − 1) inter, with 1/k of the data crossing nodes per rank."""
-    off, length = ring_reduce_scatter(intra, x)
-    if inter.size > 1 and length:
-        ring_all_reduce(inter, x[off:off + length])
-    ring_all_gather(intra, x)
+    rank). Steps: 2(k−1) intra + 2(m−1) inter (m = nodes), with 1/k of the data crossing nodes per
+    rank.
+
+    ``segment_elems``: when ``x`` is longer, it is cut into segments of that many elements, run as
+    a pipeline (:func:`run_pipelined`, depth = steps per segment): the intra-node phases of one
+    segment overlap the inter-node ring of the previous ones, so the slower level (the network)
+    sets the time instead of the sum of both. None or 0: one segment.
+
+    Raises:
+        ValueError: ``x`` not 1-D contiguous, or a negative ``segment_elems``.
+    """
+    _check(x)
+    if segment_elems is not None and segment_elems < 0:
+        raise ValueError(f"Invalid segment_elems: {segment_elems} (must be >= 0; 0 or None: no pipelining)")
+    if not segment_elems or x.numel() <= segment_elems:
+        run_steps(hierarchical_steps(intra, inter, x))
+        return x
+    depth = 2 * (intra.size - 1) + (2 * (inter.size - 1) if inter.size > 1 else 0)
+    run_pipelined([hierarchical_steps(intra, inter, x[lo:lo + segment_elems])
+                   for lo in range(0, x.numel(), segment_elems)], max(1, depth))
     return x
 
 

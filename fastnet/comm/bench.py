@@ -42,6 +42,7 @@ import torch
 
 from fastnet.comm.cost_model import CostModel, calibrate
 from fastnet.comm.sync import WIRE_DTYPES
+from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int32": torch.int32}
@@ -84,7 +85,7 @@ class Bench:
     """The communicator under test and how to time on it."""
 
     def __init__(self, backend: str, device: str, timeout_s: float, ranks_per_node: int | None,
-                 cost_model: CostModel | None) -> None:
+                 cost_model: CostModel | None, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         self.backend_name = backend
         if backend == "mpi":
             from fastnet.comm.mpi import MPICommunicator
@@ -113,6 +114,7 @@ class Bench:
         self.size = self.comm.size if self.comm else 1
         self.ranks_per_node = ranks_per_node or local
         self.cost_model = cost_model or CostModel()
+        self.segment_bytes = segment_bytes
         self._reducers: dict[str, Any] = {}
 
     def reducer(self, algorithm: str) -> Callable[[torch.Tensor], None]:
@@ -124,7 +126,7 @@ class Bench:
             return lambda buf: None
         if algorithm not in self._reducers:
             self._reducers[algorithm] = BucketReducer(self.comm, algorithm, "none", self.ranks_per_node,
-                                                      self.cost_model)
+                                                      self.cost_model, self.segment_bytes)
         return self._reducers[algorithm].sum_
 
     def sync(self) -> None:
@@ -229,7 +231,7 @@ def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusio
     for mb in fusion_mb:
         threshold = int(mb * (1 << 20))
         sync = AlgorithmAllReduce(bench.comm, algorithm, threshold, wire_dtype, ranks_per_node=bench.ranks_per_node,
-                                  cost_model=bench.cost_model) if bench.comm else None
+                                  cost_model=bench.cost_model, segment_bytes=bench.segment_bytes) if bench.comm else None
         cases.append(("fused-pack", mb, (lambda s=sync: s(grads)) if sync else (lambda: None), grads))
         cases.append(("fused-views", mb, views(threshold), [flat]))
     rows = []
@@ -286,12 +288,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def calibration_table(model: CostModel, rows: list[dict], world: int, ranks_per_node: int) -> str:
+def calibration_table(model: CostModel, rows: list[dict], world: int, ranks_per_node: int,
+                      segment_bytes: int = 0) -> str:
     lines = [f"{'size(B)':>12} {'algorithm':>12} {'measured(us)':>13} {'model(us)':>10} {'error':>7}"]
     for r in rows:
         if r["algorithm"] == "hybrid":
             continue
-        pred = model.time(r["algorithm"], r["size"], world, ranks_per_node) * 1e6
+        pred = model.time(r["algorithm"], r["size"], world, ranks_per_node, segment_bytes) * 1e6
         lines.append(f"{r['size']:>12} {r['algorithm']:>12} {r['time_us']:>13.1f} {pred:>10.1f} "
                      f"{(pred - r['time_us']) / r['time_us']:>+7.1%}")
     return "\n".join(lines)
@@ -309,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", default="torch", help=f"communicator: {', '.join(BACKENDS)} (default torch)")
     p.add_argument("--ranks-per-node", type=int, default=None, help="node size for hierarchical/leader/hybrid "
                    "(default: LOCAL_WORLD_SIZE, or MPI's shared-memory split)")
+    p.add_argument("--segment-mb", type=float, default=DEFAULT_SEGMENT_BYTES / (1 << 20),
+                   help="hierarchical: pipeline segment, MiB (0: no pipelining); default %(default)g")
     p.add_argument("--cost-model", help="YAML cost model for hybrid (from --calibrate); default: placeholders")
     p.add_argument("--model", help="model mode: all-reduce this model's gradient list (e.g. resnet50, alexnet)")
     p.add_argument("--fusion-mb", default="1,4,16,64", help="model mode: fusion thresholds, MiB, comma-separated")
@@ -338,12 +343,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         fusion = [float(x) for x in args.fusion_mb.split(",") if x.strip()]
         if not fusion or any(x <= 0 for x in fusion):
             raise ValueError(f"Invalid --fusion-mb {args.fusion_mb!r} (positive MiB values, comma-separated)")
+        if args.segment_mb < 0:
+            raise ValueError(f"Invalid --segment-mb {args.segment_mb} (MiB >= 0; 0: no pipelining)")
         cost_model = CostModel.load(args.cost_model) if args.cost_model else None
         if args.model:
             model_shapes(args.model)  # validates the name
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
-    bench = Bench(args.backend, args.device, args.timeout_s, args.ranks_per_node, cost_model)
+    bench = Bench(args.backend, args.device, args.timeout_s, args.ranks_per_node, cost_model,
+                  int(args.segment_mb * (1 << 20)))
     if args.algorithm == "all":
         algorithms = ALGORITHMS
     else:
@@ -361,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dev = torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else \
             platform.processor() or platform.machine()
         header = (f"fastnet-bench all-reduce: world size {bench.size}, ranks per node {bench.ranks_per_node}, "
-                  f"backend {bench.label}, device {dev}, torch {torch.__version__}, "
+                  f"hierarchical segment {bench.segment_bytes} B, backend {bench.label}, device {dev}, torch {torch.__version__}, "
                   f"python {platform.python_version()}, host {platform.node()}")
         print(f"# {header}")
         print(f"# median of {args.iters} iterations after {args.warmup} warm-up; busbw = algbw x 2(n-1)/n")
@@ -370,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"world_size": bench.size, "ranks_per_node": bench.ranks_per_node, "backend": bench.label,
-                           "header": header, "rows": rows}, f, indent=1)
+                           "segment_bytes": bench.segment_bytes, "header": header, "rows": rows}, f, indent=1)
         if args.csv:
             with open(args.csv, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -379,12 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot and not args.model:
             plot(rows, args.plot, header)
         if args.calibrate and not args.model:
-            fitted = calibrate(rows, bench.size, bench.ranks_per_node)
+            fitted = calibrate(rows, bench.size, bench.ranks_per_node, segment_bytes=bench.segment_bytes)
             fitted.save(args.calibrate)
             print(f"# cost model written to {args.calibrate}: " + ", ".join(
                 f"{lv} α={getattr(fitted, lv).alpha_s * 1e6:.1f} µs, {getattr(fitted, lv).bandwidth_gbps:.3g} GB/s"
                 for lv in ("intra", "inter", "native")))
-            print(calibration_table(fitted, rows, bench.size, bench.ranks_per_node))
+            print(calibration_table(fitted, rows, bench.size, bench.ranks_per_node, bench.segment_bytes))
     bench.teardown()
     return 1 if wrong else 0
 

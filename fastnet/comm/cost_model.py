@@ -12,6 +12,7 @@ algorithm           time (seconds)                                              
 ==================  ==========================================================  ===================
 ring                2(N−1)·(α + n/N·β), over ``inter`` when m > 1               2(N−1)
 hierarchical        2(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + s·n/(k·m)·β_e)       2(k−1) + 2(m−1)
+                    (pipelined in segments: :meth:`CostModel.time`)
 leader (Jia et al.) 4(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + n/m·β_e)             4(k−1) + 2(m−1)
 tree                2⌈log₂N⌉·(α + n·β) (binary-tree reduce + broadcast)          2⌈log₂N⌉
 halving_doubling    2⌈log₂N⌉·α + 2(N−1)/N·n·β (Rabenseifner)                     2⌈log₂N⌉
@@ -139,21 +140,39 @@ class CostModel:
     native: Link = Link.of(30.0, 5.0)
     inter_links_per_node: int = 1
 
-    def time(self, algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None) -> float:
-        """Predicted seconds for one SUM all-reduce of ``nbytes`` bytes."""
+    def level_times(self, algorithm: str, nbytes: float, world_size: int,
+                    ranks_per_node: int | None = None) -> dict[str, float]:
+        """Predicted seconds per link level (``intra``, ``inter``, ``native``) of one SUM
+        all-reduce of ``nbytes`` bytes, without pipelining."""
         links = {"intra": self.intra, "inter": self.inter, "native": self.native}
-        return sum(s * links[lv].alpha_s + b * links[lv].beta_s_per_byte for lv, (s, b) in
-                   coefficients(algorithm, nbytes, world_size, ranks_per_node, self.inter_links_per_node).items())
+        return {lv: s * links[lv].alpha_s + b * links[lv].beta_s_per_byte for lv, (s, b) in
+                coefficients(algorithm, nbytes, world_size, ranks_per_node, self.inter_links_per_node).items()}
+
+    def time(self, algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None,
+             segment_bytes: int = 0) -> float:
+        """Predicted seconds for one SUM all-reduce of ``nbytes`` bytes.
+
+        ``segment_bytes`` > 0: ``hierarchical`` is pipelined in segments of that size
+        (:func:`fastnet.comm.algorithms.hierarchical_all_reduce`): with S = ⌈n / segment⌉ segments
+        and per-segment level times t_l, the first segment passes every level and each further one
+        costs the slowest level: ``Σ_l t_l + (S − 1)·max_l t_l`` (the pipeline formula)."""
+        if algorithm == "hierarchical" and 0 < segment_bytes < nbytes:
+            per = self.level_times(algorithm, segment_bytes, world_size, ranks_per_node)
+            if not per:
+                return 0.0
+            return sum(per.values()) + (math.ceil(nbytes / segment_bytes) - 1) * max(per.values())
+        return sum(self.level_times(algorithm, nbytes, world_size, ranks_per_node).values())
 
     def choose(self, nbytes: float, world_size: int, ranks_per_node: int | None = None,
-               candidates: Sequence[str] = RUNNABLE) -> str:
+               candidates: Sequence[str] = RUNNABLE, segment_bytes: int = 0) -> str:
         """The hybrid algorithm's choice: the candidate with the smallest predicted time (ties: the
-        earlier candidate). ``hierarchical`` is left out when nodes are unequal."""
+        earlier candidate; ``segment_bytes`` as in :meth:`time`). ``hierarchical`` is left out
+        when nodes are unequal."""
         n, k, _ = _shape(world_size, ranks_per_node)
         usable = [a for a in candidates if a != "hierarchical" or n % k == 0]
         if not usable:
             raise ValueError(f"no usable algorithm among {list(candidates)} for world size {n}, ranks_per_node {k}")
-        return min(usable, key=lambda a: (self.time(a, nbytes, n, k), usable.index(a)))
+        return min(usable, key=lambda a: (self.time(a, nbytes, n, k, segment_bytes), usable.index(a)))
 
     def to_dict(self) -> dict[str, Any]:
         return {**{lv: dataclasses.asdict(getattr(self, lv)) for lv in _LEVELS},
@@ -189,13 +208,15 @@ class CostModel:
 
 
 def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: int | None = None,
-              base: CostModel | None = None) -> CostModel:
+              base: CostModel | None = None, segment_bytes: int = 0) -> CostModel:
     """Fit the link parameters to measured all-reduce times.
 
     ``rows``: ``fastnet-bench`` rows (``algorithm``, ``size`` in bytes, ``time_us``), all from one
     world size / node size. Solves min Σ ((predicted − measured) / measured)² over the α, β of the
     levels the rows exercise, subject to α, β ≥ 0 (``scipy.optimize.nnls``); levels no row
-    exercises keep ``base``'s values. Raises ValueError if no row is usable.
+    exercises keep ``base``'s values. ``segment_bytes`` > 0: the rows were measured with a
+    pipelined ``hierarchical`` (:meth:`CostModel.time`), whose rows longer than a segment are not
+    linear in α, β and are left out. Raises ValueError if no row is usable.
     """
     from scipy.optimize import nnls
 
@@ -203,6 +224,8 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
     eqs, rhs = [], []
     for r in rows:
         if r["algorithm"] not in MODELLED or r["time_us"] <= 0:
+            continue
+        if r["algorithm"] == "hierarchical" and 0 < segment_bytes < r["size"]:
             continue
         coef = coefficients(r["algorithm"], r["size"], world_size, ranks_per_node, base.inter_links_per_node)
         if not coef:

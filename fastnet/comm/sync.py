@@ -20,7 +20,7 @@ import torch
 from fastnet.comm.algorithms import ring_all_reduce
 from fastnet.comm.communicator import Communicator
 from fastnet.comm.cost_model import CostModel
-from fastnet.comm.topology import Hierarchy
+from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES, Hierarchy
 
 ALGORITHMS = ("native", "ring", "hierarchical", "leader", "hybrid")
 _DTYPE_CODES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
@@ -66,27 +66,32 @@ class BucketReducer:
     all-reduce, or ``hybrid``: the one of those with the smallest time predicted by ``cost_model``
     (:mod:`fastnet.comm.cost_model`) for the bucket's bytes on the wire; 3) cast back into the bucket.
 
-    Construction is collective (the hierarchical algorithms split ``comm``).
+    Construction is collective (the hierarchical algorithms split ``comm``). ``segment_bytes``:
+    pipeline segment of ``hierarchical`` (:class:`fastnet.comm.topology.Hierarchy`; 0: none).
 
     Raises:
-        ValueError: unknown algorithm or wire dtype (valid ones listed), or ``hierarchical`` with
-            unequal nodes.
+        ValueError: unknown algorithm or wire dtype (valid ones listed), ``hierarchical`` with
+            unequal nodes, or a negative ``segment_bytes``.
     """
 
-    __slots__ = ("comm", "algorithm", "wire_dtype", "hierarchy", "ranks_per_node", "cost_model")
+    __slots__ = ("comm", "algorithm", "wire_dtype", "hierarchy", "ranks_per_node", "cost_model", "segment_bytes")
 
     def __init__(self, comm: Communicator, algorithm: str = "ring", wire_dtype: str = "none",
-                 ranks_per_node: int | None = None, cost_model: CostModel | None = None) -> None:
+                 ranks_per_node: int | None = None, cost_model: CostModel | None = None,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"Unknown all-reduce algorithm {algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"Unknown wire dtype {wire_dtype!r}; valid wire dtypes: {', '.join(WIRE_DTYPES)}")
+        if segment_bytes < 0:
+            raise ValueError(f"Invalid segment_bytes: {segment_bytes} (must be >= 0; 0: no pipelining)")
         self.comm, self.algorithm, self.wire_dtype = comm, algorithm, WIRE_DTYPES[wire_dtype]
+        self.segment_bytes = segment_bytes
         self.ranks_per_node = ranks_per_node or comm.size
         self.cost_model = cost_model or CostModel()
         self.hierarchy = None
         if algorithm in ("hierarchical", "leader", "hybrid") and comm.size > 1:
-            self.hierarchy = Hierarchy(comm, self.ranks_per_node)
+            self.hierarchy = Hierarchy(comm, self.ranks_per_node, segment_bytes)
             if algorithm == "hierarchical" and not self.hierarchy.topology.uniform:
                 raise ValueError(f"hierarchical all-reduce needs equal ranks per node: world size {comm.size}, "
                                  f"ranks_per_node {ranks_per_node}; use 'leader' or 'hybrid'")
@@ -95,7 +100,7 @@ class BucketReducer:
         """The algorithm used for a bucket of ``nbytes`` bytes on the wire (resolves ``hybrid``)."""
         if self.algorithm != "hybrid":
             return self.algorithm
-        return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node)
+        return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node, segment_bytes=self.segment_bytes)
 
     def __call__(self, bucket: torch.Tensor, algorithm: str | None = None) -> None:
         """Average the 1-D ``bucket`` in place (any floating dtype); ``algorithm`` overrides the choice."""
@@ -137,20 +142,22 @@ class AlgorithmAllReduce:
         wire_dtype: ``none`` (the gradients' own dtype) | ``fp16`` | ``bf16``.
         ranks_per_node: node size for the hierarchical algorithms (default: all ranks one node).
         cost_model: link parameters for ``hybrid`` (default :class:`CostModel`'s placeholders).
+        segment_bytes: pipeline segment of ``hierarchical``, bytes (0: no pipelining).
 
     Raises:
         ValueError: unknown algorithm or wire dtype (valid ones listed), a non-positive threshold,
-            ``hierarchical`` with unequal nodes, or gradient layouts that differ across ranks.
+            ``hierarchical`` with unequal nodes, a negative ``segment_bytes``, or gradient layouts
+            that differ across ranks.
     """
 
     __slots__ = ("comm", "fusion_threshold_bytes", "reducer", "_buffers", "_checked")
 
     def __init__(self, comm: Communicator, algorithm: str = "ring", fusion_threshold_bytes: int = 64 << 20,
                  wire_dtype: str = "none", ranks_per_node: int | None = None,
-                 cost_model: CostModel | None = None) -> None:
+                 cost_model: CostModel | None = None, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         if fusion_threshold_bytes <= 0:
             raise ValueError(f"Invalid fusion threshold: {fusion_threshold_bytes} bytes (must be > 0)")
-        self.reducer = BucketReducer(comm, algorithm, wire_dtype, ranks_per_node, cost_model)
+        self.reducer = BucketReducer(comm, algorithm, wire_dtype, ranks_per_node, cost_model, segment_bytes)
         self.comm, self.fusion_threshold_bytes = comm, fusion_threshold_bytes
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._checked: set[tuple] = set()

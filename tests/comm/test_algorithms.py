@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastnet.comm.algorithms import ring_all_reduce
+from fastnet.comm.algorithms import hierarchical_all_reduce, ring_all_reduce, run_pipelined
 from fastnet.comm.communicator import TorchCommunicator, split_sizes
 from fastnet.comm.topology import Hierarchy, Topology
 from tests.conftest import init_gloo, spawn_ranks
@@ -30,12 +30,17 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         hierarchies = {rpn: Hierarchy(comm, rpn) for rpn in sorted({1, 2, 3, world}) if rpn <= world}
         for dtype in DTYPES:
             for length in LENGTHS:
-                cases = [("ring", None)] + [(alg, rpn) for rpn in hierarchies for alg in ("hierarchical", "leader")
-                                            if alg == "leader" or world % rpn == 0]
+                cases = [("ring", None)] + [(alg, rpn) for rpn in hierarchies
+                                            for alg in ("hierarchical", "leader", "pipelined-5", "pipelined-1000")
+                                            if (alg == "leader" or world % rpn == 0)
+                                            and not (alg == "pipelined-5" and length > 1000)]
                 for alg, rpn in cases:
                     x = _input(rank, length, dtype)
                     if alg == "ring":
                         ring_all_reduce(comm, x)
+                    elif alg.startswith("pipelined"):  # segments of 5 / 1000 elements, odd tails
+                        h = hierarchies[rpn]
+                        hierarchical_all_reduce(h.intra, h.inter, x, segment_elems=int(alg.split("-")[1]))
                     else:
                         hierarchies[rpn].all_reduce(x, alg)
                     key = (alg, rpn, str(dtype), length)
@@ -69,6 +74,29 @@ def test_algorithms_sum_exactly_and_agree_bitwise(world):
         assert out[r][2] == (len(members), sorted(members, reverse=True).index(r))
 
 
+def test_run_pipelined_staggers_schedules_one_round_apart():
+    log, round_ends = [], set()  # (schedule, step) in posting order; log length at every wait
+
+    class Work:
+        def wait(self):
+            round_ends.add(len(log))  # no step is posted while a round's works are waited on
+
+    def schedule(i, steps):
+        for j in range(steps):
+            log.append((i, j))
+            yield [Work()]
+
+    run_pipelined([schedule(i, 4) for i in range(6)], depth=4)
+    round_of, start = {}, 0
+    for r, end in enumerate(sorted(round_ends)):
+        round_of.update({entry: r for entry in log[start:end]})
+        start = end
+    assert len(log) == 24 and all(round_of[(i, j)] == i + j for i in range(6) for j in range(4)), round_of
+    assert len(round_ends) == 6 + 4 - 1  # segments + steps - 1 rounds
+    with pytest.raises(ValueError, match="pipeline depth: 0"):
+        run_pipelined([], 0)
+
+
 def test_topology_layout():
     t = Topology.of(5, 7, 3)
     assert (t.node, t.local_rank, t.local_size, t.num_nodes, t.uniform) == (1, 2, 3, 3, False)
@@ -85,4 +113,6 @@ def test_split_sizes_and_input_checks():
 
     with pytest.raises(ValueError, match="1-D contiguous"):
         ring_all_reduce(One(), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="segment_elems: -1"):
+        hierarchical_all_reduce(One(), One(), torch.ones(4), segment_elems=-1)
     assert torch.equal(ring_all_reduce(One(), torch.arange(5.0)), torch.arange(5.0))

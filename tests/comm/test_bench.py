@@ -45,6 +45,9 @@ def test_bad_arguments_exit_with_choices(capsys):
     with pytest.raises(SystemExit):
         main(["--fusion-mb", "0"])
     assert "Invalid --fusion-mb" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--segment-mb", "-1"])
+    assert "Invalid --segment-mb -1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -53,13 +56,14 @@ def test_two_rank_sweep_checks_results(tmp_path, dtype):
     out = tmp_path / "b.json"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                           "fastnet.comm.bench", "-b", "8", "-e", "64K", "-f", "8", "-n", "3", "-w", "1", "-d", dtype, "-a", "all",
-                          "--ranks-per-node", "1", "--calibrate", str(tmp_path / "cm.yaml"),
+                          "--ranks-per-node", "1", "--segment-mb", "0.01",  # 32K: 4 pipelined segments
+                          "--calibrate", str(tmp_path / "cm.yaml"),
                           "--plot", str(tmp_path / "b.png"), "--csv", str(tmp_path / "b.csv"),
                           "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "#wrong" in res.stdout and "busbw(GB/s)" in res.stdout
     data = json.loads(out.read_text())
-    assert data["world_size"] == 2 and data["backend"] == "gloo"
+    assert data["world_size"] == 2 and data["backend"] == "gloo" and data["segment_bytes"] == 10485
     ndt = len(dtype.split(","))
     assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768] * 5 * ndt
     assert [r["algorithm"] for r in data["rows"][::5]] == ["native", "ring", "hierarchical", "leader", "hybrid"] * ndt

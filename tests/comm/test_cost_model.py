@@ -42,6 +42,35 @@ def test_formulas_by_hand():
     assert m.choose(64 << 20, 6, 4, ("ring", "hierarchical", "leader")) == "leader"  # unequal nodes
 
 
+def test_pipelined_hierarchical_by_hand():
+    m = CostModel(intra=Link(1e-4, 1e-9), inter=Link(1e-4, 1e-8))
+    n, seg = 64 << 20, 4 << 20
+    per = m.level_times("hierarchical", seg, 4, 2)
+    assert set(per) == {"intra", "inter"} and per["inter"] > per["intra"]
+    # first segment passes both levels, the other 15 cost the slower (inter-node) one each
+    assert m.time("hierarchical", n, 4, 2, seg) == pytest.approx(per["intra"] + per["inter"] + 15 * per["inter"])
+    assert m.time("hierarchical", n, 4, 2, seg) < m.time("hierarchical", n, 4, 2)
+    assert m.time("hierarchical", seg, 4, 2, seg) == m.time("hierarchical", seg, 4, 2)  # one segment: no pipeline
+    assert m.time("leader", n, 4, 2, seg) == m.time("leader", n, 4, 2)  # only hierarchical is pipelined
+    assert m.time("hierarchical", n, 1, 1, seg) == 0.0
+    # pipelining hides the intra-node phases: it can turn the choice at large sizes
+    slow_intra = CostModel(intra=Link(1e-4, 0.6e-8), inter=Link(1e-4, 1e-8))
+    assert slow_intra.choose(n, 4, 2, ("ring", "hierarchical")) == "ring"
+    assert slow_intra.choose(n, 4, 2, ("ring", "hierarchical"), segment_bytes=seg) == "hierarchical"
+
+
+def test_calibrate_leaves_out_pipelined_rows():
+    truth = CostModel(intra=Link.of(50.0, 2.0), inter=Link.of(80.0, 0.1))
+    seg = 1 << 20
+    rows = [{"algorithm": alg, "size": s, "time_us": truth.time(alg, s, 4, 2, seg) * 1e6}
+            for alg in ("ring", "hierarchical") for s in (1 << 10, 1 << 16, 1 << 20, 1 << 24)]
+    fit = calibrate(rows, 4, 2, segment_bytes=seg)
+    for row in rows:
+        assert fit.time(row["algorithm"], row["size"], 4, 2, seg) * 1e6 == pytest.approx(row["time_us"], rel=1e-3)
+    rows.append({"algorithm": "hierarchical", "size": 1 << 26, "time_us": 1.0})  # nonsense, but pipelined: left out
+    assert calibrate(rows, 4, 2, segment_bytes=seg) == fit
+
+
 def test_choose_crosses_over_with_size():
     # native: low latency, low bandwidth; ring: high latency, high bandwidth
     m = CostModel(intra=Link.of(200.0, 10.0), native=Link.of(10.0, 1.0))

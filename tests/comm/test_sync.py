@@ -71,6 +71,8 @@ def test_bad_arguments():
         AlgorithmAllReduce(Comm(), "tree")
     with pytest.raises(ValueError, match="valid wire dtypes: none, fp16, bf16"):
         AlgorithmAllReduce(Comm(), "ring", wire_dtype="int8")
+    with pytest.raises(ValueError, match="Invalid segment_bytes: -1"):
+        AlgorithmAllReduce(Comm(), "hierarchical", segment_bytes=-1)
     with pytest.raises(ValueError, match="Invalid fusion threshold: 0 bytes"):
         AlgorithmAllReduce(Comm(), "ring", 0)
     g = torch.ones(3)
