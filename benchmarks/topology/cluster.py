@@ -9,14 +9,17 @@ a namespace ``fnt-n<i>`` with a veth ``eth0`` (address 10.77.0.<i+1>/24) plugged
 whose egress is shaped by ``tc tbf`` to ``--rate`` (netem is not in this kernel, so no delay is
 added: latency is the veth/bridge path's own). Ranks of one node share its namespace and talk over
 its local address (the kernel routes that through ``lo``: unshaped, like shared memory within a
-node); ranks of different nodes go through the shaped veths. Every rank runs under ``torchrun
+node); ``net.ipv4.tcp_slow_start_after_idle=0`` in each node (as on tuned HPC hosts), so a
+connection idle between collectives keeps its congestion window; ranks of different nodes go through the shaped veths. Every rank runs under ``torchrun
 --nnodes N --node_rank i`` inside its node's namespace with ``GLOO_SOCKET_IFNAME=eth0``.
 Everything created is removed on exit, also on failure or Ctrl-C.
 
-``study`` measures, on the emulated cluster: native, flat ring, hierarchical, leader and hybrid in
-FP32, and ring/hierarchical with FP16 on the wire (16–256 MiB); it calibrates the α-β model's
-links from separate runs (ring within one node → intra; ring across nodes with one rank each →
-inter; native on the full cluster → native) and compares every prediction with the measurement.
+``study`` measures, on the emulated cluster: native, flat ring, hierarchical (pipelined in
+``--segment-mb`` segments, and in one segment), leader and hybrid in FP32, and ring/hierarchical
+with FP16 on the wire; it calibrates the α-β model's links from separate runs (medians of
+``--calibration-runs`` launches: ring within one node → intra; ring across nodes with one rank each
+→ inter; native on the full cluster → native; the intra-node one from ``--calibration-minbytes``)
+and compares every prediction with the measurement.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,6 +79,7 @@ def cluster(nodes: int, rate: str) -> Iterator[list[str]]:
             sh("ip", "link", "set", veth, "master", BRIDGE)
             sh("ip", "link", "set", veth, "up")
             for cmd in (("ip", "link", "set", "lo", "up"), ("ip", "addr", "add", f"{addr}/24", "dev", "eth0"),
+                        ("sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0"),
                         ("ip", "link", "set", "eth0", "up"),
                         ("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, "burst", "256kb",
                          "latency", "100ms")):
@@ -114,43 +119,65 @@ def bench(nodes: int, rpn: int, args: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
+def median_rows(nodes: int, rpn: int, args: list[str], repeats: int) -> list[dict]:
+    """``repeats`` separate launches of the same sweep; each size's time is the median over them
+    (the small-message times of one launch vary by 2x on this emulation, which moves the fitted α)."""
+    runs = [bench(nodes, rpn, args)["rows"] for _ in range(repeats)]
+    return [{**rows[0], "time_us": statistics.median(r["time_us"] for r in rows)} for rows in zip(*runs)]
+
+
 def study(a: argparse.Namespace) -> None:
     n, k = a.nodes, a.ranks_per_node
-    sweep = ["-b", a.minbytes, "-e", a.maxbytes, "-f", "4", "-n", str(a.iters), "-w", "2"]
+    sweep = ["-b", a.minbytes, "-e", a.maxbytes, "-f", "4", "-n", str(a.iters), "-w", "5"]  # -w: nccl-tests' default
+    # The intra-node (loopback) sweep reaches down to latency-bound sizes, which pin its α: from
+    # 1 MiB up, α is the difference of two noisy times on 2 cores and moved between 0 and 1.3 ms
+    # from launch to launch. The shaped links are fitted from -b up: tbf's 256 KB burst lets
+    # smaller messages leave at veth speed, where the α-β line does not hold.
+    calib = ["-b", str(min(parse_size(a.minbytes), parse_size(a.calibration_minbytes))), *sweep[2:]]
     with cluster(n, a.rate):
-        intra = bench(1, k, [*sweep, "-a", "ring"])["rows"]  # one node: the intra-node link
-        inter = bench(n, 1, [*sweep, "-a", "ring"])["rows"]  # one rank per node: the inter-node link
-        native = bench(n, k, [*sweep, "-a", "native"])["rows"]
+        intra = median_rows(1, k, [*calib, "-a", "ring"], a.calibration_runs)  # one node: the intra-node link
+        inter = median_rows(n, 1, [*sweep, "-a", "ring"], a.calibration_runs)  # one rank per node: inter-node
+        native = median_rows(n, k, [*sweep, "-a", "native"], a.calibration_runs)
         model = CostModel(intra=calibrate(intra, k).intra, inter=calibrate(inter, n, 1).inter,
                           native=calibrate(native, n * k, k).native)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             cm_path = f.name
         model.save(cm_path)
         os.chmod(cm_path, 0o644)
-        fp32 = bench(n, k, [*sweep, "-a", "all", "--cost-model", cm_path])
+        segment = ["--segment-mb", f"{a.segment_mb:g}"]
+        fp32 = bench(n, k, [*sweep, "-a", "all", "--cost-model", cm_path, *segment])
+        one_segment = [{**r, "segment_bytes": 0}
+                       for r in bench(n, k, [*sweep, "-a", "hierarchical", "--segment-mb", "0"])["rows"]]
         half = ["-b", str(parse_size(a.minbytes) // 2), "-e", str(parse_size(a.maxbytes) // 2), *sweep[4:]]
-        fp16 = {alg: bench(n, k, [*half, "-a", alg, "-d", "float16"])["rows"] for alg in ("ring", "hierarchical")}
+        fp16 = {alg: bench(n, k, [*half, "-a", alg, "-d", "float16", *segment])["rows"]
+                for alg in ("ring", "hierarchical")}
+    seg = int(a.segment_mb * (1 << 20))
     world = n * k
     rows = fp32["rows"]
     lines = [f"### Emulated cluster: {n} nodes × {k} ranks, {a.rate} inter-node link — {datetime.date.today()}", "",
              f"Command: `python benchmarks/topology/cluster.py study --nodes {n} --ranks-per-node {k} --rate {a.rate}"
-             f" -b {a.minbytes} -e {a.maxbytes} --iters {a.iters}`",
+             f" -b {a.minbytes} -e {a.maxbytes} --iters {a.iters} --segment-mb {a.segment_mb:g}"
+             f" --calibration-runs {a.calibration_runs} --calibration-minbytes {a.calibration_minbytes}`",
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs; network namespaces as nodes, veth + bridge, "
-             f"`tc tbf` at {a.rate} on each node's egress, no added delay; gloo; {fp32['header']}.",
-             "Links calibrated from separate runs (ring on one node → intra; ring, 1 rank per node → inter; native "
-             "on the cluster → native): " + ", ".join(
+             f"`tc tbf` at {a.rate} on each node's egress, no added delay, tcp_slow_start_after_idle=0; "
+             f"warm-up 5; gloo; {fp32['header']}.",
+             f"Links calibrated from separate runs (medians of {a.calibration_runs} launches; ring on one node,"
+             f" {a.calibration_minbytes}–{a.maxbytes} → intra; ring, 1 rank per node → inter; native on the cluster"
+             " → native): " + ", ".join(
                  f"{lv} α={getattr(model, lv).alpha_s * 1e6:.0f} µs, {getattr(model, lv).bandwidth_gbps:.3f} GB/s"
                  for lv in ("intra", "inter", "native")) + ".", "",
              "| size (MiB) | algorithm | wire | time (ms) | busbw (GB/s) | vs flat ring | model (ms) | model error "
              "| #wrong |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    pipelined = f"hierarchical is pipelined in {a.segment_mb:g} MiB segments; 'hierarchical, 1 segment' is not"
+    lines.insert(5, f"{pipelined} (fastnet-bench --segment-mb 0).")
     ring_t = {r["size"]: r["time_us"] for r in rows if r["algorithm"] == "ring"}
-    for r in rows + [x for v in fp16.values() for x in v]:
-        alg, size = r["algorithm"], r["size"]
+    for r in rows + one_segment + [x for v in fp16.values() for x in v]:
+        alg, size, r_seg = r["algorithm"], r["size"], r.get("segment_bytes", seg)
         wire = "fp16" if r["type"] == "float16" else "fp32"
         fp32_size = size * (2 if wire == "fp16" else 1)  # compare at equal element count
-        pick = model.choose(size, world, k) if alg == "hybrid" else alg
-        pred = model.time(pick, size, world, k) * 1e6
-        name = f"hybrid→{pick}" if alg == "hybrid" else alg
+        pick = model.choose(size, world, k, segment_bytes=r_seg) if alg == "hybrid" else alg
+        pred = model.time(pick, size, world, k, r_seg) * 1e6
+        name = f"hybrid→{pick}" if alg == "hybrid" else alg + (", 1 segment" if not r_seg else "")
         lines.append(f"| {fp32_size / 2**20:g} | {name} | {wire} | {r['time_us'] / 1e3:.1f} | {r['busbw']:.3f} | "
                      f"{ring_t.get(fp32_size, float('nan')) / r['time_us']:.2f}x | {pred / 1e3:.1f} | "
                      f"{(pred - r['time_us']) / r['time_us']:+.0%} | {r['wrong']} |")
@@ -169,6 +196,11 @@ def main() -> None:
             s.add_argument("-b", "--minbytes", default="1M")
             s.add_argument("-e", "--maxbytes", default="256M")
             s.add_argument("--iters", type=int, default=3)
+            s.add_argument("--segment-mb", type=float, default=4.0, help="hierarchical pipeline segment, MiB")
+            s.add_argument("--calibration-runs", type=int, default=3,
+                           help="launches per calibration sweep; the fit uses each size's median")
+            s.add_argument("--calibration-minbytes", default="64K",
+                           help="smallest size of the intra-node calibration sweep")
             s.add_argument("--append")
         else:
             s.add_argument("args", nargs=argparse.REMAINDER, help="after --: torchrun arguments, e.g. -m fastnet.comm.bench")
