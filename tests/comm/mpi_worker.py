@@ -7,7 +7,7 @@ import json
 import torch
 
 from fastnet.comm import AlgorithmAllReduce
-from fastnet.comm.algorithms import ring_all_reduce
+from fastnet.comm.algorithms import hierarchical_all_reduce, ring_all_reduce
 from fastnet.comm.mpi import MPICommunicator
 from fastnet.comm.topology import Hierarchy
 
@@ -18,11 +18,15 @@ hier = {rpn: Hierarchy(comm, rpn) for rpn in sorted({1, 2, n}) if rpn <= n}
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for length in (0, 1, 7, 97, 65537):
         expected = ((torch.arange(length) % 7 + 1) * (n * (n + 1) // 2)).to(dtype)
-        cases = [("ring", 0)] + [(a, k) for k in hier for a in ("hierarchical", "leader") if a == "leader" or n % k == 0]
+        cases = [("ring", 0)] + [(a, k) for k in hier for a in ("hierarchical", "leader", "pipelined")
+                                 if a == "leader" or n % k == 0]
         for alg, k in cases:
             x = ((torch.arange(length) % 7 + 1) * (r + 1)).to(dtype)
             try:
-                ring_all_reduce(comm, x) if alg == "ring" else hier[k].all_reduce(x, alg)
+                if alg == "pipelined":  # hierarchical in segments of 1000 elements (odd tail)
+                    hierarchical_all_reduce(hier[k].intra, hier[k].inter, x, segment_elems=1000)
+                else:
+                    ring_all_reduce(comm, x) if alg == "ring" else hier[k].all_reduce(x, alg)
                 ok = bool(torch.equal(x, expected))
             except TypeError as exc:
                 ok = str(exc)

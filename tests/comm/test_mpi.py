@@ -33,6 +33,8 @@ def test_algorithms_over_mpi(n):
     data = json.loads(line[len("RESULTS "):])
     assert data["size"] == n and data["rpn"] == n  # one machine: MPI's shared-memory split sees all ranks
     ranks = data["ranks"]
+    node_sizes = [k for k in {1, 2, n} if k <= n and n % k == 0]  # 3 dtypes x 5 lengths each
+    assert sum(key.startswith("pipelined/") for key in ranks[0]) == 15 * len(node_sizes)
     for key, (ok, digest) in ranks[0].items():
         if key == "mismatch":
             if n > 1:
