@@ -69,6 +69,15 @@ def run_steps(steps: Steps) -> Any:
             w.wait()
 
 
+def _advance(steps: Steps, works: list[Work]) -> bool:
+    """Post ``steps``' next step, adding its handles to ``works``; False once it has ended."""
+    try:
+        works.extend(next(steps))
+        return True
+    except StopIteration:
+        return False
+
+
 def run_pipelined(schedules: Sequence[Steps], depth: int) -> None:
     """Drive ``schedules`` (e.g. one per segment of a message) in lockstep rounds. Each round
     advances every running schedule by one step (a schedule that ends frees its place), starts at
@@ -76,28 +85,18 @@ def run_pipelined(schedules: Sequence[Steps], depth: int) -> None:
     With ``depth`` ≥ the steps per schedule, schedule i takes step j in round i + j: the phases of
     consecutive segments overlap (segment i's inter-node steps while segment i+1 does its
     intra-node ones), as NCCL pipelines the chunks of its rings, and S schedules of s steps take
-    S + s − 1 rounds instead of S·s. Every rank runs the
-    same rounds, so messages on each communicator are posted in the same order everywhere.
-    Raises ValueError for ``depth < 1``."""
+    S + s − 1 rounds instead of S·s. Every rank runs the same rounds, so messages on each
+    communicator are posted in the same order everywhere. Raises ValueError for ``depth < 1``."""
     if depth < 1:
         raise ValueError(f"Invalid pipeline depth: {depth} (must be >= 1)")
     waiting, running = list(reversed(schedules)), []
     while waiting or running:
-        works, still = [], []
-        for steps in running:  # oldest first: the same posting order on every rank
-            try:
-                works.extend(next(steps))
-                still.append(steps)
-            except StopIteration:
-                pass
-        running = still
+        works: list[Work] = []
+        running = [steps for steps in running if _advance(steps, works)]  # oldest first, on every rank
         if waiting and len(running) < depth:
             steps = waiting.pop()
-            try:
-                works.extend(next(steps))
+            if _advance(steps, works):
                 running.append(steps)
-            except StopIteration:
-                pass
         for w in works:
             w.wait()
 
@@ -184,9 +183,9 @@ def hierarchical_all_reduce(intra: Communicator, inter: Communicator, x: torch.T
     if not segment_elems or x.numel() <= segment_elems:
         run_steps(hierarchical_steps(intra, inter, x))
         return x
-    depth = 2 * (intra.size - 1) + (2 * (inter.size - 1) if inter.size > 1 else 0)
+    depth = max(1, 2 * (intra.size - 1) + 2 * (inter.size - 1))  # steps per segment
     run_pipelined([hierarchical_steps(intra, inter, x[lo:lo + segment_elems])
-                   for lo in range(0, x.numel(), segment_elems)], max(1, depth))
+                   for lo in range(0, x.numel(), segment_elems)], depth)
     return x
 
 

@@ -369,8 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dev = torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else \
             platform.processor() or platform.machine()
         header = (f"fastnet-bench all-reduce: world size {bench.size}, ranks per node {bench.ranks_per_node}, "
-                  f"hierarchical segment {bench.segment_bytes} B, backend {bench.label}, device {dev}, torch {torch.__version__}, "
-                  f"python {platform.python_version()}, host {platform.node()}")
+                  f"hierarchical segment {bench.segment_bytes} B, backend {bench.label}, device {dev}, "
+                  f"torch {torch.__version__}, python {platform.python_version()}, host {platform.node()}")
         print(f"# {header}")
         print(f"# median of {args.iters} iterations after {args.warmup} warm-up; busbw = algbw x 2(n-1)/n")
         print(table)

@@ -23,31 +23,20 @@ def test_bus_factor_is_nccl_tests_formula():
     assert bus_factor(2) == 1.0 and bus_factor(8) == pytest.approx(1.75)
 
 
-def test_bad_arguments_exit_with_choices(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["-d", "int4"], "valid dtypes: float32"),
+    (["-a", "tree"], "valid algorithms: native, ring, hierarchical, leader, hybrid, all"),
+    (["-d", "float32,int4"], "Unknown dtype 'int4'"),
+    (["--wire-dtype", "fp8"], "valid wire dtypes: none, fp16, bf16"),
+    (["--backend", "shmem"], "valid backends: torch, mpi, nccl"),
+    (["--model", "vgg99"], "vgg99"),
+    (["--fusion-mb", "0"], "Invalid --fusion-mb"),
+    (["--segment-mb", "-1"], "Invalid --segment-mb -1"),
+])
+def test_bad_arguments_exit_with_choices(capsys, argv, message):
     with pytest.raises(SystemExit):
-        main(["-d", "int4"])
-    assert "valid dtypes: float32" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["-a", "tree"])
-    assert "valid algorithms: native, ring, hierarchical, leader, hybrid, all" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["-d", "float32,int4"])
-    assert "Unknown dtype 'int4'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--wire-dtype", "fp8"])
-    assert "valid wire dtypes: none, fp16, bf16" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--backend", "shmem"])
-    assert "valid backends: torch, mpi, nccl" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--model", "vgg99"])
-    assert "vgg99" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--fusion-mb", "0"])
-    assert "Invalid --fusion-mb" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--segment-mb", "-1"])
-    assert "Invalid --segment-mb -1" in capsys.readouterr().err
+        main(argv)
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
