@@ -3,8 +3,9 @@
 Layout of a checkpoint (a dict of tensors and plain Python values):
   ``version``, ``model``, ``optimizer``, ``scheduler``, ``precision``, ``epoch`` (the epoch in
   progress), ``step_in_epoch`` (optimizer steps of that epoch already taken), ``global_step``,
-  ``samples_seen``, ``rng`` (``torch``: CPU generator state, ``cuda``: list of device states,
-  ``python``: ``random`` state), ``progress`` (best top-1, time to target, elapsed seconds) and
+  ``samples_seen``, ``rng`` (one entry per rank, indexed by rank: ``torch``: CPU generator state,
+  ``cuda``: list of device states, ``python``: ``random`` state; older checkpoints hold rank 0's
+  only), ``progress`` (best top-1, time to target, elapsed seconds) and
   ``config`` (the resolved config, for reference).
 
 A write goes to ``<name>.tmp`` in the same directory, is fsync'ed, then renamed over the target,
@@ -80,6 +81,22 @@ def rng_state() -> dict[str, Any]:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
     }
+
+
+def restore_rng(saved: list[dict[str, Any]] | dict[str, Any], rank: int, world_size: int, seed: int,
+                step: int) -> None:
+    """Restore this rank's generators from a checkpoint's ``rng``: ``saved[rank]`` when the
+    checkpoint has one state per rank of the same world size (an exact resume: dropout and the like
+    continue as in the uninterrupted run); an older single state on every rank; on another world
+    size, a fresh seed derived from (``seed``, ``rank``, ``step``), the same on every resume."""
+    if isinstance(saved, dict):
+        set_rng_state(saved)
+    elif len(saved) == world_size:
+        set_rng_state(saved[rank])
+    else:
+        derived = (seed * 1_000_003 + rank) * 1_000_033 + step
+        torch.manual_seed(derived)
+        random.seed(derived)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -69,6 +70,8 @@ class TrainConfig:
     loss_scaling: bool | None = None  # dynamic loss scaling; None: on for fp16 (and amp), off for bf16
     init_loss_scale: float = 65536.0
     loss_scale_growth_interval: int = 2000  # clean steps before the scale doubles
+    min_loss_scale: float = 1.0  # floor of the dynamic loss scale; persistent overflow there is an error
+    loss_scale_hysteresis: int = 1  # consecutive overflowing steps before the scale backs off
     channels_last: bool = False
     seed: int = 0
     # input pipeline
@@ -89,9 +92,14 @@ class TrainConfig:
     allreduce: str = "native"  # native | ring | hierarchical | leader | hybrid (per bucket, by the cost model)
     fusion_mb: float = 25.0  # fusion threshold: MiB per bucket on the wire (DDP's default)
     wire_dtype: str = "none"  # none | fp16 | bf16: gradients on the wire (divided by world size first)
-    ranks_per_node: int | None = None  # node size for hierarchical/leader; None: LOCAL_WORLD_SIZE
+    ranks_per_node: int | None = None  # emulated node size for hierarchical/leader; None: nodes from the hosts
     cost_model: str | None = None  # YAML from `fastnet-bench --calibrate` for hybrid; None: built-in placeholders
     overlap: bool = True  # all-reduce buckets during backward (False: all after backward)
+    grad_predivide_factor: float | None = None  # divide by f before the sum, world_size/f after; None: f = world size
+    find_unused_parameters: bool = False  # walk the graph each step so unused parameters never hold back a bucket
+    buffer_sync: str = "average"  # average | broadcast | none: BN running stats before each evaluation and checkpoint
+    sync_batchnorm: bool = False  # torch.nn.SyncBatchNorm (CUDA only): batch statistics over all ranks
+    distributed_debug: bool = False  # check every bucket launch across ranks (one all-gather per bucket)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -262,12 +270,21 @@ def validate(cfg: TrainConfig) -> None:
                          f"`fastnet-bench --calibrate FILE`, or leave it unset)")
     if cfg.ranks_per_node is not None and cfg.ranks_per_node < 1:
         raise ValueError(f"Invalid ranks_per_node: {cfg.ranks_per_node} (must be >= 1)")
+    if not (math.isfinite(cfg.min_loss_scale) and 0 < cfg.min_loss_scale <= cfg.init_loss_scale):
+        raise ValueError(f"Invalid min_loss_scale: {cfg.min_loss_scale} (must be in (0, init_loss_scale="
+                         f"{cfg.init_loss_scale}])")
+    if cfg.loss_scale_hysteresis < 1:
+        raise ValueError(f"Invalid loss_scale_hysteresis: {cfg.loss_scale_hysteresis} (must be >= 1)")
+    if cfg.grad_predivide_factor is not None and not (math.isfinite(cfg.grad_predivide_factor)
+                                                      and cfg.grad_predivide_factor > 0):
+        raise ValueError(f"Invalid grad_predivide_factor: {cfg.grad_predivide_factor} (must be finite and > 0, "
+                         f"or none for the world size)")
     if cfg.batch_factor < 1:
         raise ValueError(f"Invalid batch_factor: {cfg.batch_factor} (must be >= 1)")
     for key, choices in (("device", ("auto", "cpu", "cuda")), ("backend", ("auto", "gloo", "nccl")),
                          ("lars_exclude", ("1d", "bn_bias", "none")), ("batch_schedule", ("constant", "increase")),
                          ("allreduce", ("native", "ring", "hierarchical", "leader", "hybrid")),
-                         ("wire_dtype", ("none", "fp16", "bf16"))):
+                         ("wire_dtype", ("none", "fp16", "bf16")), ("buffer_sync", ("average", "broadcast", "none"))):
         if getattr(cfg, key) not in choices:
             raise ValueError(f"Invalid {key}: {getattr(cfg, key)!r}; valid choices: {', '.join(choices)}")
 

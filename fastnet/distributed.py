@@ -96,6 +96,54 @@ def broadcast_from_rank0(module: torch.nn.Module, world: World) -> None:
             dist.broadcast(t.data, src=0)
 
 
+BUFFER_SYNC = ("average", "broadcast", "none")
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module, world: World, policy: str = "average") -> None:
+    """Make every rank hold the same buffers (BatchNorm running mean/var, ``num_batches_tracked``).
+
+    Collective. ``average``: floating buffers averaged over ranks (one fused all-reduce per dtype;
+    timm's ``distribute_bn(reduce=True)``), the others (integer counters) from rank 0;
+    ``broadcast``: every buffer from rank 0 (DDP's ``broadcast_buffers``, done here before each
+    evaluation and checkpoint instead of every forward); ``none``: nothing (ranks keep their own
+    statistics). Running statistics are only read in eval mode, so syncing them does not change
+    training.
+
+    Raises:
+        ValueError: an unknown policy (valid ones listed).
+    """
+    if policy not in BUFFER_SYNC:
+        raise ValueError(f"Unknown buffer_sync {policy!r}; valid policies: {', '.join(BUFFER_SYNC)}")
+    if not world.distributed or policy == "none":
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        key = b.dtype if policy == "average" and b.is_floating_point() else None
+        by_dtype.setdefault(key, []).append(b)  # type: ignore[arg-type]
+    for dtype, bufs in by_dtype.items():
+        if dtype is None:
+            for b in bufs:
+                dist.broadcast(b, src=0)
+            continue
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.all_reduce(flat)
+        flat.div_(world.size)
+        off = 0
+        for b in bufs:
+            b.copy_(flat[off:off + b.numel()].view_as(b))
+            off += b.numel()
+
+
+def gather_objects(obj: object, world: World) -> list[object] | None:
+    """Collective: every rank's picklable ``obj`` on rank 0 (a list indexed by rank), None elsewhere."""
+    if not world.distributed:
+        return [obj]
+    out: list[object] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_reduce_sum(values: list[float], world: World) -> list[float]:
     """Sum a few scalars over all ranks (float64 on the rank's device; one host sync)."""
     t = torch.tensor(values, dtype=torch.float64, device=world.device)

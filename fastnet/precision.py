@@ -26,6 +26,7 @@ overflow decision, optimizer step on masters, copy back, loss-scale update) → 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterable
 
 import torch
@@ -44,47 +45,81 @@ class DynamicLossScaler:
     ``backoff_factor``; after ``growth_interval`` consecutive clean steps multiply it by
     ``growth_factor``. Disabled, the scale is 1 and nothing is ever skipped for overflow.
 
-    ``state_dict()`` keys: ``scale`` (float), ``growth_tracker`` (clean steps since the last change).
+    Additions (Megatron-LM's and DeepSpeed's dynamic scalers): the scale never falls below
+    ``min_scale``; with ``hysteresis`` h > 1 the scale backs off only after h consecutive
+    overflowing steps (each is still skipped); ``max_skips_at_min`` consecutive overflowing steps
+    at the floor raise FloatingPointError instead of skipping forever (the gradients are inf/NaN
+    whatever the scale: a NaN in the data or the model, or a diverged run).
+
+    ``state_dict()`` keys: ``scale`` (float), ``growth_tracker`` (clean steps since the last change),
+    ``overflow_tracker`` (consecutive overflowing steps), ``skips_at_min`` (consecutive skips at
+    the floor); checkpoints without the last two load with 0.
 
     Raises:
         ValueError: ``init_scale <= 0``, ``growth_factor <= 1``, ``backoff_factor`` not in (0, 1),
-            or ``growth_interval < 1``.
+            ``growth_interval < 1``, ``min_scale`` not in (0, ``init_scale``], ``hysteresis < 1``
+            or ``max_skips_at_min < 1``.
     """
 
-    __slots__ = ("enabled", "scale", "growth_factor", "backoff_factor", "growth_interval", "growth_tracker")
+    __slots__ = ("enabled", "scale", "growth_factor", "backoff_factor", "growth_interval", "growth_tracker",
+                 "min_scale", "hysteresis", "max_skips_at_min", "overflow_tracker", "skips_at_min")
 
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000, enabled: bool = True) -> None:
-        if init_scale <= 0:
-            raise ValueError(f"Invalid init_scale: {init_scale} (must be > 0)")
-        if growth_factor <= 1:
+                 growth_interval: int = 2000, enabled: bool = True, *, min_scale: float = 1.0,
+                 hysteresis: int = 1, max_skips_at_min: int = 10) -> None:
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"Invalid init_scale: {init_scale} (must be finite and > 0)")
+        if not growth_factor > 1:
             raise ValueError(f"Invalid growth_factor: {growth_factor} (must be > 1)")
         if not 0 < backoff_factor < 1:
             raise ValueError(f"Invalid backoff_factor: {backoff_factor} (must be in (0, 1))")
         if growth_interval < 1:
             raise ValueError(f"Invalid growth_interval: {growth_interval} (must be >= 1)")
+        if not 0 < min_scale <= init_scale:
+            raise ValueError(f"Invalid min_scale: {min_scale} (must be in (0, init_scale={init_scale}])")
+        if hysteresis < 1:
+            raise ValueError(f"Invalid hysteresis: {hysteresis} (must be >= 1)")
+        if max_skips_at_min < 1:
+            raise ValueError(f"Invalid max_skips_at_min: {max_skips_at_min} (must be >= 1)")
         self.enabled = enabled
         self.scale = float(init_scale) if enabled else 1.0
         self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
-        self.growth_tracker = 0
+        self.min_scale, self.hysteresis, self.max_skips_at_min = float(min_scale), hysteresis, max_skips_at_min
+        self.growth_tracker = self.overflow_tracker = self.skips_at_min = 0
 
     def update(self, found_inf: bool) -> None:
+        """Advance after a step. Raises FloatingPointError after ``max_skips_at_min`` consecutive
+        overflowing steps at ``min_scale``."""
         if not self.enabled:
             return
         if found_inf:
-            self.scale *= self.backoff_factor
             self.growth_tracker = 0
+            self.overflow_tracker += 1
+            at_min = self.scale <= self.min_scale
+            self.skips_at_min = self.skips_at_min + 1 if at_min else 0
+            if self.skips_at_min >= self.max_skips_at_min:
+                raise FloatingPointError(
+                    f"gradients overflowed (inf/NaN) in {self.skips_at_min} consecutive steps with the loss scale at "
+                    f"its minimum {self.min_scale}: the inf/NaN does not come from the scale. Check the data and the "
+                    f"model for NaN, lower the LR, or lower --min-loss-scale")
+            if self.overflow_tracker >= self.hysteresis:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+                self.overflow_tracker = 0
         else:
+            self.overflow_tracker = self.skips_at_min = 0
             self.growth_tracker += 1
             if self.growth_tracker == self.growth_interval:
                 self.scale *= self.growth_factor
                 self.growth_tracker = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "growth_tracker": self.growth_tracker}
+        return {"scale": self.scale, "growth_tracker": self.growth_tracker, "overflow_tracker": self.overflow_tracker,
+                "skips_at_min": self.skips_at_min}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self.growth_tracker = float(state["scale"]), int(state["growth_tracker"])
+        self.overflow_tracker = int(state.get("overflow_tracker", 0))
+        self.skips_at_min = int(state.get("skips_at_min", 0))
 
 
 def flat_view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
@@ -105,9 +140,11 @@ class MasterWeights:
     ``grad_flat[d]`` of ``d``, holding that dtype's parameters in registration order; ``master``
     and ``master_grad`` (float32, all parameters: the low-precision ones first, then the FP32 ones).
     Every ``p.grad`` stays a view into ``grad_flat`` (never set it to None: :meth:`zero_grad`
-    zeroes the buffers). A post-accumulate-grad hook per parameter records which ones received a
-    gradient this step; the others get ``grad = None`` on their master for the optimizer step, so
-    they are skipped exactly as torch.optim skips parameters without gradients.
+    zeroes the buffers). Parameters that received no gradient are skipped by the optimizer step
+    (their master gets ``grad = None``, exactly as torch.optim skips parameters without
+    gradients): in data-parallel training the caller passes the parameters used on *no* rank
+    (:attr:`fastnet.comm.GradientSynchronizer.unused_parameters`), so every rank skips the same
+    ones; alone, a post-accumulate-grad hook per parameter records which ones received one.
 
     ``state_dict()`` keys: ``master`` (the FP32 flat buffer).
     """
@@ -211,11 +248,14 @@ class MasterWeights:
                  for d, off, n in self.segments]
         return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Optimizer step on the masters (those whose parameter got no gradient are skipped), then
-        copy the masters back into the model (one cast-copy per buffer)."""
-        unused = [(mp, mp.grad) for p in self.params if id(p) not in self._ready
-                  for mp in (self._master_of[id(p)],)]
+    def step(self, optimizer: torch.optim.Optimizer, skip: Iterable[nn.Parameter] | None = None) -> None:
+        """Optimizer step on the masters, then copy the masters back into the model (one cast-copy
+        per buffer). Skipped: the masters of ``skip`` (model parameters; the data-parallel caller
+        passes those used on no rank), or with ``skip=None`` those whose parameter got no gradient
+        in this process since :meth:`zero_grad`."""
+        skipped = ({id(p) for p in skip} if skip is not None else
+                   {id(p) for p in self.params if id(p) not in self._ready})
+        unused = [(mp, mp.grad) for p in self.params if id(p) in skipped for mp in (self._master_of[id(p)],)]
         for mp, _ in unused:
             mp.grad = None
         try:
@@ -276,7 +316,8 @@ class Precision:
     """
 
     def __init__(self, name: str, device: torch.device, *, loss_scaling: bool | None = None,
-                 init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+                 init_scale: float = 2.0**16, growth_interval: int = 2000, min_scale: float = 1.0,
+                 hysteresis: int = 1) -> None:
         if name not in PRECISIONS:
             raise ValueError(f"Unknown precision {name!r}; valid precisions: {', '.join(PRECISIONS)}")
         check_device_support(name, device)
@@ -286,7 +327,8 @@ class Precision:
                                                 growth_interval=growth_interval) if name == "amp" else None
         enabled = name == "fp16" if loss_scaling is None else loss_scaling
         self.scaler = DynamicLossScaler(init_scale, growth_interval=growth_interval,
-                                        enabled=enabled and name in LOW_PRECISION)
+                                        enabled=enabled and name in LOW_PRECISION, min_scale=min_scale,
+                                        hysteresis=hysteresis)
 
     @property
     def loss_scaling(self) -> bool:
@@ -333,10 +375,16 @@ class Precision:
             return self.masters.grad_buffers()
         return [p.grad for p in params if p.grad is not None]
 
-    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+    def step(self, optimizer: torch.optim.Optimizer, skip: Iterable[nn.Parameter] | None = None) -> bool:
         """Unscale, check, step, update the scale. Call after the gradients are all-reduced, so every
         rank sees the same inf/NaN and takes the same decision. Returns whether the step was taken.
-        One host sync (the overflow flag) with ``fp16``/``bf16``/``amp``; none with ``fp32``."""
+        ``skip``: model parameters used on no rank (:meth:`MasterWeights.step`; with ``fp32``/``amp``
+        their ``grad`` is already None). One host sync (the overflow flag) with
+        ``fp16``/``bf16``/``amp``; none with ``fp32``.
+
+        Raises:
+            FloatingPointError: inf/NaN gradients with loss scaling off, or overflow that persists at
+                the minimum loss scale (:class:`DynamicLossScaler`)."""
         if self.grad_scaler is not None:
             scale = self.grad_scaler.get_scale()
             self.grad_scaler.step(optimizer)
@@ -350,7 +398,7 @@ class Precision:
             raise FloatingPointError(f"inf/NaN gradients with precision {self.name!r} and loss scaling off; "
                                      f"enable it with --loss-scaling true or lower the LR")
         if not found_inf:
-            self.masters.step(optimizer)
+            self.masters.step(optimizer, skip)
         self.scaler.update(found_inf)
         return not found_inf
 

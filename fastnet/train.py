@@ -39,7 +39,8 @@ from fastnet.comm import CostModel, GradientSynchronizer
 from fastnet.comm.communicator import TorchCommunicator
 from fastnet.config import TrainConfig, accumulation_steps, epoch_plan, parse_cli
 from fastnet.data import EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, train_loader
-from fastnet.distributed import World, all_reduce_sum, broadcast_from_rank0, setup, teardown
+from fastnet.distributed import (World, all_reduce_sum, broadcast_from_rank0, gather_objects, setup, sync_buffers,
+                                 teardown)
 from fastnet.metrics import MetricsWriter
 from fastnet.models import build_model
 from fastnet.optim import build_optimizer, build_schedule
@@ -66,10 +67,10 @@ class Progress:
     overflow_skips: int = 0  # steps skipped by loss scaling (inf/NaN gradients)
 
 
-def param_checksum(model: nn.Module) -> str:
-    """SHA-256 of all parameters' bytes in registration order (buffers excluded: BN statistics are per rank)."""
+def param_checksum(model: nn.Module, buffers: bool = False) -> str:
+    """SHA-256 of all parameters' bytes in registration order (and then the buffers', with ``buffers``)."""
     h = hashlib.sha256()
-    for p in model.parameters():
+    for p in list(model.parameters()) + (list(model.buffers()) if buffers else []):
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
@@ -98,11 +99,12 @@ def evaluate(model: nn.Module, loader, world: World, precision: Precision, chann
             "eval_samples": int(count)}
 
 
-def _checkpoint_state(cfg: TrainConfig, model, optimizer, scheduler, precision, progress: Progress) -> dict[str, Any]:
+def _checkpoint_state(cfg: TrainConfig, model, optimizer, scheduler, precision, progress: Progress,
+                      rng: list[Any]) -> dict[str, Any]:
     return {
         "version": ckpt.VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
-        "progress": dataclasses.asdict(progress), "rng": ckpt.rng_state(), "config": cfg.to_dict(),
+        "progress": dataclasses.asdict(progress), "rng": rng, "config": cfg.to_dict(),
     }
 
 
@@ -118,7 +120,11 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     t_start = time.perf_counter()
     accum = accumulation_steps(cfg.global_batch_size, world.size, cfg.micro_batch_size)
     precision = Precision(cfg.precision, world.device, loss_scaling=cfg.loss_scaling,  # validates the name early
-                          init_scale=cfg.init_loss_scale, growth_interval=cfg.loss_scale_growth_interval)
+                          init_scale=cfg.init_loss_scale, growth_interval=cfg.loss_scale_growth_interval,
+                          min_scale=cfg.min_loss_scale, hysteresis=cfg.loss_scale_hysteresis)
+    if cfg.sync_batchnorm and world.distributed and world.device.type != "cuda":
+        raise ValueError("sync_batchnorm needs CUDA (torch.nn.SyncBatchNorm runs on GPU inputs only); on CPU keep "
+                         "per-rank batch statistics and --buffer-sync average")
     state = ckpt.load(cfg.resume, map_location="cpu") if cfg.resume else None
 
     splits = build_datasets(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.synthetic_samples, cfg.num_classes)
@@ -126,6 +132,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     model = build_model(cfg.model, splits.num_classes, splits.image_size).to(world.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_batchnorm and world.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     broadcast_from_rank0(model, world)
     model = precision.prepare(model)  # fp16/bf16: cast (norms stay FP32), FP32 masters, flat buffers
     torch.manual_seed(cfg.seed + world.rank)  # per-rank stream for dropout and the like
@@ -156,10 +164,11 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         grad_sync = GradientSynchronizer(
             TorchCommunicator(), model.parameters(), algorithm=cfg.allreduce,
             fusion_threshold_bytes=int(cfg.fusion_mb * (1 << 20)), wire_dtype=cfg.wire_dtype,
-            ranks_per_node=cfg.ranks_per_node or world.local_size,
+            ranks_per_node=cfg.ranks_per_node,  # None: nodes from the hosts
             cost_model=CostModel.load(cfg.cost_model) if cfg.cost_model else None, overlap=cfg.overlap,
             storage=precision.masters.grad_location if precision.masters is not None else None,
-            timeout_s=cfg.timeout_s)
+            timeout_s=cfg.timeout_s, find_unused_parameters=cfg.find_unused_parameters,
+            predivide_factor=cfg.grad_predivide_factor, debug=cfg.distributed_debug)
 
     progress = Progress()
     if state is not None:
@@ -168,7 +177,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         precision.load_state_dict(state["precision"])
         progress = Progress(**state["progress"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rng(state["rng"], world.rank, world.size, cfg.seed, progress.global_step)
 
     out_dir = Path(cfg.out_dir)
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out_dir / "checkpoints"
@@ -183,10 +192,12 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     def wall() -> float:
         return progress.elapsed_s + time.perf_counter() - session_start
 
-    def save() -> None:
+    def save() -> None:  # collective: buffers agreed, every rank's RNG gathered to rank 0
+        sync_buffers(model, world, cfg.buffer_sync)
+        rng = gather_objects(ckpt.rng_state(), world)
         if world.is_main:
             saved = dataclasses.replace(progress, elapsed_s=wall())
-            ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved),
+            ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved, rng),
                              ckpt_dir / ckpt.LAST)
 
     session_start = time.perf_counter()
@@ -216,6 +227,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                 accumulate_only = grad_sync.no_sync() if grad_sync and micro < accum - 1 else contextlib.nullcontext()
                 with precision.autocast():
                     loss = criterion(model(precision.cast_input(x)).float(), y) / accum
+                if grad_sync is not None and micro == accum - 1:
+                    grad_sync.prepare_for_backward(loss)  # find_unused_parameters: mark unused ones ready now
                 with accumulate_only:
                     precision.backward(loss)
                 loss_sum += loss.detach().float()
@@ -225,7 +238,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                 raise NonFiniteLossError(
                     f"non-finite loss {global_loss} at step {progress.global_step + 1} (epoch {epoch}); "
                     f"lower base_lr ({cfg.base_lr}), add warm-up, or check the data")
-            if not precision.step(optimizer):
+            if not precision.step(optimizer, skip=grad_sync.unused_parameters if grad_sync else None):
                 progress.overflow_skips += 1
             if grad_sync is not None and precision.masters is None:
                 grad_sync.zero_grad()  # keeps p.grad as views into the buckets
@@ -261,6 +274,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
         stopped = progress.global_step >= stop_step
         if (epoch_done and (epoch + 1) % cfg.eval_interval == 0) or stopped:
+            sync_buffers(model, world, cfg.buffer_sync)  # every rank evaluates the same model
             ev = evaluate(model, test_loader, world, precision, cfg.channels_last)
             progress.final_top1 = ev["top1"]
             progress.best_top1 = max(progress.best_top1, ev["top1"])
@@ -277,11 +291,13 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                            f"{progress.samples_seen / max(progress.train_s, 1e-9):.0f} img/s", file=sys.stderr)
         save()
 
-    checksums = [param_checksum(model)]
+    checksums = [param_checksum(model), param_checksum(model, buffers=True)]
     if world.distributed:
         gathered: list[Any] = [None] * world.size
-        dist.all_gather_object(gathered, checksums[0])
+        dist.all_gather_object(gathered, checksums)
         checksums = gathered
+    else:
+        checksums = [checksums]
     if grad_sync is not None:
         grad_sync.close()
     summary = {
@@ -290,7 +306,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         "mean_images_per_s": progress.samples_seen / max(progress.train_s, 1e-9), "wall_s": wall(),
         "steps": progress.global_step, "overflow_skips": progress.overflow_skips, "loss_scale": precision.loss_scale,
         "world_size": world.size, "accumulation_steps": accum,
-        "param_checksums": checksums, "session_s": time.perf_counter() - t_start,
+        "param_checksums": [c[0] for c in checksums], "state_checksums": [c[1] for c in checksums],
+        "session_s": time.perf_counter() - t_start,
     }
     metrics.write("summary", **summary)
     return summary

@@ -65,15 +65,36 @@ def init_gloo(rank: int, world: int, port: int, timeout_s: float = 60.0) -> None
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+class PlainQueue:
+    """The queue a worker puts its result on: ``put`` pickles the result to bytes in the worker, so
+    tensors travel by value (torch.multiprocessing would share them as file descriptors, which
+    vanish when the worker exits before the parent reads them)."""
+
+    def __init__(self, queue) -> None:
+        self._queue = queue
+
+    def put(self, obj) -> None:
+        import pickle
+
+        self._queue.put(pickle.dumps(obj))
+
+    def close(self) -> None:
+        self._queue.close()
+
+    def join_thread(self) -> None:
+        self._queue.join_thread()
+
+
 def _collect(queue, procs, timeout: float):
     """Next result from the queue; fails at once if a worker died instead of waiting out the timeout."""
+    import pickle
     import queue as q
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            return queue.get(timeout=0.5)
+            return pickle.loads(queue.get(timeout=0.5))
         except q.Empty:
             dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             assert not dead, f"worker exited with {dead}"
@@ -82,13 +103,13 @@ def _collect(queue, procs, timeout: float):
 
 def spawn_ranks(target, world: int, timeout: float = 240.0) -> list:
     """Run ``target(rank, world, port, queue)`` in ``world`` spawned processes (real processes, a
-    fresh loopback port) and return what each put on the queue, in arrival order. Fails fast when a
-    worker dies; kills stragglers."""
+    fresh loopback port) and return what each put on the queue, in arrival order (by value:
+    :class:`PlainQueue`). Fails fast when a worker dies; kills stragglers."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, queue)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, PlainQueue(queue))) for r in range(world)]
     for p in procs:
         p.start()
     try:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from typing import Sequence
 
@@ -19,102 +21,171 @@ import torch
 
 from fastnet.comm.algorithms import ring_all_reduce
 from fastnet.comm.communicator import Communicator
-from fastnet.comm.cost_model import CostModel
-from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES, Hierarchy
+from fastnet.comm.cost_model import RUNNABLE, CostModel
+from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES, Hierarchy, Topology
 
 ALGORITHMS = ("native", "ring", "hierarchical", "leader", "hybrid")
-_DTYPE_CODES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8]
-_MAX_DTYPES = 8
 WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _item_hash(name: str, value: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{name}\0{value}".encode()).digest()[:8], "little", signed=True)
+
+
+def _gather(comm: Communicator, mine: torch.Tensor) -> torch.Tensor:
+    """All-gather a 1-D tensor of equal length on every rank; returns (size, length) on the CPU."""
+    device = getattr(comm, "device", None) or torch.device("cpu")
+    out = torch.empty(comm.size * mine.numel(), dtype=mine.dtype, device=device)
+    comm.all_gather(out, mine.to(device))
+    return out.cpu().view(comm.size, -1)
+
+
+def check_consistency(comm: Communicator, items: Sequence[tuple[str, str]], what: str, advice: str = "") -> None:
+    """Collective: check that every rank of ``comm`` holds the same ``items`` — ``(name, value)``
+    text pairs such as ``("parameter 3", "(64, 3, 7, 7) float16")`` — and raise naming the first
+    item that differs, with each differing rank's value, instead of hanging or corrupting results
+    later (DDP's parameter-shape verification does the same at construction).
+
+    Steps: 1) all-gather each rank's item count (one int64); 2) all-gather one 64-bit SHA-256 digest
+    per item (padded to the largest count); 3) only on a difference, all-gather the first differing
+    item's text (512 bytes per rank). Every rank sees the same gathered tables, so every rank takes
+    the same branch and raises the same error: no rank is left waiting. Put count items (e.g.
+    "number of parameters") first so that a structural difference is reported as such.
+
+    Raises:
+        ValueError: the items differ (message: ``"{what}: ranks disagree on {item}: rank 0: ...;
+            rank r: ... {advice}"``).
+    """
+    if comm.size == 1:
+        return
+    counts = _gather(comm, torch.tensor([len(items)], dtype=torch.int64)).view(-1)
+    width = int(counts.max())
+    mine = torch.full((max(width, 1),), -1, dtype=torch.int64)
+    for i, (name, value) in enumerate(items):
+        mine[i] = _item_hash(name, value)
+    rows = _gather(comm, mine)
+    differs = (rows != rows[0]).any(dim=0).nonzero()
+    if differs.numel() == 0:
+        return
+    k = int(differs[0])
+    text = (f"{items[k][0]} = {items[k][1]}" if k < len(items) else "(no such item)").encode()[:512]
+    buf = torch.zeros(512, dtype=torch.uint8)
+    if text:
+        buf[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    texts = [bytes(r.tolist()).rstrip(b"\0").decode(errors="replace") for r in _gather(comm, buf)]
+    shown = [0] + [r for r in range(comm.size) if r != 0 and rows[r, k] != rows[0, k]]
+    name = items[k][0] if k < len(items) else texts[0].split(" = ")[0]
+    raise ValueError(f"{what}: ranks disagree on {name}: "
+                     + "; ".join(f"rank {r}: {texts[r].removeprefix(name + ' = ')}" for r in shown)
+                     + (f". {advice}" if advice else ""))
 
 
 def check_layout(comm: Communicator, layout: Sequence[tuple[torch.dtype, int]], what: str = "gradient") -> None:
     """Collective: compare ``layout`` (a list of (dtype, element count)) across the ranks of ``comm``
-    with one small int64 all-gather.
+    (:func:`check_consistency`).
 
     Raises:
-        ValueError: the layouts differ (the message names each differing rank and its layout), or
-            more than 8 entries.
+        ValueError: the layouts differ; the message says "{what} layouts differ across ranks" and
+            names each differing rank and its entry.
     """
-    if comm.size == 1:
-        return
-    if len(layout) > _MAX_DTYPES:
-        raise ValueError(f"at most {_MAX_DTYPES} {what} buffers per layout check, got {len(layout)}")
-    mine = torch.full((1 + 2 * _MAX_DTYPES,), -1, dtype=torch.int64)
-    mine[0] = len(layout)
-    for i, (d, n) in enumerate(layout):
-        mine[1 + 2 * i], mine[2 + 2 * i] = _DTYPE_CODES.index(d) if d in _DTYPE_CODES else 99, n
-    device = getattr(comm, "device", None) or torch.device("cpu")
-    gathered = torch.empty(comm.size * mine.numel(), dtype=torch.int64, device=device)
-    comm.all_gather(gathered, mine.to(device))
-    rows = gathered.cpu().view(comm.size, -1)
-    if not bool((rows == rows[0]).all()):
-        def show(row: torch.Tensor) -> str:
-            return str([(str(_DTYPE_CODES[c]) if c < len(_DTYPE_CODES) else "other", int(n))
-                        for c, n in row[1:1 + 2 * int(row[0])].view(-1, 2).tolist()])
-        diff = "; ".join(f"rank {r}: {show(rows[r])}" for r in range(comm.size) if not bool((rows[r] == rows[0]).all()))
-        raise ValueError(f"{what} layouts differ across ranks (dtype, elements): rank 0: {show(rows[0])}; {diff}. "
-                         f"Every rank must all-reduce the same tensors.")
+    items = [("number of buffers", str(len(layout)))]
+    items += [(f"buffer {i}", f"{str(d).removeprefix('torch.')} x {n}") for i, (d, n) in enumerate(layout)]
+    check_consistency(comm, items, f"{what} layouts differ across ranks",
+                      "Every rank must all-reduce the same tensors.")
 
 
 class BucketReducer:
     """Averages one fusion bucket (1-D tensor) in place over ``comm`` with one of :data:`ALGORITHMS`.
 
-    Steps: 1) divide by the world size and, with a wire dtype, cast to it (Jia et al. 2018, §3.1:
-    dividing before the sum keeps FP16 from overflowing); 2) run the algorithm — ``ring``,
-    ``hierarchical``, ``leader`` (:mod:`fastnet.comm.algorithms`), the backend's ``native``
-    all-reduce, or ``hybrid``: the one of those with the smallest time predicted by ``cost_model``
-    (:mod:`fastnet.comm.cost_model`) for the bucket's bytes on the wire; 3) cast back into the bucket.
+    Steps: 1) divide by ``predivide_factor`` f (default: the world size n) and, with a wire dtype,
+    cast to it (Jia et al. 2018, §3.1: dividing before the sum keeps FP16 from overflowing); 2) run
+    the algorithm — ``ring``, ``hierarchical``, ``leader`` (:mod:`fastnet.comm.algorithms`), the
+    backend's ``native`` all-reduce, or ``hybrid``: the one of those with the smallest time
+    predicted by ``cost_model`` (:mod:`fastnet.comm.cost_model`) for the bucket's bytes on the wire;
+    3) cast back into the bucket and divide by n / f (nothing when f = n). A smaller f keeps more
+    precision in FP16 for small gradients at the risk of overflow in the sum (Apex DDP's
+    ``gradient_predivide_factor``, Horovod's ``prescale_factor``/``postscale_factor``).
 
-    Construction is collective (the hierarchical algorithms split ``comm``). ``segment_bytes``:
-    pipeline segment of ``hierarchical`` (:class:`fastnet.comm.topology.Hierarchy`; 0: none).
+    Construction is collective (the hierarchical algorithms split ``comm``). Nodes come from the
+    hosts unless ``ranks_per_node`` gives blocks of consecutive ranks
+    (:class:`fastnet.comm.topology.Hierarchy`; ``host_id`` overrides this rank's host identity).
+    ``segment_bytes``: pipeline segment of ``hierarchical`` (0: none).
 
     Raises:
         ValueError: unknown algorithm or wire dtype (valid ones listed), ``hierarchical`` with
-            unequal nodes, or a negative ``segment_bytes``.
+            unequal nodes (the ranks per host listed), a negative ``segment_bytes``, or a
+            ``predivide_factor`` that is not finite and > 0.
     """
 
-    __slots__ = ("comm", "algorithm", "wire_dtype", "hierarchy", "ranks_per_node", "cost_model", "segment_bytes")
+    __slots__ = ("comm", "algorithm", "wire_dtype", "hierarchy", "topology", "cost_model", "segment_bytes",
+                 "predivide_factor")
 
     def __init__(self, comm: Communicator, algorithm: str = "ring", wire_dtype: str = "none",
                  ranks_per_node: int | None = None, cost_model: CostModel | None = None,
-                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, predivide_factor: float | None = None,
+                 host_id: str | None = None) -> None:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"Unknown all-reduce algorithm {algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"Unknown wire dtype {wire_dtype!r}; valid wire dtypes: {', '.join(WIRE_DTYPES)}")
         if segment_bytes < 0:
             raise ValueError(f"Invalid segment_bytes: {segment_bytes} (must be >= 0; 0: no pipelining)")
+        if predivide_factor is not None and not (math.isfinite(predivide_factor) and predivide_factor > 0):
+            raise ValueError(f"Invalid predivide_factor: {predivide_factor} (must be finite and > 0; "
+                             f"None divides by the world size before the sum)")
         self.comm, self.algorithm, self.wire_dtype = comm, algorithm, WIRE_DTYPES[wire_dtype]
         self.segment_bytes = segment_bytes
-        self.ranks_per_node = ranks_per_node or comm.size
+        self.predivide_factor = float(predivide_factor) if predivide_factor is not None else float(comm.size)
         self.cost_model = cost_model or CostModel()
         self.hierarchy = None
         if algorithm in ("hierarchical", "leader", "hybrid") and comm.size > 1:
-            self.hierarchy = Hierarchy(comm, self.ranks_per_node, segment_bytes)
-            if algorithm == "hierarchical" and not self.hierarchy.topology.uniform:
-                raise ValueError(f"hierarchical all-reduce needs equal ranks per node: world size {comm.size}, "
-                                 f"ranks_per_node {ranks_per_node}; use 'leader' or 'hybrid'")
+            self.hierarchy = Hierarchy(comm, ranks_per_node, segment_bytes, host_id)
+            self.topology = self.hierarchy.topology
+            if algorithm == "hierarchical" and not self.topology.uniform:
+                raise ValueError(f"hierarchical all-reduce needs equal ranks per node; ranks per host: "
+                                 f"{self.topology.describe()}: use 'leader' or 'hybrid'")
+        else:
+            self.topology = Topology.of(comm.rank, comm.size, ranks_per_node or comm.size)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """The largest node's size (the cost model's node size)."""
+        return self.topology.ranks_per_node
 
     def algorithm_for(self, nbytes: int) -> str:
-        """The algorithm used for a bucket of ``nbytes`` bytes on the wire (resolves ``hybrid``)."""
+        """The algorithm used for a bucket of ``nbytes`` bytes on the wire (resolves ``hybrid``;
+        ``hierarchical`` is not a candidate when nodes are unequal)."""
         if self.algorithm != "hybrid":
             return self.algorithm
-        return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node, segment_bytes=self.segment_bytes)
+        candidates = RUNNABLE if self.topology.uniform else tuple(a for a in RUNNABLE if a != "hierarchical")
+        return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node, candidates=candidates,
+                                      segment_bytes=self.segment_bytes)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """``(name, value)`` items that must agree across ranks (:func:`check_consistency`): the
+        algorithm, wire dtype, pre-division, pipeline segment, nodes and cost model."""
+        return [("algorithm", self.algorithm), ("wire dtype", str(self.wire_dtype)),
+                ("predivide factor", repr(self.predivide_factor)), ("segment bytes", str(self.segment_bytes)),
+                ("nodes", self.topology.describe() if self.hierarchy else "not used"),
+                ("cost model", repr(sorted(self.cost_model.to_dict().items())) if self.algorithm == "hybrid"
+                 else "not used")]
 
     def __call__(self, bucket: torch.Tensor, algorithm: str | None = None) -> None:
         """Average the 1-D ``bucket`` in place (any floating dtype); ``algorithm`` overrides the choice."""
         n = self.comm.size
         if n == 1 or bucket.numel() == 0:
             return
+        pre = self.predivide_factor
         wire = bucket if self.wire_dtype in (None, bucket.dtype) else None
         if wire is None:
-            wire = bucket.div(n).to(self.wire_dtype)  # divide before the sum, then narrow
+            wire = bucket.div(pre).to(self.wire_dtype)  # divide before the sum, then narrow
         else:
-            wire.div_(n)
+            wire.div_(pre)
         self.sum_(wire, algorithm)
         if wire is not bucket:
             bucket.copy_(wire)
+        if pre != n:
+            bucket.div_(n / pre)
 
     def sum_(self, x: torch.Tensor, algorithm: str | None = None) -> None:
         """SUM all-reduce of the 1-D ``x`` in place with this reducer's algorithm (``hybrid``
@@ -140,24 +211,34 @@ class AlgorithmAllReduce:
         algorithm: one of :data:`ALGORITHMS` (``hybrid``: per bucket, by ``cost_model``).
         fusion_threshold_bytes: bucket size on the wire, bytes (> 0).
         wire_dtype: ``none`` (the gradients' own dtype) | ``fp16`` | ``bf16``.
-        ranks_per_node: node size for the hierarchical algorithms (default: all ranks one node).
+        ranks_per_node: emulated node size for the hierarchical algorithms (default: nodes from
+            the hosts, :class:`fastnet.comm.topology.Hierarchy`).
         cost_model: link parameters for ``hybrid`` (default :class:`CostModel`'s placeholders).
         segment_bytes: pipeline segment of ``hierarchical``, bytes (0: no pipelining).
+        predivide_factor: divide by this before the sum and by world size / it after
+            (:class:`BucketReducer`; default: the world size, all before).
+
+    Construction is collective and checks that every rank chose the same settings (algorithm, wire
+    dtype, threshold, nodes, cost model: :func:`check_consistency`).
 
     Raises:
         ValueError: unknown algorithm or wire dtype (valid ones listed), a non-positive threshold,
-            ``hierarchical`` with unequal nodes, a negative ``segment_bytes``, or gradient layouts
-            that differ across ranks.
+            ``hierarchical`` with unequal nodes, a negative ``segment_bytes``, settings or gradient
+            layouts that differ across ranks.
     """
 
     __slots__ = ("comm", "fusion_threshold_bytes", "reducer", "_buffers", "_checked")
 
     def __init__(self, comm: Communicator, algorithm: str = "ring", fusion_threshold_bytes: int = 64 << 20,
                  wire_dtype: str = "none", ranks_per_node: int | None = None,
-                 cost_model: CostModel | None = None, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+                 cost_model: CostModel | None = None, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 predivide_factor: float | None = None, host_id: str | None = None) -> None:
         if fusion_threshold_bytes <= 0:
             raise ValueError(f"Invalid fusion threshold: {fusion_threshold_bytes} bytes (must be > 0)")
-        self.reducer = BucketReducer(comm, algorithm, wire_dtype, ranks_per_node, cost_model, segment_bytes)
+        self.reducer = BucketReducer(comm, algorithm, wire_dtype, ranks_per_node, cost_model, segment_bytes,
+                                     predivide_factor, host_id)
+        check_consistency(comm, [*self.reducer.describe(), ("fusion threshold bytes", str(fusion_threshold_bytes))],
+                          "AlgorithmAllReduce", "Give every rank the same settings and cost-model file.")
         self.comm, self.fusion_threshold_bytes = comm, fusion_threshold_bytes
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._checked: set[tuple] = set()

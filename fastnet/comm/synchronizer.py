@@ -1,8 +1,9 @@
-"""GradientSynchronizer: bucketed gradient all-reduce overlapped with backward.
+"""GradientSynchronizer: bucketed gradient all-reduce overlapped with backward, with DDP's semantics.
 
 The data-parallel gradient path of Jia et al. 2018 (§4: tensor fusion, overlap with backward) and
 of PyTorch DDP (Li et al. 2020, "PyTorch Distributed", §3.2: buckets in reverse registration order,
-launched as soon as they are ready, gradients as views into the bucket buffers):
+launched as soon as they are ready, gradients as views into the bucket buffers; §3.2.3: unused
+parameters and the globally agreed used-map):
 
 1. **Buckets.** At construction the parameters are taken in reverse registration order (about
    the order backward produces their gradients) and grouped, one dtype per bucket, into buckets of
@@ -11,25 +12,41 @@ launched as soon as they are ready, gradients as views into the bucket buffers):
    ``p.grad`` is a view into it, so there is no packing or unpacking per step. With ``storage``
    (e.g. :meth:`fastnet.precision.MasterWeights.grad_location`) the buckets are slices of the
    existing flat gradient buffers instead.
-2. **Ready hooks.** A post-accumulate-grad hook per parameter counts down its bucket. When a
-   bucket's last gradient is in, it and every later-indexed bucket that is also complete are
-   launched in index order, so every rank issues the same collectives in the same order.
-3. **Overlap.** A launched bucket is averaged on a communication thread (on CUDA: on a side stream
+2. **Ready hooks.** A post-accumulate-grad hook per parameter marks it ready and counts down its
+   bucket. When a bucket's last parameter is ready, it and every later-indexed bucket that is
+   also complete are launched in index order, so every rank issues the same collectives in the
+   same order.
+3. **Unused parameters never block.** A parameter whose hook did not fire in this backward is
+   marked ready at the end of backward (an autograd final callback, as DDP's reducer does), or,
+   with ``find_unused_parameters=True``, before backward by :meth:`prepare_for_backward`'s graph
+   walk (so its bucket can launch during backward). It contributes its current gradient: zero if
+   ``p.grad`` is None (e.g. after ``optimizer.zero_grad(set_to_none=True)``).
+4. **Overlap.** A launched bucket is averaged on a communication thread (on CUDA: on a side stream
    that first waits for an event recorded on the backward stream) with
    :class:`fastnet.comm.sync.BucketReducer`: divide by world size, optional FP16/BF16 wire, ring /
    hierarchical / leader / native / hybrid. Backward continues meanwhile.
-4. :meth:`synchronize` (before the optimizer step) launches buckets that never became ready
-   (parameters without gradients this step: reduced as they are), waits for all, and on CUDA makes
-   the current stream wait for the side stream. It returns the seconds it blocked (exposed
-   communication).
-5. :meth:`no_sync` (gradient-accumulation micro-steps) disables the hooks: gradients accumulate in
-   the bucket views and only the last micro-step communicates.
+5. :meth:`synchronize` (before the optimizer step) launches what is left, all-reduces the
+   **used-map** (one int32 per parameter, MAX over ranks: DDP's ``local_used_map``), waits for all,
+   and applies the agreed semantics: a parameter used on *any* rank (in any micro-step of this
+   step) gets the averaged gradient on every rank; a parameter used on *no* rank is skipped on
+   every rank — its ``p.grad`` is set to None (the optimizer skips it) and it is listed in
+   :attr:`unused_parameters` (for optimizers over other tensors, e.g. FP32 masters, whose
+   gradients live in ``storage``: there the views stay). It returns the seconds it blocked.
+6. :meth:`no_sync` (gradient-accumulation micro-steps) disables communication: gradients
+   accumulate in the bucket views (or in fresh tensors after ``p.grad = None``, copied into the
+   views by the next synced backward) and only the last micro-step communicates.
+
+Checked across ranks at construction (:func:`fastnet.comm.sync.check_consistency`; a mismatch is a
+ValueError naming the first differing item and the ranks' values, never a hang): the number,
+shapes and dtypes of the parameters; algorithm, wire dtype, pre-division, segment, nodes and cost
+model; the bucket plan (dtype, elements and resolved algorithm of every bucket, so hybrid's
+choices agree). With ``debug=True`` (the trainer's ``FASTNET_DISTRIBUTED_DEBUG=true``, like DDP's
+``TORCH_DISTRIBUTED_DEBUG=DETAIL``) every bucket launch is also checked across ranks, one small
+all-gather per bucket.
 
 Construction is collective: it splits ``comm`` into a dedicated communicator (so the comm thread's
-collectives never interleave with the caller's) and checks that every rank has the same bucket
-layout (ValueError naming the ranks otherwise). While buckets are in flight, do not run other
-collectives that need this synchronizer's results, and do not set ``p.grad = None`` (use
-:meth:`zero_grad`; a gradient that was replaced anyway is copied back into its view by the hook).
+collectives never interleave with the caller's). While buckets are in flight, do not run other
+collectives that need this synchronizer's results.
 """
 
 from __future__ import annotations
@@ -46,7 +63,7 @@ import torch.nn as nn
 
 from fastnet.comm.communicator import Communicator
 from fastnet.comm.cost_model import CostModel
-from fastnet.comm.sync import WIRE_DTYPES, BucketReducer, check_layout
+from fastnet.comm.sync import WIRE_DTYPES, BucketReducer, check_consistency
 from fastnet.precision import flat_view
 
 
@@ -108,39 +125,61 @@ class GradientSynchronizer:
         algorithm: ``native`` | ``ring`` | ``hierarchical`` | ``leader`` | ``hybrid``.
         fusion_threshold_bytes: bucket size on the wire, bytes (> 0); DDP's default is 25 MiB.
         wire_dtype: ``none`` | ``fp16`` | ``bf16``.
-        ranks_per_node: node size for the hierarchical algorithms and the cost model.
+        ranks_per_node: emulated node size for the hierarchical algorithms and the cost model
+            (None: nodes from the hosts; ``host_id`` overrides this rank's host identity).
         cost_model: link parameters for ``hybrid``.
         overlap: launch buckets from the backward hooks (True) or all in :meth:`synchronize` (False).
         storage: ``p -> (flat 1-D tensor, offset)`` where ``p``'s gradient already lives (the FP16
             master-weight buffers); None allocates bucket buffers and points ``p.grad`` at views.
         timeout_s: :meth:`synchronize` raises RuntimeError after waiting this long (None: the
             backend's own collective timeout applies).
+        find_unused_parameters: expect :meth:`prepare_for_backward` with the step's outputs before
+            each synced backward; its graph walk marks unused parameters ready before backward.
+        predivide_factor: divide gradients by this before the sum, by world size / it after
+            (default: the world size; :class:`fastnet.comm.sync.BucketReducer`).
+        debug: check every bucket launch across ranks (one all-gather per bucket).
 
     Raises:
-        ValueError: bad algorithm / wire dtype / threshold (valid values listed), bucket layouts
-            that differ across ranks, or ``storage`` giving non-adjacent gradients to one bucket.
+        ValueError: bad algorithm / wire dtype / threshold (valid values listed), parameters,
+            settings or bucket plans that differ across ranks (the first differing item named), or
+            ``storage`` giving non-adjacent gradients to one bucket.
     """
 
     def __init__(self, comm: Communicator, params: Iterable[nn.Parameter], *, algorithm: str = "ring",
                  fusion_threshold_bytes: int = 25 << 20, wire_dtype: str = "none",
                  ranks_per_node: int | None = None, cost_model: CostModel | None = None, overlap: bool = True,
                  storage: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, find_unused_parameters: bool = False,
+                 predivide_factor: float | None = None, host_id: str | None = None, debug: bool = False) -> None:
         if fusion_threshold_bytes <= 0:
             raise ValueError(f"Invalid fusion threshold: {fusion_threshold_bytes} bytes (must be > 0)")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"Unknown wire dtype {wire_dtype!r}; valid wire dtypes: {', '.join(WIRE_DTYPES)}")
         self.params = [p for p in params if p.requires_grad]
         self.overlap, self.timeout_s = overlap, timeout_s
+        self.find_unused_parameters, self.debug = find_unused_parameters, debug
         self.comm = comm.split(0, comm.rank) if comm.size > 1 else comm  # dedicated: never interleaves
-        self.reducer = BucketReducer(self.comm, algorithm, wire_dtype, ranks_per_node, cost_model)
+        self.reducer = BucketReducer(self.comm, algorithm, wire_dtype, ranks_per_node, cost_model,
+                                     predivide_factor=predivide_factor, host_id=host_id)
         self.buckets = self._build_buckets(fusion_threshold_bytes, WIRE_DTYPES[wire_dtype], storage)
-        self._bucket_of = {id(p): (b, flat_view(b.tensor, off, p)) for b in self.buckets
-                           for p, off in zip(b.params, self._offsets(b))}
-        check_layout(self.comm, [(b.tensor.dtype, b.tensor.numel()) for b in self.buckets][:7]
-                     + [(torch.int64, len(self.buckets))], "bucket")
+        self._storage = storage is not None
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._slot: list[tuple[Bucket, torch.Tensor]] = [None] * len(self.params)  # type: ignore[list-item]
+        for b in self.buckets:
+            for p, off in zip(b.params, self._offsets(b)):
+                self._slot[self._index[id(p)]] = (b, flat_view(b.tensor, off, p))
+        check_consistency(self.comm, self._plan_items(fusion_threshold_bytes), "GradientSynchronizer",
+                          "Every rank must build the same model and pass the same settings and cost-model file.")
+        n = len(self.params)
+        self._used = bytearray(n)  # gradient accumulated on this rank this step (no_sync micro-steps too)
+        self._ready = bytearray(n)  # counted towards its bucket this step
+        self._was_none = bytearray(n)  # p.grad was None when marked ready without a gradient
         self._require_sync = True
+        self._callback_queued = False
         self._next = 0  # the next bucket to launch
+        self._launched_early = 0
+        self.unused_parameters: list[nn.Parameter] = []  # used on no rank in the last synchronized step
+        self.last_step: dict[str, int] = {}
         self._cuda = bool(self.params) and self.params[0].device.type == "cuda"
         self._stream = torch.cuda.Stream(self.params[0].device) if self._cuda else None
         self._thread = CommThread() if overlap and self.comm.size > 1 else None
@@ -154,6 +193,15 @@ class GradientSynchronizer:
             out.append(off)
             off += p.numel()
         return out
+
+    def _plan_items(self, threshold: int) -> list[tuple[str, str]]:
+        items = [("number of parameters", str(len(self.params))), ("number of buckets", str(len(self.buckets))),
+                 *self.reducer.describe(), ("fusion threshold bytes", str(threshold))]
+        items += [(f"parameter {i}", f"{tuple(p.shape)} {str(p.dtype).removeprefix('torch.')}")
+                  for i, p in enumerate(self.params)]
+        items += [(f"bucket {b.index}", f"{str(b.tensor.dtype).removeprefix('torch.')} x {b.tensor.numel()}, "
+                   f"{len(b.params)} parameters, {b.algorithm}") for b in self.buckets]
+        return items
 
     def _build_buckets(self, threshold: int, wire: torch.dtype | None,
                        storage: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None) -> list[Bucket]:
@@ -202,25 +250,80 @@ class GradientSynchronizer:
         return out
 
     # -- per step -----------------------------------------------------------------------------
+    def prepare_for_backward(self, outputs: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """With ``find_unused_parameters``: walk the autograd graph from ``outputs`` (the loss, or
+        the forward's outputs) and mark every parameter it does not reach ready now, so that an
+        unused parameter never holds its bucket back during backward (DDP's
+        ``prepare_for_backward``). Call after forward, before the synced backward; a no-op in
+        :meth:`no_sync` and without ``find_unused_parameters``. Cost: one visit per graph node."""
+        if not (self.find_unused_parameters and self._require_sync):
+            return
+        roots = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        stack = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        seen, reached = set(), set()
+        while stack:
+            fn = stack.pop()
+            if fn in seen:
+                continue
+            seen.add(fn)
+            var = getattr(fn, "variable", None)
+            if var is not None:
+                reached.add(id(var))
+            stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+        for i, p in enumerate(self.params):
+            if id(p) not in reached and not self._ready[i]:
+                self._mark_without_grad(i)
+        self._launch_ready()
+
     def _on_grad(self, p: torch.Tensor) -> None:
+        i = self._index[id(p)]
+        self._used[i] = 1  # also in no_sync: used in any micro-step means used in this step
         if not self._require_sync:
             return
-        bucket, view = self._bucket_of[id(p)]
+        bucket, view = self._slot[i]
+        if self._ready[i] or bucket.future is not None:
+            raise RuntimeError(f"a gradient of bucket {bucket.index} arrived after the bucket was launched: "
+                               "backward ran twice without synchronize() (use no_sync() for accumulation)")
         if p.grad is None or p.grad.data_ptr() != view.data_ptr():  # someone replaced the view
             if p.grad is not None:
                 view.copy_(p.grad)
             p.grad = view
-        if bucket.future is not None:
-            raise RuntimeError(f"a gradient of bucket {bucket.index} arrived after the bucket was launched: "
-                               "backward ran twice without synchronize() (use no_sync() for accumulation)")
+        if not self._callback_queued:  # the first hook of this backward: mark the rest at its end
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        self._ready[i] = 1
         bucket.pending -= 1
         if bucket.pending == 0:
             self._launch_ready()
 
-    def _launch_ready(self) -> None:
+    def _mark_without_grad(self, i: int) -> None:
+        """Parameter ``i`` got no gradient in this backward: its slot keeps the current ``p.grad``
+        (zero if None) and it counts as ready."""
+        p = self.params[i]
+        bucket, view = self._slot[i]
+        if p.grad is None:
+            view.zero_()
+            self._was_none[i] = 1
+        elif p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+            p.grad = view
+        self._ready[i] = 1
+        bucket.pending -= 1
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        if not self._require_sync:
+            return
+        for i in range(len(self.params)):
+            if not self._ready[i]:
+                self._mark_without_grad(i)
+        self._launch_ready()
+
+    def _launch_ready(self, early: bool = True) -> None:
         while self._next < len(self.buckets) and self.buckets[self._next].pending <= 0:
             self._launch(self.buckets[self._next])
             self._next += 1
+            self._launched_early += early
 
     def _launch(self, bucket: Bucket) -> None:
         if self._thread is None:
@@ -233,6 +336,8 @@ class GradientSynchronizer:
             ready.record()  # on the backward stream
 
         def reduce() -> None:
+            if self.debug:
+                self._check_launch(bucket)
             if ready is None:
                 self.reducer(bucket.tensor, bucket.algorithm)
                 return
@@ -244,40 +349,77 @@ class GradientSynchronizer:
 
         bucket.future = self._thread.submit(reduce)
 
+    def _check_launch(self, bucket: Bucket) -> None:
+        check_consistency(self.comm, [("launched bucket", f"{bucket.index}: {str(bucket.tensor.dtype)[6:]} x "
+                                       f"{bucket.tensor.numel()}, {bucket.algorithm}")],
+                          "GradientSynchronizer (debug)", "Ranks launched different buckets: their backward "
+                          "passes differ (a rank-dependent branch, or a model changed after construction).")
+
+    def _used_map(self) -> list[int]:
+        """Collective on the comm thread's order: the used-map, MAX over ranks (int32 per parameter)."""
+        device = getattr(self.comm, "device", None) or torch.device("cpu")
+        used = torch.frombuffer(bytearray(self._used), dtype=torch.uint8).to(torch.int32).to(device)
+        if self.comm.size > 1:
+            self.comm.all_reduce(used, op="max")
+        return used.tolist()
+
     def synchronize(self) -> float:
-        """Launch what is left, wait for every bucket, and reset for the next step. Returns the
-        seconds this call blocked (communication not hidden behind backward).
+        """Launch what is left, agree on the used parameters, wait for every bucket, and reset for
+        the next step. Returns the seconds this call blocked (communication not hidden behind
+        backward). One host sync (the used-map).
 
         Raises:
             RuntimeError: a bucket did not finish within ``timeout_s`` (a peer may be dead), or the
                 error a bucket's all-reduce raised (re-raised here, with the bucket named).
         """
         start = time.perf_counter()
+        for i in range(len(self.params)):  # no backward reached its end callback (nothing used here)
+            if not self._ready[i]:
+                self._mark_without_grad(i)
         if self.comm.size > 1:
-            for b in self.buckets[self._next:]:
-                b.pending = 0
-            self._launch_ready()
+            self._launch_ready(early=False)
+            used_future = self._thread.submit(self._used_map) if self._thread is not None else None
             for b in self.buckets:
                 if self._thread is None:
+                    if self.debug:
+                        self._check_launch(b)
                     self.reducer(b.tensor, b.algorithm)
                     continue
-                try:
-                    b.future.result(timeout=self.timeout_s)
-                except concurrent.futures.TimeoutError:
-                    raise RuntimeError(f"all-reduce of bucket {b.index} ({b.nbytes} bytes, {b.algorithm}) did not "
-                                       f"finish within {self.timeout_s} s: a peer rank may have died") from None
-                except Exception as exc:
-                    raise RuntimeError(f"all-reduce of bucket {b.index} ({b.nbytes} bytes, {b.algorithm}) "
-                                       f"failed: {exc}") from exc
+                self._wait(b.future, f"all-reduce of bucket {b.index} ({b.nbytes} bytes, {b.algorithm})")
                 if b.done_event is not None:
                     torch.cuda.current_stream().wait_event(b.done_event)
+            used = self._wait(used_future, "all-reduce of the used-map") if used_future else self._used_map()
+        else:
+            used = list(self._used)
+        self.unused_parameters = []
+        for i, p in enumerate(self.params):
+            if used[i]:
+                view = self._slot[i][1]
+                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                    p.grad = view  # set_to_none on this rank, used on another: the averaged gradient
+            else:
+                self.unused_parameters.append(p)
+                if not self._storage:
+                    p.grad = None  # used on no rank: skipped by the optimizer on every rank
+        self.last_step = {"buckets": len(self.buckets), "launched_before_synchronize": self._launched_early,
+                          "unused_parameters": len(self.unused_parameters)}
         self._reset()
         return time.perf_counter() - start
+
+    def _wait(self, future: concurrent.futures.Future, what: str):
+        try:
+            return future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise RuntimeError(f"{what} did not finish within {self.timeout_s} s: a peer rank may have died") from None
+        except Exception as exc:
+            raise RuntimeError(f"{what} failed: {exc}") from exc
 
     def _reset(self) -> None:
         for b in self.buckets:
             b.pending, b.future, b.done_event = len(b.params), None, None
-        self._next = 0
+        self._next = self._launched_early = 0
+        n = len(self.params)
+        self._used, self._ready, self._was_none = bytearray(n), bytearray(n), bytearray(n)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -289,7 +431,8 @@ class GradientSynchronizer:
             self._require_sync = previous
 
     def zero_grad(self) -> None:
-        """Zero every bucket (hence every ``p.grad``) in place; the views stay."""
+        """Zero every bucket in place; the views stay (parameters skipped last step keep
+        ``p.grad = None`` until they get a gradient again)."""
         for b in self.buckets:
             b.tensor.zero_()
 

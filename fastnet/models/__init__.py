@@ -11,7 +11,8 @@ Models:
   * ``resnet20`` / ``resnet56``: CIFAR ResNets of He et al. 2016, §4.2 (6n+2 layers, option-A shortcuts).
   * ``resnet18_cifar``: torchvision ResNet-18 with the usual CIFAR stem (3×3 stride-1 first conv,
     no max-pool), 11.2M parameters.
-  * ``small_cnn``: a four-conv CNN for small images (the embedded digits dataset).
+  * ``small_cnn``: a four-conv CNN for small images (the embedded digits dataset);
+    ``small_cnn_dropout``: the same with dropout 0.5 before the classifier.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet20": lambda num_classes, image_size: resnet20(num_classes),
     "resnet56": lambda num_classes, image_size: resnet56(num_classes),
     "small_cnn": lambda num_classes, image_size: small_cnn(num_classes),
+    "small_cnn_dropout": lambda num_classes, image_size: small_cnn(num_classes, dropout=0.5),
 }
 
 
