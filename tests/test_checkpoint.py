@@ -50,3 +50,25 @@ def test_rng_state_restores_streams():
     a = torch.rand(4)
     ckpt.set_rng_state(state)
     assert torch.equal(torch.rand(4), a)
+
+
+def test_restore_rng_takes_this_ranks_state():
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(ckpt.rng_state())
+    ckpt.restore_rng(states, rank=1, world_size=2, seed=0, step=5)
+    torch.manual_seed(2)
+    expect = torch.rand(3)
+    ckpt.restore_rng(states, rank=1, world_size=2, seed=0, step=5)
+    assert torch.equal(torch.rand(3), expect)
+    ckpt.restore_rng(states[0], rank=1, world_size=2, seed=0, step=5)  # an older checkpoint: one state
+    old = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), old)
+    # another world size: a fresh stream per rank, the same on every resume, different across ranks
+    draws = []
+    for rank in (0, 1, 0):
+        ckpt.restore_rng(states, rank=rank, world_size=3, seed=0, step=5)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])

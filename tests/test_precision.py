@@ -151,6 +151,29 @@ def test_dynamic_loss_scaler_matches_grad_scaler():
         DynamicLossScaler(backoff_factor=1.5)
 
 
+def test_loss_scale_floor_hysteresis_and_persistent_overflow():
+    s = DynamicLossScaler(init_scale=8.0, min_scale=2.0, max_skips_at_min=3)
+    scales = []
+    for _ in range(4):
+        s.update(True)
+        scales.append(s.scale)
+    assert scales == [4.0, 2.0, 2.0, 2.0]  # halved down to the floor, never below (no ZeroDivisionError)
+    with pytest.raises(FloatingPointError, match="3 consecutive steps with the loss scale at its minimum 2.0"):
+        s.update(True)
+    s = DynamicLossScaler(init_scale=8.0, hysteresis=2)
+    for found_inf, expect in [(True, 8.0), (True, 4.0), (True, 4.0), (False, 4.0), (True, 4.0), (True, 2.0)]:
+        s.update(found_inf)  # backs off only after 2 consecutive overflows; a clean step resets the count
+        assert s.scale == expect
+    restored = DynamicLossScaler()
+    restored.load_state_dict({"scale": 2.0, "growth_tracker": 1})  # an older checkpoint
+    assert restored.state_dict() == {"scale": 2.0, "growth_tracker": 1, "overflow_tracker": 0, "skips_at_min": 0}
+    for kwargs, msg in [({"min_scale": 0.0}, "Invalid min_scale: 0.0"), ({"min_scale": 1e9}, "Invalid min_scale"),
+                        ({"hysteresis": 0}, "Invalid hysteresis: 0"), ({"init_scale": float("inf")},
+                                                                       "Invalid init_scale: inf")]:
+        with pytest.raises(ValueError, match=msg):
+            DynamicLossScaler(**kwargs)
+
+
 def test_bf16_defaults_and_overflow_without_scaling_is_an_error():
     net, prec, opt = _setup("bf16")
     assert prec.loss_scale == 1.0 and not prec.loss_scaling

@@ -232,3 +232,40 @@ def test_two_process_run_with_fastnet_all_reduce(tmp_path, extra):
     buckets = yaml.safe_load((out / "config.yaml").read_text())["buckets"]
     if "hybrid" in extra:
         assert len(buckets) > 1 and {b["algorithm"] for b in buckets} == {"native"}
+
+
+@pytest.mark.parametrize("policy", ["average", "none"])
+def test_buffers_agree_after_evaluation_and_sync_options_run(tmp_path, policy):
+    """BatchNorm running statistics are averaged over ranks before evaluation and checkpoints (with
+    ``none`` each rank keeps its own, which shows the statistics do differ per rank)."""
+    out = tmp_path / policy
+    res = run_trainer([*FAST, "--global-batch-size", "64", "--micro-batch-size", "32", "--max-steps", "6",
+                       "--allreduce", "ring", "--find-unused-parameters", "--distributed-debug",
+                       "--grad-predivide-factor", "1", "--buffer-sync", policy, "--out-dir", str(out)], nproc=2)
+    assert res.returncode == 0, res.stderr
+    (summary,) = _records(out, "summary")
+    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+    same_state = summary["state_checksums"][0] == summary["state_checksums"][1]
+    assert same_state == (policy == "average")
+
+
+def test_resume_with_dropout_restores_every_ranks_generator(tmp_path):
+    """Dropout draws per-rank random numbers each step: the resumed run must continue each rank's
+    own stream (not rank 0's on every rank) to end with the uninterrupted run's parameters."""
+    common = [*FAST, "--model", "small_cnn_dropout", "--global-batch-size", "64", "--micro-batch-size", "32",
+              "--epochs", "1", "--checkpoint-interval", "2", "--log-interval", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for out, steps in ((full, 4), (part, 2)):
+        res = run_trainer([*common, "--max-steps", str(steps), "--out-dir", str(out)], nproc=2)
+        assert res.returncode == 0, res.stderr
+    res = run_trainer([*common, "--max-steps", "4", "--out-dir", str(part), "--resume", str(part / "checkpoints")],
+                      nproc=2)
+    assert res.returncode == 0, res.stderr
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert len(a["rng"]) == 2 and not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])
+    for key, t in a["model"].items():
+        assert torch.equal(t, b["model"][key]), key
+    losses = {r["step"]: r["train_loss"] for r in _records(full, "step")}
+    resumed = {r["step"]: r["train_loss"] for r in _records(part, "step")}
+    assert losses[3] == resumed[3] and losses[4] == resumed[4]

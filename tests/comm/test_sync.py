@@ -45,6 +45,11 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
             AlgorithmAllReduce(comm, "ring")([torch.ones(5 + (rank == 1))])
         except ValueError as exc:
             mismatch = str(exc)
+        # FP16 wire with predivide factor 1 (sum in FP16, divide by world size after): integer values
+        # stay exact, where the default pre-division by the world size rounds 1/3 in FP16.
+        ints = torch.arange(40, dtype=torch.float32) * (rank + 1)
+        AlgorithmAllReduce(comm, "ring", 1 << 20, "fp16", predivide_factor=1.0)([ints])
+        results["predivide"] = torch.equal(ints, torch.arange(40, dtype=torch.float32) * (world + 1) / 2)
         queue.put((rank, results, flat, mismatch))
     finally:
         dist.destroy_process_group()
@@ -53,6 +58,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_algorithm_all_reduce_averages_and_agrees(world):
     out = {r: (res, flat, mm) for r, res, flat, mm in spawn_ranks(_worker, world)}
+    assert all(out[r][0].pop("predivide") for r in range(world))
     for key, (err, digest, dtypes) in out[0][0].items():
         tol = {"none": 1e-3, "fp16": 2e-3, "bf16": 2e-2}[key[1]]  # the fp16 gradient bounds "none"
         assert err < tol, (key, err)
@@ -75,5 +81,8 @@ def test_bad_arguments():
         AlgorithmAllReduce(Comm(), "hierarchical", segment_bytes=-1)
     with pytest.raises(ValueError, match="Invalid fusion threshold: 0 bytes"):
         AlgorithmAllReduce(Comm(), "ring", 0)
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="Invalid predivide_factor"):
+            AlgorithmAllReduce(Comm(), "ring", predivide_factor=bad)
     g = torch.ones(3)
     assert AlgorithmAllReduce(Comm(), "ring")([g]) == 0.0 and torch.equal(g, torch.ones(3))
