@@ -92,7 +92,6 @@ class Bench:
 
             self.comm: Any = MPICommunicator()
             self.device = torch.device("cpu")
-            local = self.comm.ranks_per_node()
             self.label = "mpi"
         else:
             from fastnet.comm.communicator import TorchCommunicator
@@ -100,7 +99,6 @@ class Bench:
 
             world = setup(device, "auto", timeout_s)
             self.device = world.device
-            local = world.local_size
             if world.distributed:
                 self.comm = TorchCommunicator()
                 self.label = self.comm.backend
@@ -112,7 +110,12 @@ class Bench:
                 self.comm, self.label = NcclCommunicator.from_torch(timeout_s=timeout_s), "nccl-cupy"
         self.rank = self.comm.rank if self.comm else 0
         self.size = self.comm.size if self.comm else 1
-        self.ranks_per_node = ranks_per_node or local
+        self.override = ranks_per_node  # None: nodes from the hosts (BucketReducer)
+        if ranks_per_node is None and self.comm is not None:
+            from fastnet.comm.topology import Topology, gather_hosts
+
+            ranks_per_node = Topology.from_hosts(self.rank, gather_hosts(self.comm)).ranks_per_node
+        self.ranks_per_node = ranks_per_node or 1  # the largest node: the cost model's node size
         self.cost_model = cost_model or CostModel()
         self.segment_bytes = segment_bytes
         self._reducers: dict[str, Any] = {}
@@ -125,7 +128,7 @@ class Bench:
         if self.size == 1:
             return lambda buf: None
         if algorithm not in self._reducers:
-            self._reducers[algorithm] = BucketReducer(self.comm, algorithm, "none", self.ranks_per_node,
+            self._reducers[algorithm] = BucketReducer(self.comm, algorithm, "none", self.override,
                                                       self.cost_model, self.segment_bytes)
         return self._reducers[algorithm].sum_
 
@@ -230,7 +233,7 @@ def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusio
         ("single", None, views(total * flat.element_size()), [flat]), ("per-tensor", None, per_tensor, grads)]
     for mb in fusion_mb:
         threshold = int(mb * (1 << 20))
-        sync = AlgorithmAllReduce(bench.comm, algorithm, threshold, wire_dtype, ranks_per_node=bench.ranks_per_node,
+        sync = AlgorithmAllReduce(bench.comm, algorithm, threshold, wire_dtype, ranks_per_node=bench.override,
                                   cost_model=bench.cost_model, segment_bytes=bench.segment_bytes) if bench.comm else None
         cases.append(("fused-pack", mb, (lambda s=sync: s(grads)) if sync else (lambda: None), grads))
         cases.append(("fused-views", mb, views(threshold), [flat]))

@@ -42,6 +42,8 @@ try:
 except ValueError as exc:
     results["mismatch"] = [str(exc), ""]
 rpn = comm.ranks_per_node()  # collective: every rank calls it
+hosts = Hierarchy(comm).topology  # nodes from the host names: must agree with MPI's shared-memory split
+results["hosts"] = [hosts.local_size == rpn and hosts.num_nodes == 1, hosts.describe()]
 everything = comm.comm.gather(results, root=0)
 if r == 0:
     print("RESULTS " + json.dumps({"size": n, "rpn": rpn, "ranks": everything}))
