@@ -89,6 +89,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
     timeout_s: float = 300.0  # collective timeout in seconds; a dead rank ends the job within it
+    communicator: str = "torch"  # torch (torch.distributed group) | nccl (CuPy NCCL, CUDA) | mpi (mpi4py; launch with mpiexec)
     allreduce: str = "native"  # native | ring | hierarchical | leader | hybrid (per bucket, by the cost model)
     fusion_mb: float = 25.0  # fusion threshold: MiB per bucket on the wire (DDP's default)
     wire_dtype: str = "none"  # none | fp16 | bf16: gradients on the wire (divided by world size first)
@@ -284,7 +285,8 @@ def validate(cfg: TrainConfig) -> None:
     for key, choices in (("device", ("auto", "cpu", "cuda")), ("backend", ("auto", "gloo", "nccl")),
                          ("lars_exclude", ("1d", "bn_bias", "none")), ("batch_schedule", ("constant", "increase")),
                          ("allreduce", ("native", "ring", "hierarchical", "leader", "hybrid")),
-                         ("wire_dtype", ("none", "fp16", "bf16")), ("buffer_sync", ("average", "broadcast", "none"))):
+                         ("wire_dtype", ("none", "fp16", "bf16")), ("buffer_sync", ("average", "broadcast", "none")),
+                         ("communicator", ("torch", "nccl", "mpi"))):
         if getattr(cfg, key) not in choices:
             raise ValueError(f"Invalid {key}: {getattr(cfg, key)!r}; valid choices: {', '.join(choices)}")
 

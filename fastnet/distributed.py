@@ -1,7 +1,10 @@
 """Process-group set-up for ``torchrun`` (env:// rendezvous) or a single process.
 
 ``torchrun`` exports RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
-:func:`setup` reads them here and nowhere else. Backend: gloo on CPU, nccl on CUDA, each rank
+:func:`setup` reads them here and nowhere else. Under ``mpiexec`` (no RANK, but MPICH's PMI_RANK or
+Open MPI's OMPI_COMM_WORLD_RANK), the ranks come from mpi4py's ``COMM_WORLD`` and the node from its
+shared-memory split, and rank 0 broadcasts the rendezvous address (MASTER_ADDR / MASTER_PORT if
+set, else its host and a free port) over MPI. Backend: gloo on CPU, nccl on CUDA, each rank
 pinned to ``cuda:LOCAL_RANK``. Every collective is bounded by ``timeout_s``: when a rank dies,
 the survivors' next collective raises instead of hanging.
 """
@@ -60,9 +63,13 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
         ValueError: a malformed rank variable, or ``nccl`` on CPU.
     """
     env = os.environ if environ is None else environ
-    rank, size = _env_int(env, "RANK", 0), _env_int(env, "WORLD_SIZE", 1)
-    local_rank = _env_int(env, "LOCAL_RANK", rank)
-    local_size = _env_int(env, "LOCAL_WORLD_SIZE", size)
+    init_method = "env://"
+    if "RANK" not in env and ("PMI_RANK" in env or "OMPI_COMM_WORLD_RANK" in env):
+        rank, size, local_rank, local_size, init_method = _mpi_rendezvous(env)
+    else:
+        rank, size = _env_int(env, "RANK", 0), _env_int(env, "WORLD_SIZE", 1)
+        local_rank = _env_int(env, "LOCAL_RANK", rank)
+        local_size = _env_int(env, "LOCAL_WORLD_SIZE", size)
     if not 0 <= rank < size:
         raise ValueError(f"Invalid RANK={rank} for WORLD_SIZE={size}")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -82,9 +89,32 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
         raise ValueError("backend 'nccl' needs CUDA tensors; use --backend gloo on CPU")
     if size > 1 and not dist.is_initialized():
         kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=size,
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return World(rank, size, local_rank, local_size, dev)
+
+
+def _mpi_rendezvous(env: Mapping[str, str]) -> tuple[int, int, int, int, str]:
+    """Under mpiexec: (rank, size, local rank, local size, tcp:// init method) from mpi4py."""
+    import socket
+
+    from fastnet.comm.mpi import _mpi
+
+    comm = _mpi().COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(_mpi().COMM_TYPE_SHARED, key=rank)
+    local_rank, local_size = local.Get_rank(), local.Get_size()
+    local.Free()
+    address = None
+    if rank == 0:
+        host = env.get("MASTER_ADDR") or ("127.0.0.1" if local_size == size else socket.gethostbyname(socket.gethostname()))
+        port = env.get("MASTER_PORT")
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = str(s.getsockname()[1])
+        address = f"tcp://{host}:{port}"
+    return rank, size, local_rank, local_size, comm.bcast(address, root=0)
 
 
 def broadcast_from_rank0(module: torch.nn.Module, world: World) -> None:

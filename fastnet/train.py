@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from fastnet import checkpoint as ckpt
 from fastnet.comm import CostModel, GradientSynchronizer
-from fastnet.comm.communicator import TorchCommunicator
+from fastnet.comm.communicator import build_communicator
 from fastnet.config import TrainConfig, accumulation_steps, epoch_plan, parse_cli
 from fastnet.data import EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, train_loader
 from fastnet.distributed import (World, all_reduce_sum, broadcast_from_rank0, gather_objects, setup, sync_buffers,
@@ -122,6 +122,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     precision = Precision(cfg.precision, world.device, loss_scaling=cfg.loss_scaling,  # validates the name early
                           init_scale=cfg.init_loss_scale, growth_interval=cfg.loss_scale_growth_interval,
                           min_scale=cfg.min_loss_scale, hysteresis=cfg.loss_scale_hysteresis)
+    if cfg.communicator == "nccl" and world.distributed and world.device.type != "cuda":
+        raise ValueError("communicator 'nccl' (CuPy NCCL) needs CUDA tensors; on CPU use --communicator torch or mpi")
     if cfg.sync_batchnorm and world.distributed and world.device.type != "cuda":
         raise ValueError("sync_batchnorm needs CUDA (torch.nn.SyncBatchNorm runs on GPU inputs only); on CPU keep "
                          "per-rank batch statistics and --buffer-sync average")
@@ -162,7 +164,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     grad_sync = None
     if world.distributed:  # gradients become views into its buckets (or its buckets slice the FP16 buffers)
         grad_sync = GradientSynchronizer(
-            TorchCommunicator(), model.parameters(), algorithm=cfg.allreduce,
+            build_communicator(cfg.communicator, timeout_s=cfg.timeout_s), model.parameters(), algorithm=cfg.allreduce,
             fusion_threshold_bytes=int(cfg.fusion_mb * (1 << 20)), wire_dtype=cfg.wire_dtype,
             ranks_per_node=cfg.ranks_per_node,  # None: nodes from the hosts
             cost_model=CostModel.load(cfg.cost_model) if cfg.cost_model else None, overlap=cfg.overlap,
@@ -232,8 +234,10 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                 with accumulate_only:
                     precision.backward(loss)
                 loss_sum += loss.detach().float()
-            comm_s = grad_sync.synchronize() if grad_sync else 0.0  # exposed (not overlapped) seconds
+            if grad_sync:
+                grad_sync.synchronize()
             global_loss = all_reduce_sum([loss_sum.item()], world)[0] / world.size  # the step's one host sync
+            comm_s = grad_sync.exposed_seconds() if grad_sync else 0.0  # not hidden behind backward
             if not math.isfinite(global_loss) and not precision.loss_scaling:
                 raise NonFiniteLossError(
                     f"non-finite loss {global_loss} at step {progress.global_step + 1} (epoch {epoch}); "

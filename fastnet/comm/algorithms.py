@@ -1,5 +1,5 @@
 """All-reduce algorithms built only from :class:`fastnet.comm.communicator.Communicator` primitives
-(send/recv, reduce, broadcast), so they run on every backend.
+(grouped point-to-point ``exchange``, and collectives), so they run on every backend.
 
 All take a 1-D contiguous tensor ``x`` (any length, 0 included; any dtype the backend can send)
 and reduce it in place with SUM over the communicator's ranks. For an average, divide by the
@@ -19,7 +19,7 @@ each element's final sum is computed on one rank and then copied to the others.
 
 from __future__ import annotations
 
-from typing import Any, Generator, Sequence
+from typing import Any, Generator, NamedTuple, Sequence
 
 import torch
 
@@ -40,39 +40,49 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-Steps = Generator[list[Work], None, Any]
-"""A schedule of message steps: each ``next()`` posts one step's isend/irecv and yields their
-:class:`Work` handles; it is resumed (to finish the step and post the next) once they completed.
-Its return value is the phase's result. :func:`run_steps` drives one, :func:`run_pipelined` many."""
+class RingStep(NamedTuple):
+    """One ring step on ``comm``: send ``send`` to the right neighbour, receive ``recv`` from the
+    left one (empty tensors carry no message; both sides agree on the sizes)."""
+
+    comm: Communicator
+    send: torch.Tensor
+    recv: torch.Tensor
 
 
-def _post_exchange(comm: Communicator, send: torch.Tensor, recv: torch.Tensor) -> list[Work]:
-    """Post a send of ``send`` to the right neighbour and a receive of ``recv`` from the left one
-    (empty tensors are skipped on both sides, which agree on the sizes); returns the handles."""
-    right, left = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
-    works = []
-    if recv.numel():
-        works.append(comm.irecv(recv, left))
-    if send.numel():
-        works.append(comm.isend(send, right))
-    return works
+Steps = Generator[list[RingStep], None, Any]
+"""A schedule of message steps: each ``next()`` yields one step's :class:`RingStep` messages
+(described, not posted); it is resumed (to finish the step, e.g. add what arrived, and describe the
+next) once the driver has posted them and they completed. Its return value is the phase's result.
+:func:`run_steps` drives one, :func:`run_pipelined` many."""
+
+
+def post(messages: Sequence[RingStep]) -> list[Work]:
+    """Post ``messages`` with one grouped ``exchange`` per communicator (in order of first
+    appearance, the same on every rank), so no unbatched send/recv is ever issued."""
+    by_comm: dict[int, tuple[Communicator, list, list]] = {}
+    for m in messages:
+        entry = by_comm.setdefault(id(m.comm), (m.comm, [], []))
+        n = m.comm.size
+        entry[1].append((m.send, (m.comm.rank + 1) % n))
+        entry[2].append((m.recv, (m.comm.rank - 1) % n))
+    return [comm.exchange(sends, recvs) for comm, sends, recvs in by_comm.values()]
 
 
 def run_steps(steps: Steps) -> Any:
     """Drive ``steps`` to the end, one step at a time; returns the schedule's return value."""
     while True:
         try:
-            works = next(steps)
+            messages = next(steps)
         except StopIteration as stop:
             return stop.value
-        for w in works:
+        for w in post(messages):
             w.wait()
 
 
-def _advance(steps: Steps, works: list[Work]) -> bool:
-    """Post ``steps``' next step, adding its handles to ``works``; False once it has ended."""
+def _advance(steps: Steps, messages: list[RingStep]) -> bool:
+    """Add ``steps``' next step's messages to ``messages``; False once it has ended."""
     try:
-        works.extend(next(steps))
+        messages.extend(next(steps))
         return True
     except StopIteration:
         return False
@@ -91,13 +101,13 @@ def run_pipelined(schedules: Sequence[Steps], depth: int) -> None:
         raise ValueError(f"Invalid pipeline depth: {depth} (must be >= 1)")
     waiting, running = list(reversed(schedules)), []
     while waiting or running:
-        works: list[Work] = []
-        running = [steps for steps in running if _advance(steps, works)]  # oldest first, on every rank
+        messages: list[RingStep] = []
+        running = [steps for steps in running if _advance(steps, messages)]  # oldest first, on every rank
         if waiting and len(running) < depth:
             steps = waiting.pop()
-            if _advance(steps, works):
+            if _advance(steps, messages):
                 running.append(steps)
-        for w in works:
+        for w in post(messages):  # one grouped exchange per communicator per round
             w.wait()
 
 
@@ -112,7 +122,7 @@ def ring_reduce_scatter_steps(comm: Communicator, x: torch.Tensor) -> Steps:
         for s in range(n - 1):
             send_c, recv_c = (r - s) % n, (r - s - 1) % n
             buf = tmp[:sizes[recv_c]]
-            yield _post_exchange(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]], buf)
+            yield [RingStep(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]], buf)]
             x[offs[recv_c]:offs[recv_c] + sizes[recv_c]].add_(buf)
     own = (r + 1) % n
     return offs[own], sizes[own]
@@ -126,8 +136,8 @@ def ring_all_gather_steps(comm: Communicator, x: torch.Tensor) -> Steps:
     offs = _offsets(sizes)
     for s in range(n - 1):
         send_c, recv_c = (r + 1 - s) % n, (r - s) % n
-        yield _post_exchange(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]],
-                             x[offs[recv_c]:offs[recv_c] + sizes[recv_c]])
+        yield [RingStep(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]],
+                        x[offs[recv_c]:offs[recv_c] + sizes[recv_c]])]
 
 
 def ring_reduce_scatter(comm: Communicator, x: torch.Tensor) -> tuple[int, int]:

@@ -54,6 +54,15 @@ class Communicator(Protocol):
 
     def irecv(self, tensor: torch.Tensor, src: int) -> Work: ...
 
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
+                 recvs: Sequence[tuple[torch.Tensor, int]]) -> Work:
+        """Grouped point-to-point: post every ``(tensor, dst)`` send and ``(tensor, src)`` receive
+        as one group and return one handle for all of them. Paired sends and receives inside one
+        group cannot deadlock whatever order the ranks post them in (NCCL's rule: point-to-point
+        pairs inside one ``ncclGroupStart``/``ncclGroupEnd``; torch's ``batch_isend_irecv``; MPI's
+        ``Isend``/``Irecv`` + ``Waitall``). Empty tensors are skipped (both sides must agree on
+        sizes). fastnet's algorithms use only this for point-to-point traffic."""
+
     def barrier(self) -> None: ...
 
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":
@@ -63,6 +72,23 @@ class Communicator(Protocol):
 
 
 _NEW_GROUP_SORTS_ONLY = "sort_ranks" not in inspect.signature(dist.new_group).parameters
+
+
+class WorkList:
+    """One handle for several: ``wait()`` waits for each, ``is_completed()`` when all are (an empty
+    list is complete)."""
+
+    __slots__ = ("works",)
+
+    def __init__(self, works: Sequence[Work]) -> None:
+        self.works = list(works)
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
 
 
 def check_op(op: str) -> None:
@@ -149,6 +175,14 @@ class TorchCommunicator:
     def irecv(self, tensor: torch.Tensor, src: int) -> Work:
         return dist.irecv(tensor, src=self._global[src], group=self.group)
 
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
+                 recvs: Sequence[tuple[torch.Tensor, int]]) -> WorkList:
+        """One ``torch.distributed.batch_isend_irecv`` of the non-empty sends and receives (NCCL:
+        one coalesced group; gloo: the same ops, issued together)."""
+        ops = [dist.P2POp(dist.isend, t, self._global[peer], self.group) for t, peer in sends if t.numel()]
+        ops += [dist.P2POp(dist.irecv, t, self._global[peer], self.group) for t, peer in recvs if t.numel()]
+        return WorkList(dist.batch_isend_irecv(ops) if ops else [])
+
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
@@ -173,6 +207,43 @@ class TorchCommunicator:
             if c == color:
                 mine = TorchCommunicator(group)
         return mine
+
+
+COMMUNICATORS = ("torch", "nccl", "mpi")
+
+
+def build_communicator(name: str, *, group: dist.ProcessGroup | None = None,
+                       timeout_s: float | None = None) -> Communicator:
+    """The communicator that carries gradient buckets, by name (Conventions 5 and 6):
+
+    * ``torch``: :class:`TorchCommunicator` over ``group`` (default: the world; gloo on CPU, nccl on
+      CUDA, as initialised).
+    * ``nccl``: :class:`fastnet.comm.nccl.NcclCommunicator` (CuPy's NCCL, its own side stream) over
+      the ranks of ``group``; CUDA tensors only; the unique id travels over torch.distributed.
+    * ``mpi``: :class:`fastnet.comm.mpi.MPICommunicator` over ``MPI.COMM_WORLD``; CPU tensors; the
+      job is launched by ``mpiexec`` (``group`` must be the world).
+
+    Collective over the ranks of ``group``. Raises ValueError for an unknown name (valid ones
+    listed), RuntimeError when the backend's package is missing (naming the extra) or, for
+    ``nccl``, without CUDA.
+    """
+    if name not in COMMUNICATORS:
+        raise ValueError(f"Unknown communicator {name!r}; valid communicators: {', '.join(COMMUNICATORS)}")
+    if name == "torch":
+        return TorchCommunicator(group)
+    if name == "nccl":
+        from fastnet.comm.nccl import NcclCommunicator
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("communicator 'nccl' (CuPy NCCL) needs CUDA; on CPU use --communicator torch or mpi")
+        return NcclCommunicator.from_torch(group, **({"timeout_s": timeout_s} if timeout_s else {}))
+    from fastnet.comm.mpi import MPICommunicator
+
+    comm = MPICommunicator()
+    if dist.is_initialized() and comm.size != dist.get_world_size(group):
+        raise RuntimeError(f"communicator 'mpi' spans MPI.COMM_WORLD ({comm.size} ranks) but the torch.distributed "
+                           f"group has {dist.get_world_size(group)}: launch every rank with mpiexec")
+    return comm
 
 
 def world_communicator(timeout_s: float | None = None) -> TorchCommunicator:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from fastnet.comm.communicator import TorchCommunicator
+from fastnet.comm.communicator import TorchCommunicator, build_communicator
 from fastnet.comm.cost_model import CostModel
 from fastnet.comm.sync import AlgorithmAllReduce
 from fastnet.comm.synchronizer import CommThread
@@ -75,20 +75,24 @@ def fastnet_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.f
 def ddp_hook(algorithm: str = "ring", wire_dtype: str = "none", fusion_mb: float = 64.0,
              ranks_per_node: int | None = None, group: dist.ProcessGroup | None = None,
              predivide_factor: float | None = None, cost_model: "CostModel | None" = None,
-             ) -> tuple[HookState, Callable[[HookState, dist.GradBucket], torch.futures.Future]]:
+             communicator: str = "torch") -> tuple[HookState, Callable[[HookState, dist.GradBucket], torch.futures.Future]]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``.
 
     Args: see :class:`fastnet.comm.AlgorithmAllReduce` (``fusion_mb`` in MiB; nodes from the hosts
-    unless ``ranks_per_node``). Collective: every rank must call it in the same order (the
+    unless ``ranks_per_node``); ``communicator``: ``torch`` (a group split off DDP's), ``nccl``
+    (CuPy NCCL, CUDA) or ``mpi`` (mpiexec launch) — :func:`fastnet.comm.communicator.build_communicator`. Collective: every rank must call it in the same order (the
     hierarchical algorithms build sub-communicators) and with the same settings (checked).
 
     Raises:
         ValueError: unknown algorithm / wire dtype (valid ones listed), settings that differ across
             ranks (the first differing one named). RuntimeError: no process group.
     """
-    comm = TorchCommunicator(group)
-    if comm.size > 1 and comm.size == dist.get_world_size():
-        comm = comm.split(0, comm.rank)  # dedicated groups: never interleaves with DDP's own collectives
+    if communicator == "torch":
+        comm = TorchCommunicator(group)
+        if comm.size > 1 and comm.size == dist.get_world_size():
+            comm = comm.split(0, comm.rank)  # dedicated groups: never interleaves with DDP's own collectives
+    else:  # its own communicator (CuPy NCCL or MPI): never interleaves with DDP's process group
+        comm = build_communicator(communicator, group=group)
     sync = AlgorithmAllReduce(comm, algorithm, int(fusion_mb * (1 << 20)), wire_dtype, ranks_per_node, cost_model,
                               predivide_factor=predivide_factor)
     return HookState(sync), fastnet_allreduce_hook

@@ -12,11 +12,11 @@ abort the job, which is how MPI jobs end.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from fastnet.comm.communicator import check_op
+from fastnet.comm.communicator import WorkList, check_op
 
 
 def _mpi() -> Any:
@@ -143,6 +143,13 @@ class MPICommunicator:
     def irecv(self, tensor: torch.Tensor, src: int) -> _Request:
         buf = self._buf(tensor)
         return _Request(self.comm.Irecv(buf, source=src), buf)
+
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
+                 recvs: Sequence[tuple[torch.Tensor, int]]) -> WorkList:
+        """``Isend``/``Irecv`` of the non-empty tensors, posted together; ``wait()`` is a Waitall."""
+        works = [self.isend(t, peer) for t, peer in sends if t.numel()]
+        works += [self.irecv(t, peer) for t, peer in recvs if t.numel()]
+        return WorkList(works)
 
     def barrier(self) -> None:
         self.comm.Barrier()

@@ -245,6 +245,21 @@ class NcclCommunicator:
         self._pending.append(("recv", tensor, src))
         return _Work(self, None)
 
+    def exchange(self, sends: Sequence[tuple[torch.Tensor, int]],
+                 recvs: Sequence[tuple[torch.Tensor, int]]) -> _Work:
+        """The non-empty sends and receives in one ``ncclGroupStart``/``ncclGroupEnd`` on the side
+        stream, issued now; the handle's event marks their end."""
+        for t, peer in sends:
+            if t.numel():
+                self._ptr(t)
+                self._pending.append(("send", t, peer))
+        for t, peer in recvs:
+            if t.numel():
+                self._ptr(t)
+                self._pending.append(("recv", t, peer))
+        self._flush()
+        return _Work(self, self._record())
+
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         self.isend(tensor, dst).wait()
 

@@ -180,6 +180,7 @@ class GradientSynchronizer:
         self._launched_early = 0
         self.unused_parameters: list[nn.Parameter] = []  # used on no rank in the last synchronized step
         self.last_step: dict[str, int] = {}
+        self._exposed: float | tuple = 0.0
         self._cuda = bool(self.params) and self.params[0].device.type == "cuda"
         self._stream = torch.cuda.Stream(self.params[0].device) if self._cuda else None
         self._thread = CommThread() if overlap and self.comm.size > 1 else None
@@ -373,6 +374,10 @@ class GradientSynchronizer:
                 error a bucket's all-reduce raised (re-raised here, with the bucket named).
         """
         start = time.perf_counter()
+        begin = None
+        if self._cuda:  # exposed time on the device: the compute stream's wait for the comm stream
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
         for i in range(len(self.params)):  # no backward reached its end callback (nothing used here)
             if not self._ready[i]:
                 self._mark_without_grad(i)
@@ -404,7 +409,23 @@ class GradientSynchronizer:
         self.last_step = {"buckets": len(self.buckets), "launched_before_synchronize": self._launched_early,
                           "unused_parameters": len(self.unused_parameters)}
         self._reset()
+        self._exposed = time.perf_counter() - start
+        if begin is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._exposed = (begin, end)
         return time.perf_counter() - start
+
+    def exposed_seconds(self) -> float:
+        """Communication of the last step not hidden behind backward, seconds: on CPU the host's
+        wait in :meth:`synchronize`; on CUDA the time the compute stream waited for the
+        communication stream, from CUDA events (the host's wait would only cover queuing). On CUDA
+        this waits for the step's communication to end (call it after the step's own host sync)."""
+        if isinstance(self._exposed, tuple):
+            begin, end = self._exposed
+            end.synchronize()
+            return begin.elapsed_time(end) / 1e3
+        return self._exposed
 
     def _wait(self, future: concurrent.futures.Future, what: str):
         try:

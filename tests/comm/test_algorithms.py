@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastnet.comm.algorithms import hierarchical_all_reduce, ring_all_reduce, run_pipelined
+from fastnet.comm.algorithms import RingStep, hierarchical_all_reduce, ring_all_reduce, run_pipelined
 from fastnet.comm.communicator import TorchCommunicator, split_sizes
 from fastnet.comm.topology import Hierarchy, Topology
 from tests.conftest import init_gloo, spawn_ranks
@@ -22,8 +22,18 @@ def _input(rank: int, length: int, dtype: torch.dtype) -> torch.Tensor:
     return ((torch.arange(length) % 7 + 1) * (rank + 1)).to(dtype)
 
 
+def _unbatched(*args, **kwargs):
+    raise AssertionError("an algorithm issued an unbatched send/recv on a torch process group (NCCL would "
+                         "serialise it like a collective and deadlock the ring): use Communicator.exchange")
+
+
 def _worker(rank: int, world: int, port: int, queue) -> None:
     init_gloo(rank, world, port)
+    for name in ("isend", "irecv", "send", "recv"):  # only grouped exchanges may carry point-to-point traffic
+        setattr(TorchCommunicator, name, _unbatched)
+    batches = []
+    batch_isend_irecv = dist.batch_isend_irecv
+    dist.batch_isend_irecv = lambda ops: batches.append(len(ops)) or batch_isend_irecv(ops)
     try:
         comm = TorchCommunicator()
         results = {}
@@ -54,6 +64,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
             except ValueError as exc:
                 errors.append(str(exc))
         split = comm.split(rank % 2, key=-rank)  # reversed order inside each color
+        results["batched"] = (len(batches) > 0) == (world > 1), ""
         queue.put((rank, results, errors, (split.size, split.rank)))
     finally:
         dist.destroy_process_group()
@@ -75,16 +86,25 @@ def test_algorithms_sum_exactly_and_agree_bitwise(world):
 
 
 def test_run_pipelined_staggers_schedules_one_round_apart():
-    log, round_ends = [], set()  # (schedule, step) in posting order; log length at every wait
+    log, round_ends, groups = [], set(), []  # (schedule, step) in posting order; log length at every wait
 
     class Work:
         def wait(self):
             round_ends.add(len(log))  # no step is posted while a round's works are waited on
 
+    class Comm:
+        rank, size = 0, 2
+
+        def exchange(self, sends, recvs):
+            groups.append((len(sends), len(recvs)))
+            return Work()
+
+    comm = Comm()
+
     def schedule(i, steps):
         for j in range(steps):
             log.append((i, j))
-            yield [Work()]
+            yield [RingStep(comm, torch.ones(1), torch.empty(1))]
 
     run_pipelined([schedule(i, 4) for i in range(6)], depth=4)
     round_of, start = {}, 0
@@ -93,6 +113,8 @@ def test_run_pipelined_staggers_schedules_one_round_apart():
         start = end
     assert len(log) == 24 and all(round_of[(i, j)] == i + j for i in range(6) for j in range(4)), round_of
     assert len(round_ends) == 6 + 4 - 1  # segments + steps - 1 rounds
+    # one grouped exchange per communicator per round, holding every running schedule's step
+    assert groups == [(k, k) for k in (1, 2, 3, 4, 4, 4, 3, 2, 1)]
     with pytest.raises(ValueError, match="pipeline depth: 0"):
         run_pipelined([], 0)
 

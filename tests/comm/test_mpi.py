@@ -82,3 +82,40 @@ def test_bench_over_mpi(tmp_path):
     assert data["backend"] == "mpi" and data["world_size"] == 3
     assert {r["algorithm"] for r in data["rows"]} == {"native", "ring", "hierarchical", "leader", "hybrid"}
     assert all(r["wrong"] == 0 for r in data["rows"])
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_mpiexec_launch_and_ddp_hook_over_mpi(n):
+    """torch.distributed rendezvous from MPI (no torchrun) and fastnet's DDP hook with
+    ``communicator="mpi"``: the same parameters as plain DDP, bitwise equal on every rank."""
+    res = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-m", "tests.comm.mpi_ddp_worker"], cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULTS "))[len("RESULTS "):])
+    assert data["size"] == n and data["local_size"] == n
+    assert data["err"] < 1e-5 and data["same"], data
+
+
+def test_trainer_under_mpiexec_with_the_mpi_communicator(tmp_path):
+    from tests.conftest import FAST
+
+    out = tmp_path / "mpi"
+    res = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "fastnet.train", *FAST, "--communicator", "mpi",
+                          "--allreduce", "ring", "--global-batch-size", "64", "--micro-batch-size", "32",
+                          "--max-steps", "8", "--out-dir", str(out)], cwd=REPO, env=child_env(),
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["kind"] == "summary" and summary["world_size"] == 2 and summary["steps"] == 8
+    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert summary["state_checksums"][0] == summary["state_checksums"][1]
+
+
+def test_communicator_registry_errors():
+    from fastnet.comm.communicator import build_communicator
+
+    with pytest.raises(ValueError, match="valid communicators: torch, nccl, mpi"):
+        build_communicator("ucx")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            build_communicator("nccl")
