@@ -90,7 +90,7 @@ class TrainConfig:
     backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
     timeout_s: float = 300.0  # collective timeout in seconds; a dead rank ends the job within it
     communicator: str = "torch"  # torch (torch.distributed group) | nccl (CuPy NCCL, CUDA) | mpi (mpi4py; launch with mpiexec)
-    allreduce: str = "native"  # native | ring | hierarchical | leader | hybrid (per bucket, by the cost model)
+    allreduce: str = "native"  # native | ring | hierarchical(_p2p) | leader(_p2p) | hybrid (per bucket, by the cost model)
     fusion_mb: float = 25.0  # fusion threshold: MiB per bucket on the wire (DDP's default)
     wire_dtype: str = "none"  # none | fp16 | bf16: gradients on the wire (divided by world size first)
     ranks_per_node: int | None = None  # emulated node size for hierarchical/leader; None: nodes from the hosts
@@ -284,7 +284,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"Invalid batch_factor: {cfg.batch_factor} (must be >= 1)")
     for key, choices in (("device", ("auto", "cpu", "cuda")), ("backend", ("auto", "gloo", "nccl")),
                          ("lars_exclude", ("1d", "bn_bias", "none")), ("batch_schedule", ("constant", "increase")),
-                         ("allreduce", ("native", "ring", "hierarchical", "leader", "hybrid")),
+                         ("allreduce", ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")),
                          ("wire_dtype", ("none", "fp16", "bf16")), ("buffer_sync", ("average", "broadcast", "none")),
                          ("communicator", ("torch", "nccl", "mpi"))):
         if getattr(cfg, key) not in choices:

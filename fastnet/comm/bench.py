@@ -23,7 +23,8 @@ bucket views of one persistent buffer without packing (``fused-views``, what
 
 Backends (``--backend``): ``torch`` (torch.distributed: gloo on CPU, nccl on CUDA; under
 torchrun), ``mpi`` (mpi4py; under mpiexec), ``nccl`` (CuPy's NCCL; under torchrun). Algorithms:
-``native`` (the backend's own all-reduce), fastnet's ``ring``, ``hierarchical``, ``leader``, and
+``native`` (the backend's own all-reduce), fastnet's ``ring``, ``hierarchical`` / ``leader`` (composed
+of backend collectives), ``hierarchical_p2p`` / ``leader_p2p`` (fastnet's ring schedules), and
 ``hybrid`` (per message, by the cost model). Exit status 1 if any result is wrong.
 """
 
@@ -46,7 +47,7 @@ from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int32": torch.int32}
-ALGORITHMS = ("native", "ring", "hierarchical", "leader", "hybrid")
+ALGORITHMS = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")
 BACKENDS = ("torch", "mpi", "nccl")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -316,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ranks-per-node", type=int, default=None, help="node size for hierarchical/leader/hybrid "
                    "(default: LOCAL_WORLD_SIZE, or MPI's shared-memory split)")
     p.add_argument("--segment-mb", type=float, default=DEFAULT_SEGMENT_BYTES / (1 << 20),
-                   help="hierarchical: pipeline segment, MiB (0: no pipelining); default %(default)g")
+                   help="hierarchical_p2p: pipeline segment, MiB (0: no pipelining); default %(default)g")
     p.add_argument("--cost-model", help="YAML cost model for hybrid (from --calibrate); default: placeholders")
     p.add_argument("--model", help="model mode: all-reduce this model's gradient list (e.g. resnet50, alexnet)")
     p.add_argument("--fusion-mb", default="1,4,16,64", help="model mode: fusion thresholds, MiB, comma-separated")
@@ -372,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dev = torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else \
             platform.processor() or platform.machine()
         header = (f"fastnet-bench all-reduce: world size {bench.size}, ranks per node {bench.ranks_per_node}, "
-                  f"hierarchical segment {bench.segment_bytes} B, backend {bench.label}, device {dev}, "
+                  f"hierarchical_p2p segment {bench.segment_bytes} B, backend {bench.label}, device {dev}, "
                   f"torch {torch.__version__}, python {platform.python_version()}, host {platform.node()}")
         print(f"# {header}")
         print(f"# median of {args.iters} iterations after {args.warmup} warm-up; busbw = algbw x 2(n-1)/n")

@@ -71,6 +71,7 @@ class Communicator(Protocol):
         TorchCommunicator splits the world communicator only (RuntimeError otherwise)."""
 
 
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _NEW_GROUP_SORTS_ONLY = "sort_ranks" not in inspect.signature(dist.new_group).parameters
 
 
@@ -99,9 +100,10 @@ def check_op(op: str) -> None:
 class TorchCommunicator:
     """:class:`Communicator` over a torch.distributed process group (default: the world group).
 
-    Ranks passed to methods are ranks in this group. ``reduce_scatter`` and ``all_gather`` use the
-    backend's tensor collectives where it has them and fall back to ``all_reduce`` + slice /
-    ``all_gather`` of a list (gloo). Raises ValueError for an unknown op or mismatched sizes.
+    Ranks passed to methods are ranks in this group. ``reduce_scatter`` uses the backend's tensor
+    collective (gloo in older torch has none: then ``all_reduce`` + slice), ``all_gather`` NCCL's
+    ``all_gather_into_tensor`` or gloo's list ``all_gather``; point-to-point traffic of the
+    algorithms goes through :meth:`exchange`. Raises ValueError for an unknown op or mismatched sizes.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
@@ -114,6 +116,7 @@ class TorchCommunicator:
         self._global = dist.get_process_group_ranks(self.group)
         self.backend = dist.get_backend(self.group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
+        self._native_reduce_scatter = True
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, size={self.size}, backend={self.backend})"
@@ -133,13 +136,18 @@ class TorchCommunicator:
         if input.numel() != output.numel() * self.size:
             raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {self.size} × "
                              f"output {output.numel()}")
-        if self.backend == "nccl":
-            if op == "avg":
-                input = input / self.size
-            dist.reduce_scatter_tensor(output, input, op=_TORCH_OPS["sum" if op == "avg" else op], group=self.group)
-            return
+        if op == "avg":
+            input = input / self.size
+        if self._native_reduce_scatter:
+            try:
+                _REDUCE_SCATTER(output, input, op=_TORCH_OPS["sum" if op == "avg" else op], group=self.group)
+                return
+            except (RuntimeError, NotImplementedError) as exc:  # an older gloo without it: every rank alike
+                if "support" not in str(exc) and not isinstance(exc, NotImplementedError):
+                    raise
+                self._native_reduce_scatter = False
         tmp = input.clone()
-        self.all_reduce(tmp, op)
+        self.all_reduce(tmp, "sum" if op == "avg" else op)
         n = output.numel()
         output.copy_(tmp[self.rank * n:(self.rank + 1) * n])
 

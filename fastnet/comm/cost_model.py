@@ -10,14 +10,20 @@ its measured times with the ring formula. For ``n`` bytes on ``N`` ranks in node
 ==================  ==========================================================  ===================
 algorithm           time (seconds)                                              steps
 ==================  ==========================================================  ===================
-ring                2(N−1)·(α + n/N·β), over ``inter`` when m > 1               2(N−1)
+ring                2(N−1)·(α + α_p2p + n/N·β), over ``inter`` when m > 1       2(N−1)
 hierarchical        2(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + s·n/(k·m)·β_e)       2(k−1) + 2(m−1)
+hierarchical_p2p    the same + (2(k−1) + 2(m−1))·α_p2p                          2(k−1) + 2(m−1)
                     (pipelined in segments: :meth:`CostModel.time`)
 leader (Jia et al.) 4(k−1)·(α_i + n/k·β_i) + 2(m−1)·(α_e + n/m·β_e)             4(k−1) + 2(m−1)
+leader_p2p          the same + 2(m−1)·α_p2p (the leaders' ring)                 4(k−1) + 2(m−1)
 tree                2⌈log₂N⌉·(α + n·β) (binary-tree reduce + broadcast)          2⌈log₂N⌉
 halving_doubling    2⌈log₂N⌉·α + 2(N−1)/N·n·β (Rabenseifner)                     2⌈log₂N⌉
 native              the ring formula with the ``native`` link                    2(N−1)
 ==================  ==========================================================  ===================
+
+``α_p2p`` is the software cost per step of fastnet's own point-to-point schedules (the ``p2p``
+level); the collective-composed ``hierarchical`` and ``leader`` pay the backend's per-step cost,
+which is part of the links' α.
 
 ``leader``'s intra-node reduce and broadcast are each counted as a ring reduce-scatter plus a
 gather (scatter plus all-gather), 2(k−1) steps, which gives the paper's 4(k−1) + 2(N/k − 1) steps
@@ -45,9 +51,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-MODELLED = ("native", "ring", "hierarchical", "leader", "tree", "halving_doubling")
-RUNNABLE = ("native", "ring", "hierarchical", "leader")  # what fastnet can execute (hybrid picks among these)
-_LEVELS = ("intra", "inter", "native")
+MODELLED = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "tree", "halving_doubling")
+RUNNABLE = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p")  # hybrid picks among these
+_LEVELS = ("intra", "inter", "native", "p2p")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,7 @@ def steps(algorithm: str, world_size: int, ranks_per_node: int | None = None) ->
     log = math.ceil(math.log2(n)) if n > 1 else 0
     table = {"ring": 2 * (n - 1), "native": 2 * (n - 1), "hierarchical": 2 * (k - 1) + 2 * (m - 1),
              "leader": 4 * (k - 1) + 2 * (m - 1), "tree": 2 * log, "halving_doubling": 2 * log}
+    table.update(hierarchical_p2p=table["hierarchical"], leader_p2p=table["leader"])
     if algorithm not in table:
         raise ValueError(f"Unknown algorithm {algorithm!r}; modelled algorithms: {', '.join(MODELLED)}")
     return table[algorithm]
@@ -105,6 +112,15 @@ def coefficients(algorithm: str, nbytes: float, world_size: int, ranks_per_node:
     steps(algorithm, n, k)  # validates the name
     if n == 1:
         return {}
+    out = _link_coefficients(algorithm.removesuffix("_p2p"), nbytes, n, k, m, inter_links_per_node)
+    p2p_steps = {"ring": 2 * (n - 1), "hierarchical_p2p": 2 * (k - 1) + 2 * (m - 1), "leader_p2p": 2 * (m - 1)}
+    if p2p_steps.get(algorithm):
+        out["p2p"] = (float(p2p_steps[algorithm]), 0.0)
+    return out
+
+
+def _link_coefficients(algorithm: str, nbytes: float, n: int, k: int, m: int,
+                       inter_links_per_node: int) -> dict[str, tuple[float, float]]:
     if algorithm in ("ring", "native"):
         level = "native" if algorithm == "native" else ("inter" if m > 1 else "intra")
         return {level: (2.0 * (n - 1), 2.0 * (n - 1) / n * nbytes)}
@@ -131,20 +147,26 @@ class CostModel:
     The defaults are order-of-magnitude placeholders for one CPU host over loopback (intra 30 µs,
     5 GB/s) with a 1 Gbit/s Ethernet between nodes (inter 50 µs, 0.125 GB/s); :func:`calibrate`
     replaces them with measured ones. ``inter_links_per_node``: NICs per node (module docstring).
-    ``to_dict()`` keys: ``intra``, ``inter``, ``native`` (each ``{alpha_s, beta_s_per_byte}``) and
-    ``inter_links_per_node``.
+    ``p2p`` is not a link: its α is the software cost of one step of fastnet's point-to-point
+    schedules (``ring``, ``*_p2p``: Python, a grouped exchange, the wait), added to the link's α;
+    its placeholder 250 µs is what gloo on the development CPU measured (250–800 µs), and
+    :func:`calibrate` fits it from ring/``*_p2p`` rows against the collective variants' rows.
+    ``to_dict()`` keys: ``intra``, ``inter``, ``native``, ``p2p`` (each ``{alpha_s,
+    beta_s_per_byte}``; files without ``p2p`` load with the placeholder) and ``inter_links_per_node``.
     """
 
     intra: Link = Link.of(30.0, 5.0)
     inter: Link = Link.of(50.0, 0.125)
     native: Link = Link.of(30.0, 5.0)
+    p2p: Link = Link(250e-6, 0.0)
     inter_links_per_node: int = 1
 
     def level_times(self, algorithm: str, nbytes: float, world_size: int,
                     ranks_per_node: int | None = None) -> dict[str, float]:
-        """Predicted seconds per link level (``intra``, ``inter``, ``native``) of one SUM
-        all-reduce of ``nbytes`` bytes, without pipelining."""
-        links = {"intra": self.intra, "inter": self.inter, "native": self.native}
+        """Predicted seconds per level (``intra``, ``inter``, ``native``, and ``p2p``: fastnet's
+        per-step software overhead of its point-to-point schedules) of one SUM all-reduce of
+        ``nbytes`` bytes, without pipelining."""
+        links = {"intra": self.intra, "inter": self.inter, "native": self.native, "p2p": self.p2p}
         return {lv: s * links[lv].alpha_s + b * links[lv].beta_s_per_byte for lv, (s, b) in
                 coefficients(algorithm, nbytes, world_size, ranks_per_node, self.inter_links_per_node).items()}
 
@@ -152,24 +174,28 @@ class CostModel:
              segment_bytes: int = 0) -> float:
         """Predicted seconds for one SUM all-reduce of ``nbytes`` bytes.
 
-        ``segment_bytes`` > 0: ``hierarchical`` is pipelined in segments of that size
-        (:func:`fastnet.comm.algorithms.hierarchical_all_reduce`): with S = ⌈n / segment⌉ segments
-        and per-segment level times t_l, the first segment passes every level and each further one
-        costs the slowest level: ``Σ_l t_l + (S − 1)·max_l t_l`` (the pipeline formula)."""
-        if algorithm == "hierarchical" and 0 < segment_bytes < nbytes:
+        ``segment_bytes`` > 0: ``hierarchical`` and ``hierarchical_p2p`` are pipelined in segments
+        of that size (:mod:`fastnet.comm.algorithms`): with S = ⌈n / segment⌉ segments
+        of s steps and per-segment link times t_l, the first segment passes every level and each
+        further one costs the slowest level, ``Σ_l t_l + (S − 1)·max_l t_l`` (the pipeline
+        formula), plus the software overhead of S + s − 1 lockstep rounds, ``(S + s − 1)·α_p2p``."""
+        if algorithm.startswith("hierarchical") and 0 < segment_bytes < nbytes:
             per = self.level_times(algorithm, segment_bytes, world_size, ranks_per_node)
+            overhead = per.pop("p2p", 0.0)
             if not per:
                 return 0.0
-            return sum(per.values()) + (math.ceil(nbytes / segment_bytes) - 1) * max(per.values())
+            segments = math.ceil(nbytes / segment_bytes)
+            rounds = segments + steps(algorithm, world_size, ranks_per_node) - 1
+            return sum(per.values()) + (segments - 1) * max(per.values()) + rounds * self.p2p.alpha_s * bool(overhead)
         return sum(self.level_times(algorithm, nbytes, world_size, ranks_per_node).values())
 
     def choose(self, nbytes: float, world_size: int, ranks_per_node: int | None = None,
                candidates: Sequence[str] = RUNNABLE, segment_bytes: int = 0) -> str:
         """The hybrid algorithm's choice: the candidate with the smallest predicted time (ties: the
-        earlier candidate; ``segment_bytes`` as in :meth:`time`). ``hierarchical`` is left out
-        when nodes are unequal."""
+        earlier candidate; ``segment_bytes`` as in :meth:`time`). The ``hierarchical`` variants
+        are left out when nodes are unequal."""
         n, k, _ = _shape(world_size, ranks_per_node)
-        usable = [a for a in candidates if a != "hierarchical" or n % k == 0]
+        usable = [a for a in candidates if not a.startswith("hierarchical") or n % k == 0]
         if not usable:
             raise ValueError(f"no usable algorithm among {list(candidates)} for world size {n}, ranks_per_node {k}")
         return min(usable, key=lambda a: (self.time(a, nbytes, n, k, segment_bytes), usable.index(a)))
@@ -208,7 +234,8 @@ class CostModel:
 
 
 def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: int | None = None,
-              base: CostModel | None = None, segment_bytes: int = 0) -> CostModel:
+              base: CostModel | None = None, segment_bytes: int = 0,
+              levels: Sequence[str] | None = None) -> CostModel:
     """Fit the link parameters to measured all-reduce times.
 
     ``rows``: ``fastnet-bench`` rows (``algorithm``, ``size`` in bytes, ``time_us``), all from one
@@ -216,27 +243,37 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
     levels the rows exercise, subject to α, β ≥ 0 (``scipy.optimize.nnls``); levels no row
     exercises keep ``base``'s values. ``segment_bytes`` > 0: the rows were measured with a
     pipelined ``hierarchical`` (:meth:`CostModel.time`), whose rows longer than a segment are not
-    linear in α, β and are left out. Raises ValueError if no row is usable.
+    linear in α, β and are left out. ``levels``: fit only these (default: every level the rows
+    exercise); the others are held at ``base``'s values, e.g. ``levels=("intra",)`` with
+    ``base.p2p`` zero folds fastnet's per-step software cost into the link's α. Raises ValueError
+    if no row is usable or ``levels`` names an unknown level.
     """
     from scipy.optimize import nnls
 
     base = base or CostModel()
+    fit = tuple(levels) if levels is not None else _LEVELS
+    if set(fit) - set(_LEVELS):
+        raise ValueError(f"Unknown cost-model levels {sorted(set(fit) - set(_LEVELS))}; valid levels: {', '.join(_LEVELS)}")
     eqs, rhs = [], []
     for r in rows:
         if r["algorithm"] not in MODELLED or r["time_us"] <= 0:
             continue
-        if r["algorithm"] == "hierarchical" and 0 < segment_bytes < r["size"]:
+        if r["algorithm"].startswith("hierarchical") and 0 < segment_bytes < r["size"]:
             continue
         coef = coefficients(r["algorithm"], r["size"], world_size, ranks_per_node, base.inter_links_per_node)
         if not coef:
             continue
         t = r["time_us"] * 1e-6
         row = np.zeros(2 * len(_LEVELS))
+        held = 0.0  # seconds from the levels held at base's values
         for lv, (s, b) in coef.items():
             i = _LEVELS.index(lv)
-            row[2 * i], row[2 * i + 1] = s / t, b / t  # relative error: every size weighs the same
+            if lv in fit:
+                row[2 * i], row[2 * i + 1] = s / t, b / t  # relative error: every size weighs the same
+            else:
+                held += s * getattr(base, lv).alpha_s + b * getattr(base, lv).beta_s_per_byte
         eqs.append(row)
-        rhs.append(1.0)
+        rhs.append(1.0 - held / t)
     if not eqs:
         raise ValueError("calibrate: no usable rows (need algorithm in "
                          f"{', '.join(MODELLED)}, time_us > 0, world size > 1)")

@@ -1,7 +1,7 @@
 """Bucket reduction, the cross-rank layout check, and list-of-gradients averaging.
 
 * :class:`BucketReducer` averages one fusion bucket: divide by the world size, cast to the wire
-  dtype (``fp16``/``bf16``; Jia et al. 2018, §3.1), run ``ring``, ``hierarchical``, ``leader``, the
+  dtype (``fp16``/``bf16``; Jia et al. 2018, §3.1), run ``ring``, ``hierarchical(_p2p)``, ``leader(_p2p)``, the
   backend's ``native`` all-reduce, or ``hybrid`` (per bucket, by the α-β cost model), cast back.
   Both :class:`AlgorithmAllReduce` and :class:`fastnet.comm.GradientSynchronizer` use it.
 * :func:`check_layout` compares every rank's (dtype, elements) layout once, so a mismatch raises
@@ -24,7 +24,7 @@ from fastnet.comm.communicator import Communicator
 from fastnet.comm.cost_model import RUNNABLE, CostModel
 from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES, Hierarchy, Topology
 
-ALGORITHMS = ("native", "ring", "hierarchical", "leader", "hybrid")
+ALGORITHMS = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")
 WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -99,8 +99,8 @@ class BucketReducer:
 
     Steps: 1) divide by ``predivide_factor`` f (default: the world size n) and, with a wire dtype,
     cast to it (Jia et al. 2018, §3.1: dividing before the sum keeps FP16 from overflowing); 2) run
-    the algorithm — ``ring``, ``hierarchical``, ``leader`` (:mod:`fastnet.comm.algorithms`), the
-    backend's ``native`` all-reduce, or ``hybrid``: the one of those with the smallest time
+    the algorithm — ``ring``, ``hierarchical``, ``hierarchical_p2p``, ``leader``, ``leader_p2p``
+    (:mod:`fastnet.comm.algorithms`), the backend's ``native`` all-reduce, or ``hybrid``: the one of those with the smallest time
     predicted by ``cost_model`` (:mod:`fastnet.comm.cost_model`) for the bucket's bytes on the wire;
     3) cast back into the bucket and divide by n / f (nothing when f = n). A smaller f keeps more
     precision in FP16 for small gradients at the risk of overflow in the sum (Apex DDP's
@@ -138,10 +138,10 @@ class BucketReducer:
         self.predivide_factor = float(predivide_factor) if predivide_factor is not None else float(comm.size)
         self.cost_model = cost_model or CostModel()
         self.hierarchy = None
-        if algorithm in ("hierarchical", "leader", "hybrid") and comm.size > 1:
+        if algorithm not in ("native", "ring") and comm.size > 1:
             self.hierarchy = Hierarchy(comm, ranks_per_node, segment_bytes, host_id)
             self.topology = self.hierarchy.topology
-            if algorithm == "hierarchical" and not self.topology.uniform:
+            if algorithm.startswith("hierarchical") and not self.topology.uniform:
                 raise ValueError(f"hierarchical all-reduce needs equal ranks per node; ranks per host: "
                                  f"{self.topology.describe()}: use 'leader' or 'hybrid'")
         else:
@@ -157,7 +157,8 @@ class BucketReducer:
         ``hierarchical`` is not a candidate when nodes are unequal)."""
         if self.algorithm != "hybrid":
             return self.algorithm
-        candidates = RUNNABLE if self.topology.uniform else tuple(a for a in RUNNABLE if a != "hierarchical")
+        candidates = RUNNABLE if self.topology.uniform else tuple(a for a in RUNNABLE
+                                                                  if not a.startswith("hierarchical"))
         return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node, candidates=candidates,
                                       segment_bytes=self.segment_bytes)
 

@@ -17,7 +17,8 @@ import socket
 
 import torch
 
-from fastnet.comm.algorithms import hierarchical_all_reduce, leader_all_reduce, ring_all_reduce
+from fastnet.comm.algorithms import (collective_hierarchical_all_reduce, hierarchical_all_reduce, leader_all_reduce,
+                                    ring_all_reduce)
 from fastnet.comm.communicator import Communicator
 
 _HOST_BYTES = 128  # per rank in the host all-gather: 8 bytes of SHA-256 of the identity, then its first 120 bytes
@@ -146,23 +147,31 @@ class Hierarchy:
         self.inter = comm.split(t.local_rank, t.node)
         self.leaders = comm.split(0 if t.local_rank == 0 else None, t.node)
 
+    ALGORITHMS = ("hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "ring")
+
     def all_reduce(self, x: torch.Tensor, algorithm: str = "hierarchical") -> torch.Tensor:
         """SUM all-reduce of the 1-D ``x`` in place with ``hierarchical`` (reduce-scatter /
-        all-reduce / all-gather, pipelined in segments of ``segment_bytes``), ``leader`` (Jia et
-        al.'s reduce / ring / broadcast) or ``ring``.
+        all-reduce / all-gather, one backend collective each, segments of ``segment_bytes`` in a
+        two-stage pipeline), ``hierarchical_p2p`` (the same phases as fastnet's ring schedules,
+        pipelined in segments of ``segment_bytes``), ``leader`` (Jia et
+        al.'s reduce / all-reduce among leaders / broadcast, backend collectives), ``leader_p2p``
+        (the leaders' all-reduce by fastnet's ring) or ``ring``.
 
         Raises:
-            ValueError: an unknown algorithm (valid ones listed), or ``hierarchical`` with nodes of
-                unequal size (the message lists the ranks per host; use ``leader``).
+            ValueError: an unknown algorithm (valid ones listed), or a ``hierarchical`` variant with
+                nodes of unequal size (the message lists the ranks per host; use ``leader``).
         """
+        if algorithm not in self.ALGORITHMS:
+            raise ValueError(f"Unknown all-reduce algorithm {algorithm!r}; valid algorithms: "
+                             f"{', '.join(self.ALGORITHMS)}")
         if algorithm == "ring":
             return ring_all_reduce(self.comm, x)
-        if algorithm == "leader":
-            return leader_all_reduce(self.intra, self.leaders, x)
+        if algorithm.startswith("leader"):
+            return leader_all_reduce(self.intra, self.leaders, x, p2p=algorithm == "leader_p2p")
+        if not self.topology.uniform:
+            raise ValueError(f"hierarchical all-reduce needs equal ranks per node; ranks per host: "
+                             f"{self.topology.describe()}: use algorithm 'leader' or 'hybrid'")
+        segment = max(1, self.segment_bytes // x.element_size()) if self.segment_bytes else 0
         if algorithm == "hierarchical":
-            if not self.topology.uniform:
-                raise ValueError(f"hierarchical all-reduce needs equal ranks per node; ranks per host: "
-                                 f"{self.topology.describe()}: use algorithm 'leader' or 'hybrid'")
-            return hierarchical_all_reduce(self.intra, self.inter, x,
-                                           max(1, self.segment_bytes // x.element_size()) if self.segment_bytes else 0)
-        raise ValueError(f"Unknown all-reduce algorithm {algorithm!r}; valid algorithms: hierarchical, leader, ring")
+            return collective_hierarchical_all_reduce(self.intra, self.inter, x, segment)
+        return hierarchical_all_reduce(self.intra, self.inter, x, segment)

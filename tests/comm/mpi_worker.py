@@ -18,8 +18,8 @@ hier = {rpn: Hierarchy(comm, rpn) for rpn in sorted({1, 2, n}) if rpn <= n}
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     for length in (0, 1, 7, 97, 65537):
         expected = ((torch.arange(length) % 7 + 1) * (n * (n + 1) // 2)).to(dtype)
-        cases = [("ring", 0)] + [(a, k) for k in hier for a in ("hierarchical", "leader", "pipelined")
-                                 if a == "leader" or n % k == 0]
+        cases = [("ring", 0)] + [(a, k) for k in hier for a in ("hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "pipelined")
+                                 if a.startswith("leader") or n % k == 0]
         for alg, k in cases:
             x = ((torch.arange(length) % 7 + 1) * (r + 1)).to(dtype)
             try:

@@ -1,4 +1,5 @@
-"""Ring, hierarchical and leader all-reduce over TorchCommunicator (gloo), in real processes."""
+"""Ring, hierarchical and leader all-reduce (point-to-point and collective-composed) over TorchCommunicator
+(gloo), in real processes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastnet.comm.algorithms import RingStep, hierarchical_all_reduce, ring_all_reduce, run_pipelined
+from fastnet.comm.algorithms import (RingStep, collective_hierarchical_all_reduce, hierarchical_all_reduce,
+                                    ring_all_reduce, run_pipelined)
 from fastnet.comm.communicator import TorchCommunicator, split_sizes
 from fastnet.comm.topology import Hierarchy, Topology
 from tests.conftest import init_gloo, spawn_ranks
@@ -41,9 +43,11 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         for dtype in DTYPES:
             for length in LENGTHS:
                 cases = [("ring", None)] + [(alg, rpn) for rpn in hierarchies
-                                            for alg in ("hierarchical", "leader", "pipelined-5", "pipelined-1000")
-                                            if (alg == "leader" or world % rpn == 0)
-                                            and not (alg == "pipelined-5" and length > 1000)]
+                                            for alg in ("hierarchical", "hierarchical_p2p", "leader", "leader_p2p",
+                                                        "pipelined-5", "pipelined-1000", "collective-5",
+                                                        "collective-1000")
+                                            if (alg.startswith("leader") or world % rpn == 0)
+                                            and not (alg.endswith("-5") and length > 1000)]
                 for alg, rpn in cases:
                     x = _input(rank, length, dtype)
                     if alg == "ring":
@@ -51,6 +55,9 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
                     elif alg.startswith("pipelined"):  # segments of 5 / 1000 elements, odd tails
                         h = hierarchies[rpn]
                         hierarchical_all_reduce(h.intra, h.inter, x, segment_elems=int(alg.split("-")[1]))
+                    elif alg.startswith("collective"):  # the two-stage pipeline of backend collectives
+                        h = hierarchies[rpn]
+                        collective_hierarchical_all_reduce(h.intra, h.inter, x, segment_elems=int(alg.split("-")[1]))
                     else:
                         hierarchies[rpn].all_reduce(x, alg)
                     key = (alg, rpn, str(dtype), length)

@@ -25,7 +25,7 @@ def test_bus_factor_is_nccl_tests_formula():
 
 @pytest.mark.parametrize("argv, message", [
     (["-d", "int4"], "valid dtypes: float32"),
-    (["-a", "tree"], "valid algorithms: native, ring, hierarchical, leader, hybrid, all"),
+    (["-a", "tree"], "valid algorithms: native, ring, hierarchical, hierarchical_p2p, leader, leader_p2p, hybrid, all"),
     (["-d", "float32,int4"], "Unknown dtype 'int4'"),
     (["--wire-dtype", "fp8"], "valid wire dtypes: none, fp16, bf16"),
     (["--backend", "shmem"], "valid backends: torch, mpi, nccl"),
@@ -54,9 +54,10 @@ def test_two_rank_sweep_checks_results(tmp_path, dtype):
     data = json.loads(out.read_text())
     assert data["world_size"] == 2 and data["backend"] == "gloo" and data["segment_bytes"] == 10485
     ndt = len(dtype.split(","))
-    assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768] * 5 * ndt
-    assert [r["algorithm"] for r in data["rows"][::5]] == ["native", "ring", "hierarchical", "leader", "hybrid"] * ndt
-    assert [r["type"] for r in data["rows"][::25]] == dtype.split(",")
+    algorithms = ["native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid"]
+    assert [r["size"] for r in data["rows"]] == [8, 64, 512, 4096, 32768] * len(algorithms) * ndt
+    assert [r["algorithm"] for r in data["rows"][::5]] == algorithms * ndt
+    assert [r["type"] for r in data["rows"][::5 * len(algorithms)]] == dtype.split(",")
     model = CostModel.load(tmp_path / "cm.yaml")  # fitted to these rows: the inter and native links moved
     assert model.native != CostModel().native and model.inter != CostModel().inter
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

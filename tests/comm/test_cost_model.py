@@ -15,18 +15,22 @@ def test_step_counts_reproduce_jia_et_al():
     # Jia et al. 2018, §4.2: flat ring 2(N-1) steps vs hierarchical 4(k-1) + 2(N/k - 1).
     assert steps("ring", 1024) == 2046
     assert steps("leader", 1024, 16) == 4 * 15 + 2 * 63 == 186
-    assert steps("hierarchical", 1024, 16) == 2 * 15 + 2 * 63
+    assert steps("hierarchical", 1024, 16) == steps("hierarchical_p2p", 1024, 16) == 2 * 15 + 2 * 63
+    assert steps("leader_p2p", 1024, 16) == 186
     assert steps("tree", 1024) == steps("halving_doubling", 1024) == 20
     assert steps("ring", 1) == 0 and steps("tree", 5) == 6
 
 
 def test_formulas_by_hand():
-    m = CostModel(intra=Link(1e-6, 1e-9), inter=Link(1e-5, 1e-8), native=Link(2e-6, 2e-9))
+    m = CostModel(intra=Link(1e-6, 1e-9), inter=Link(1e-5, 1e-8), native=Link(2e-6, 2e-9), p2p=Link(3e-6, 0.0))
     n = 1 << 20
-    # one node of 4: ring over the intra link
-    assert m.time("ring", n, 4) == pytest.approx(6 * (1e-6 + n / 4 * 1e-9))
+    # one node of 4: ring over the intra link, plus fastnet's per-step software cost
+    assert m.time("ring", n, 4) == pytest.approx(6 * (1e-6 + 3e-6 + n / 4 * 1e-9))
     # 2 nodes x 2: the flat ring's slowest link is the inter-node one
-    assert m.time("ring", n, 4, 2) == pytest.approx(6 * (1e-5 + n / 4 * 1e-8))
+    assert m.time("ring", n, 4, 2) == pytest.approx(6 * (1e-5 + 3e-6 + n / 4 * 1e-8))
+    # the point-to-point variants pay the software cost per step, the collective ones do not
+    assert m.time("hierarchical_p2p", n, 4, 2) == pytest.approx(m.time("hierarchical", n, 4, 2) + 4 * 3e-6)
+    assert m.time("leader_p2p", n, 4, 2) == pytest.approx(m.time("leader", n, 4, 2) + 2 * 3e-6)
     # one NIC per node: the 2 concurrent inter-node rings of hierarchical share it
     assert m.time("hierarchical", n, 4, 2) == pytest.approx(2 * (1e-6 + n / 2 * 1e-9) + 2 * 1e-5 + n * 1e-8)
     two_nics = dataclasses.replace(m, inter_links_per_node=2)
@@ -43,32 +47,51 @@ def test_formulas_by_hand():
 
 
 def test_pipelined_hierarchical_by_hand():
-    m = CostModel(intra=Link(1e-4, 1e-9), inter=Link(1e-4, 1e-8))
+    m = CostModel(intra=Link(1e-4, 1e-9), inter=Link(1e-4, 1e-8), p2p=Link(0.0, 0.0))
     n, seg = 64 << 20, 4 << 20
-    per = m.level_times("hierarchical", seg, 4, 2)
-    assert set(per) == {"intra", "inter"} and per["inter"] > per["intra"]
+    per = m.level_times("hierarchical_p2p", seg, 4, 2)
+    assert set(per) == {"intra", "inter", "p2p"} and per["inter"] > per["intra"]
     # first segment passes both levels, the other 15 cost the slower (inter-node) one each
-    assert m.time("hierarchical", n, 4, 2, seg) == pytest.approx(per["intra"] + per["inter"] + 15 * per["inter"])
-    assert m.time("hierarchical", n, 4, 2, seg) < m.time("hierarchical", n, 4, 2)
-    assert m.time("hierarchical", seg, 4, 2, seg) == m.time("hierarchical", seg, 4, 2)  # one segment: no pipeline
-    assert m.time("leader", n, 4, 2, seg) == m.time("leader", n, 4, 2)  # only hierarchical is pipelined
-    assert m.time("hierarchical", n, 1, 1, seg) == 0.0
+    assert m.time("hierarchical_p2p", n, 4, 2, seg) == pytest.approx(per["intra"] + per["inter"] + 15 * per["inter"])
+    assert m.time("hierarchical_p2p", n, 4, 2, seg) < m.time("hierarchical_p2p", n, 4, 2)
+    assert m.time("hierarchical_p2p", seg, 4, 2, seg) == m.time("hierarchical_p2p", seg, 4, 2)  # one segment
+    assert m.time("leader", n, 4, 2, seg) == m.time("leader", n, 4, 2)  # only hierarchical_p2p is pipelined
+    assert m.time("hierarchical", n, 4, 2, seg) < m.time("hierarchical", n, 4, 2)  # the collective one too
+    assert m.time("hierarchical_p2p", n, 1, 1, seg) == 0.0
+    # software cost: one α_p2p per lockstep round, 16 segments of 4 steps = 19 rounds
+    costly = dataclasses.replace(m, p2p=Link(1e-3, 0.0))
+    assert costly.time("hierarchical_p2p", n, 4, 2, seg) == pytest.approx(m.time("hierarchical_p2p", n, 4, 2, seg)
+                                                                            + 19 * 1e-3)
     # pipelining hides the intra-node phases: it can turn the choice at large sizes
-    slow_intra = CostModel(intra=Link(1e-4, 0.6e-8), inter=Link(1e-4, 1e-8))
-    assert slow_intra.choose(n, 4, 2, ("ring", "hierarchical")) == "ring"
-    assert slow_intra.choose(n, 4, 2, ("ring", "hierarchical"), segment_bytes=seg) == "hierarchical"
+    slow_intra = CostModel(intra=Link(1e-4, 0.6e-8), inter=Link(1e-4, 1e-8), p2p=Link(0.0, 0.0))
+    assert slow_intra.choose(n, 4, 2, ("ring", "hierarchical_p2p")) == "ring"
+    assert slow_intra.choose(n, 4, 2, ("ring", "hierarchical_p2p"), segment_bytes=seg) == "hierarchical_p2p"
 
 
 def test_calibrate_leaves_out_pipelined_rows():
     truth = CostModel(intra=Link.of(50.0, 2.0), inter=Link.of(80.0, 0.1))
     seg = 1 << 20
     rows = [{"algorithm": alg, "size": s, "time_us": truth.time(alg, s, 4, 2, seg) * 1e6}
-            for alg in ("ring", "hierarchical") for s in (1 << 10, 1 << 16, 1 << 20, 1 << 24)]
+            for alg in ("ring", "hierarchical", "hierarchical_p2p") for s in (1 << 10, 1 << 16, 1 << 20, 1 << 24)]
     fit = calibrate(rows, 4, 2, segment_bytes=seg)
     for row in rows:
         assert fit.time(row["algorithm"], row["size"], 4, 2, seg) * 1e6 == pytest.approx(row["time_us"], rel=1e-3)
-    rows.append({"algorithm": "hierarchical", "size": 1 << 26, "time_us": 1.0})  # nonsense, but pipelined: left out
+    rows.append({"algorithm": "hierarchical_p2p", "size": 1 << 26, "time_us": 1.0})  # nonsense, but pipelined
     assert calibrate(rows, 4, 2, segment_bytes=seg) == fit
+
+
+def test_calibrate_separates_software_cost_from_the_links():
+    """α_p2p is fitted from the point-to-point rows against the collective rows of the same sweep:
+    the per-variant α is measured, not assumed."""
+    truth = CostModel(intra=Link.of(20.0, 5.0), inter=Link.of(60.0, 0.2), native=Link.of(30.0, 4.0),
+                      p2p=Link(400e-6, 0.0))
+    algs = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p")
+    rows = [{"algorithm": a, "size": s, "time_us": truth.time(a, s, 8, 4) * 1e6}
+            for a in algs for s in (8, 1 << 12, 1 << 16, 1 << 20, 1 << 24)]
+    fit = calibrate(rows, 8, 4)
+    assert fit.p2p.alpha_s == pytest.approx(400e-6, rel=1e-3)
+    assert fit.intra.alpha_s == pytest.approx(20e-6, rel=1e-3) and fit.inter.alpha_s == pytest.approx(60e-6, rel=1e-3)
+    assert CostModel.from_dict({k: v for k, v in fit.to_dict().items() if k != "p2p"}).p2p == CostModel().p2p
 
 
 def test_choose_crosses_over_with_size():
@@ -102,7 +125,8 @@ def test_calibrate_keeps_unexercised_levels_and_round_trips(tmp_path):
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="modelled algorithms: native, ring, hierarchical, leader, tree"):
+    with pytest.raises(ValueError, match="modelled algorithms: native, ring, hierarchical, hierarchical_p2p, leader, "
+                                         "leader_p2p, tree"):
         steps("butterfly", 4)
     with pytest.raises(ValueError, match="Invalid ranks_per_node 5 for world size 4"):
         coefficients("ring", 10, 4, 5)
@@ -114,3 +138,14 @@ def test_bad_input():
         CostModel.from_dict({"wan": {"alpha_s": 1, "beta_s_per_byte": 1}})
     with pytest.raises(ValueError, match="no usable rows"):
         calibrate([{"algorithm": "ring", "size": 8, "time_us": 3.0}], 1)
+
+
+def test_calibrate_only_the_named_levels():
+    truth = CostModel(intra=Link.of(40.0, 3.0), p2p=Link(300e-6, 0.0))
+    rows = [{"algorithm": "ring", "size": s, "time_us": truth.time("ring", s, 4) * 1e6} for s in (8, 1 << 16, 1 << 22)]
+    folded = calibrate(rows, 4, base=CostModel(p2p=Link(0.0, 0.0)), levels=("intra",))
+    assert folded.p2p.alpha_s == 0.0 and folded.intra.alpha_s == pytest.approx(340e-6, rel=1e-3)
+    held = calibrate(rows, 4, base=CostModel(p2p=Link(300e-6, 0.0)), levels=("intra",))
+    assert held.intra.alpha_s == pytest.approx(40e-6, rel=1e-3)
+    with pytest.raises(ValueError, match="Unknown cost-model levels \\['wan'\\]"):
+        calibrate(rows, 4, levels=("wan",))

@@ -24,7 +24,7 @@ def _need_mpi():
         pytest.skip("no mpiexec on PATH: pip install 'fastnet[mpi]'")
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_algorithms_over_mpi(n):
     res = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-m", "tests.comm.mpi_worker"], cwd=REPO,
                          env=child_env(), capture_output=True, text=True, timeout=240)
@@ -80,7 +80,8 @@ def test_bench_over_mpi(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["backend"] == "mpi" and data["world_size"] == 3
-    assert {r["algorithm"] for r in data["rows"]} == {"native", "ring", "hierarchical", "leader", "hybrid"}
+    assert {r["algorithm"] for r in data["rows"]} == {"native", "ring", "hierarchical", "hierarchical_p2p", "leader",
+                                                         "leader_p2p", "hybrid"}
     assert all(r["wrong"] == 0 for r in data["rows"])
 
 

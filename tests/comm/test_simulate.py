@@ -7,7 +7,7 @@ import pytest
 from fastnet.comm.cost_model import CostModel, Link
 from fastnet.comm.simulate import layer_profile, main, parse_link, simulate
 
-LINK = CostModel(intra=Link(1e-3, 1e-6), inter=Link(1e-3, 1e-6), native=Link(1e-3, 1e-6))
+LINK = CostModel(intra=Link(1e-3, 1e-6), inter=Link(1e-3, 1e-6), native=Link(1e-3, 1e-6), p2p=Link(0.0, 0.0))
 
 
 def test_one_gpu_has_no_communication():

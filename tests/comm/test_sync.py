@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         comm = TorchCommunicator()
         expected = [sum(_grads(r)[i].double() for r in range(world)) / world for i in range(len(SHAPES) + 1)]
         results = {}
-        for alg in ("native", "ring", "hierarchical", "leader", "hybrid"):
+        for alg in ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid"):
             for wire in ("none", "fp16", "bf16"):
                 for threshold in (16, 1 << 20):  # 16 bytes: many buckets; 1 MiB: one per dtype
                     sync = AlgorithmAllReduce(comm, alg, threshold, wire, ranks_per_node=1 if world % 2 else 2)
@@ -73,7 +73,7 @@ def test_bad_arguments():
     class Comm:
         rank, size = 0, 1
 
-    with pytest.raises(ValueError, match="valid algorithms: native, ring, hierarchical, leader, hybrid"):
+    with pytest.raises(ValueError, match="valid algorithms: native, ring, hierarchical, hierarchical_p2p, leader, leader_p2p, hybrid"):
         AlgorithmAllReduce(Comm(), "tree")
     with pytest.raises(ValueError, match="valid wire dtypes: none, fp16, bf16"):
         AlgorithmAllReduce(Comm(), "ring", wire_dtype="int8")

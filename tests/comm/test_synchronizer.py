@@ -102,7 +102,7 @@ def test_synchronizer_matches_ddp(world):
         assert err < 1e-5, (key, err)  # the same parameters as DDP after 3 steps with accumulation
         assert same, key  # and bitwise identical on every rank
         assert nbuckets >= (1 if key[2] > 1000 else 2), key
-        assert set(algs) <= {"native", "ring", "hierarchical", "leader"}
+        assert set(algs) <= {"native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p"}
 
 
 def _fp16_worker(rank: int, world: int, port: int, queue) -> None:
@@ -194,7 +194,7 @@ def test_bad_arguments():
         GradientSynchronizer(Comm(), nn.Linear(2, 2).parameters(), fusion_threshold_bytes=0)
     with pytest.raises(ValueError, match="valid wire dtypes: none, fp16, bf16"):
         GradientSynchronizer(Comm(), nn.Linear(2, 2).parameters(), wire_dtype="fp8")
-    with pytest.raises(ValueError, match="valid algorithms: native, ring, hierarchical, leader, hybrid"):
+    with pytest.raises(ValueError, match="valid algorithms: native, ring, hierarchical, hierarchical_p2p, leader, leader_p2p, hybrid"):
         GradientSynchronizer(Comm(), nn.Linear(2, 2).parameters(), algorithm="tree")
     model = nn.Linear(2, 2)
     sync = GradientSynchronizer(Comm(), model.parameters(), fusion_threshold_bytes=8)  # world size 1: no-op

@@ -230,7 +230,7 @@ def _hosts_worker(rank: int, world: int, port: int, queue) -> None:
         out["topology"] = (t.node, t.local_rank, t.local_size, t.num_nodes, t.uniform)
         out["intra"] = [hier.intra.global_rank(r) for r in range(hier.intra.size)]
         out["inter"] = [hier.inter.global_rank(r) for r in range(hier.inter.size)]
-        for alg in ("hierarchical", "leader", "hybrid"):
+        for alg in ("hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid"):
             try:
                 reducer = BucketReducer(comm, alg, host_id=host)
             except ValueError as exc:
@@ -251,17 +251,18 @@ def test_nodes_come_from_hosts_in_any_rank_placement():
     assert results[0]["inter"] == [0, 1] and results[2]["inter"] == [2, 3]
     assert results[3]["topology"] == (1, 1, 2, 2, True)
     for r in range(4):
-        for alg in ("hierarchical", "leader", "hybrid"):
+        for alg in ("hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid"):
             assert results[r][alg][0], (r, alg)
 
 
 def test_unequal_hosts_refuse_hierarchical_and_run_leader():
     results = dict(spawn_ranks(_hosts_worker, 3))  # node-a: ranks 0, 2; node-b: rank 1
     for r in range(3):
-        assert "ranks per host: node-a: ranks [0, 2]; node-b: ranks [1]" in results[r]["hierarchical"]
-        assert results[r]["leader"][0]
+        for alg in ("hierarchical", "hierarchical_p2p"):
+            assert "ranks per host: node-a: ranks [0, 2]; node-b: ranks [1]" in results[r][alg]
+        assert results[r]["leader"][0] and results[r]["leader_p2p"][0]
         ok, choice = results[r]["hybrid"]
-        assert ok and choice != "hierarchical"
+        assert ok and not choice.startswith("hierarchical")
     assert results[1]["topology"] == (1, 0, 1, 2, False)
 
 
