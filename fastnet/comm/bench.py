@@ -5,16 +5,18 @@
     torchrun --standalone --nproc_per_node=2 -m fastnet.comm.bench --model resnet50
 
 **Sweep mode.** For each message size from ``-b`` to ``-e`` (bytes, growing by factor ``-f``),
-every rank fills a buffer with ``rank + 1`` (integers, so the sum is exact in every dtype), runs
+every rank fills a buffer with the index- and rank-dependent integers ``(i + rank) mod p + 1``
+(:func:`fill_pattern`; p = 7, or smaller where 7·n would not be exact in the dtype, so the sum is
+exact in every dtype and a chunk that lands in the wrong place counts as wrong), runs
 ``--warmup`` untimed and ``--iters`` timed SUM all-reduces with a barrier before each, and reports
 the median. Columns (nccl-tests, doc/PERFORMANCE.md): size (B), count (elements), type, algorithm,
 time (µs, median over iterations, max over ranks), algbw = size / time (GB/s), busbw = algbw ×
-2(n−1)/n (GB/s), #wrong (elements differing from n(n+1)/2 after the last iteration, summed over
-ranks). ``--calibrate FILE`` fits the α-β cost model to the rows and writes it (YAML) for
+2(n−1)/n (GB/s), #wrong (elements differing from :func:`expected_sum` after the last iteration,
+summed over ranks). ``--calibrate FILE`` fits the α-β cost model to the rows and writes it (YAML) for
 ``--allreduce hybrid --cost-model FILE``; ``--plot FILE`` draws busbw against size.
 
 **Model mode** (``--model resnet50|alexnet|...``): the real gradient tensor list of a torchvision
-model (filled with ``rank + 1``) is averaged per "step" as: one all-reduce of a flat buffer of the
+model (filled with the same pattern, indexed across the whole list) is averaged per "step" as: one all-reduce of a flat buffer of the
 same bytes (``single``, the floor), one blocking all-reduce per tensor (``per-tensor``), packed
 into fusion buckets and unpacked (``fused-pack``, :class:`fastnet.comm.AlgorithmAllReduce`, with
 ``--wire-dtype``), and
@@ -170,14 +172,45 @@ class Bench:
             teardown()
 
 
+_EXACT_INTEGERS = {torch.float16: 2048, torch.bfloat16: 256, torch.uint8: 255, torch.int8: 127}
+
+
+def pattern_period(size: int, dtype: torch.dtype) -> int:
+    """The fill pattern's period: 7, or 3 or 1 where the sum over ``size`` ranks of values up to 7
+    would not be an exact integer in ``dtype`` (fp16 holds integers exactly up to 2048, bf16 256)."""
+    limit = _EXACT_INTEGERS.get(dtype, 1 << 24)
+    return next((p for p in (7, 3) if p * size <= limit), 1)
+
+
+def fill_pattern(count: int, rank: int, size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 offset: int = 0) -> torch.Tensor:
+    """Rank ``rank``'s input: element i is ``(i + offset + rank) mod p + 1`` (``p``:
+    :func:`pattern_period`), shape (count,), ``dtype``. Index- and rank-dependent as nccl-tests'
+    data, so a misplaced chunk shows as #wrong where a constant fill would hide it."""
+    p = pattern_period(size, dtype)
+    idx = torch.arange(offset, offset + count, device=device)
+    return ((idx + rank) % p + 1).to(dtype)
+
+
+def expected_sum(count: int, size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 offset: int = 0) -> torch.Tensor:
+    """The SUM over ``size`` ranks of :func:`fill_pattern`, float64, shape (count,)."""
+    p = pattern_period(size, dtype)
+    table = torch.tensor([sum((j + r) % p + 1 for r in range(size)) for j in range(p)], dtype=torch.float64,
+                         device=device)
+    return table[torch.arange(offset, offset + count, device=device) % p]
+
+
 def run_size(bench: Bench, nbytes: int, dtype: torch.dtype, algorithm: str, iters: int, warmup: int) -> dict:
     """One sweep row: ``nbytes`` of ``dtype`` all-reduced (SUM) with ``algorithm``, timed and checked."""
     elem = torch.tensor([], dtype=dtype).element_size()
     count = max(1, nbytes // elem)
     buf = torch.empty(count, dtype=dtype, device=bench.device)
+    mine = fill_pattern(count, bench.rank, bench.size, dtype, bench.device)
     reduce = bench.reducer(algorithm)
-    med = bench.timed(lambda: reduce(buf), lambda: buf.fill_(bench.rank + 1), iters, warmup)
-    wrong = int(bench.reduce_scalar(float((buf != bench.size * (bench.size + 1) // 2).sum().item())))
+    med = bench.timed(lambda: reduce(buf), lambda: buf.copy_(mine), iters, warmup)
+    expected = expected_sum(count, bench.size, dtype, bench.device)
+    wrong = int(bench.reduce_scalar(float((buf.double() != expected).sum().item())))
     size = count * elem
     algbw = size / med / 1e9
     return {"size": size, "count": count, "type": str(dtype).removeprefix("torch."), "algorithm": algorithm,
@@ -203,17 +236,20 @@ def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusio
     flat = torch.empty(total, dtype=dtype, device=bench.device)
     reduce = bench.reducer(algorithm)
     n = bench.size
-    mean = (n + 1) / 2
     tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) or wire_dtype != "none" else 1e-5
+    mine = fill_pattern(total, bench.rank, n, dtype, bench.device)  # indexed across the whole list
+    mean = expected_sum(total, n, dtype, bench.device) / n if n > 1 else mine.double()
 
     def fill() -> None:
+        off = 0
         for g in grads:
-            g.fill_(bench.rank + 1)
-        flat.fill_(bench.rank + 1)
+            g.view(-1).copy_(mine[off:off + g.numel()])
+            off += g.numel()
+        flat.copy_(mine)
 
-    def wrong(tensors: Sequence[torch.Tensor], expected: float) -> int:
-        bad = sum(int(((t.double() - expected).abs() > tol * expected).sum().item()) for t in tensors)
-        return int(bench.reduce_scalar(float(bad)))
+    def wrong(tensors: Sequence[torch.Tensor]) -> int:
+        got = torch.cat([t.reshape(-1).double() for t in tensors])
+        return int(bench.reduce_scalar(float(((got - mean).abs() > tol * mean).sum().item())))
 
     def views(threshold: int) -> Callable[[], None]:
         per = max(1, threshold // flat.element_size())
@@ -246,7 +282,7 @@ def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusio
         rows.append({"model": name, "tensors": len(grads), "bytes": total * flat.element_size(),
                      "wire": wire_dtype if mode == "fused-pack" else "none", "mode": mode,
                      "fusion_mb": mb, "algorithm": algorithm, "time_ms": med * 1e3, "vs_single": med / single,
-                     "wrong": wrong(out, mean if n > 1 else 1.0)})
+                     "wrong": wrong(out)})
     return rows
 
 

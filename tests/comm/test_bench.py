@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastnet.comm.bench import bus_factor, main, parse_size, sizes
 from fastnet.comm.cost_model import CostModel
@@ -83,3 +84,20 @@ def test_model_mode_averages_every_way(tmp_path, nproc):
     assert all(r["wrong"] == 0 and r["tensors"] == 59 and r["vs_single"] > 0 for r in rows)
     assert rows[0]["vs_single"] == 1.0
     assert [r["wire"] for r in rows] == ["none", "none", "fp16", "none", "fp16", "none"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("world", [2, 3, 5, 40])
+def test_fill_pattern_exposes_a_misplaced_chunk(dtype, world):
+    """The sweep's data depend on index and rank (as nccl-tests'): a correct sum checks clean, a sum
+    whose chunk landed one place off does not (a constant fill, the old one, would hide it)."""
+    from fastnet.comm.bench import expected_sum, fill_pattern
+
+    count = 1000
+    total = sum(fill_pattern(count, r, world, dtype).double() for r in range(world))
+    assert torch.equal(total.to(dtype).double(), expected_sum(count, world, dtype))  # exact in the dtype
+    planted = total.clone()
+    planted[100:300] = total[101:301]  # a chunk received into the wrong offset
+    assert (planted.to(dtype).double() != expected_sum(count, world, dtype)).sum() > 100
+    constant = torch.full((count,), float(world * (world + 1) // 2))
+    assert torch.equal(constant[100:300], constant[101:301])  # why the old fill could not see it
