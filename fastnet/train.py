@@ -204,7 +204,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
 
     session_start = time.perf_counter()
     model.train()
-    window = {"t": time.perf_counter(), "samples": 0, "comm": 0.0}
+    window = {"t": time.perf_counter(), "samples": 0, "comm": 0.0, "busy": 0.0}
     epoch_comm = 0.0
     stopped = progress.global_step >= stop_step
     for epoch in range(progress.epoch, len(plan)):
@@ -238,6 +238,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                 grad_sync.synchronize()
             global_loss = all_reduce_sum([loss_sum.item()], world)[0] / world.size  # the step's one host sync
             comm_s = grad_sync.exposed_seconds() if grad_sync else 0.0  # not hidden behind backward
+            window["busy"] += grad_sync.busy_seconds() if grad_sync else 0.0
             if not math.isfinite(global_loss) and not precision.loss_scaling:
                 raise NonFiniteLossError(
                     f"non-finite loss {global_loss} at step {progress.global_step + 1} (epoch {epoch}); "
@@ -265,9 +266,9 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                 ips = window["samples"] / max(now - window["t"], 1e-9)
                 metrics.write("step", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
                               global_batch_size=batch, train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale, images_per_s=ips,
-                              wall_s=wall(), comm_s=window["comm"])
+                              wall_s=wall(), comm_s=window["comm"], comm_busy_s=window["busy"])
                 bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
-                window = {"t": now, "samples": 0, "comm": 0.0}
+                window = {"t": now, "samples": 0, "comm": 0.0, "busy": 0.0}
             bar.update(1)
             if cfg.checkpoint_interval and progress.global_step % cfg.checkpoint_interval == 0:
                 save()

@@ -12,10 +12,13 @@ parameters and the globally agreed used-map):
    ``p.grad`` is a view into it, so there is no packing or unpacking per step. With ``storage``
    (e.g. :meth:`fastnet.precision.MasterWeights.grad_location`) the buckets are slices of the
    existing flat gradient buffers instead.
-2. **Ready hooks.** A post-accumulate-grad hook per parameter marks it ready and counts down its
-   bucket. When a bucket's last parameter is ready, it and every later-indexed bucket that is
-   also complete are launched in index order, so every rank issues the same collectives in the
-   same order.
+2. **Ready hooks and launch order.** A post-accumulate-grad hook per parameter marks it ready and
+   counts down its bucket. Buckets launch in ``launch_order``, the same on every rank: while the
+   next one in that order is complete it is launched. The first step uses index order; after it
+   every rank adopts rank 0's observed completion order (broadcast with the step's used-map, as
+   DDP rebuilds its buckets from rank 0's order after the first iteration), so a bucket that
+   completes late — e.g. the FP32 BatchNorm/bias bucket beside the FP16 ones, complete only when
+   backward reaches the first layer — no longer holds back the buckets that complete before it.
 3. **Unused parameters never block.** A parameter whose hook did not fire in this backward is
    marked ready at the end of backward (an autograd final callback, as DDP's reducer does), or,
    with ``find_unused_parameters=True``, before backward by :meth:`prepare_for_backward`'s graph
@@ -71,13 +74,14 @@ class Bucket:
     """One fusion bucket: ``tensor`` (1-D, the members' gradients), the ``params`` in it (reverse
     registration order) and the ``algorithm`` that reduces it."""
 
-    __slots__ = ("index", "tensor", "params", "algorithm", "pending", "future", "done_event")
+    __slots__ = ("index", "tensor", "params", "algorithm", "pending", "future", "done_event", "busy_s")
 
     def __init__(self, index: int, tensor: torch.Tensor, params: list[nn.Parameter], algorithm: str) -> None:
         self.index, self.tensor, self.params, self.algorithm = index, tensor, params, algorithm
         self.pending = len(params)
         self.future: concurrent.futures.Future | None = None
         self.done_event = None
+        self.busy_s = 0.0  # seconds the communication thread spent on it this step
 
     @property
     def nbytes(self) -> int:
@@ -176,11 +180,18 @@ class GradientSynchronizer:
         self._was_none = bytearray(n)  # p.grad was None when marked ready without a gradient
         self._require_sync = True
         self._callback_queued = False
-        self._next = 0  # the next bucket to launch
+        self._next = 0  # position in launch_order of the next bucket to launch
+        self.launch_order = list(range(len(self.buckets)))  # agreed by every rank; rebuilt after step 1
+        self._completed: list[int] = []  # buckets in the order they became complete this step
+        self._arrived = 0  # gradients arrived in this step's synced backward
+        self._completed_at = [0] * len(self.buckets)  # gradients arrived when each bucket became complete
+        self._launched_at = [0] * len(self.buckets)  # ... and when it was launched
+        self._order_agreed = self.comm.size == 1
         self._launched_early = 0
         self.unused_parameters: list[nn.Parameter] = []  # used on no rank in the last synchronized step
         self.last_step: dict[str, int] = {}
         self._exposed: float | tuple = 0.0
+        self._busy = 0.0
         self._cuda = bool(self.params) and self.params[0].device.type == "cuda"
         self._stream = torch.cuda.Stream(self.params[0].device) if self._cuda else None
         self._thread = CommThread() if overlap and self.comm.size > 1 else None
@@ -293,8 +304,11 @@ class GradientSynchronizer:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._ready[i] = 1
+        self._arrived += 1
         bucket.pending -= 1
         if bucket.pending == 0:
+            self._completed.append(bucket.index)
+            self._completed_at[bucket.index] = self._arrived
             self._launch_ready()
 
     def _mark_without_grad(self, i: int) -> None:
@@ -310,6 +324,9 @@ class GradientSynchronizer:
             p.grad = view
         self._ready[i] = 1
         bucket.pending -= 1
+        if bucket.pending == 0:
+            self._completed.append(bucket.index)
+            self._completed_at[bucket.index] = self._arrived
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
@@ -321,12 +338,14 @@ class GradientSynchronizer:
         self._launch_ready()
 
     def _launch_ready(self, early: bool = True) -> None:
-        while self._next < len(self.buckets) and self.buckets[self._next].pending <= 0:
-            self._launch(self.buckets[self._next])
+        """Launch buckets in the agreed ``launch_order`` while the next one is complete."""
+        while self._next < len(self.buckets) and self.buckets[self.launch_order[self._next]].pending <= 0:
+            self._launch(self.buckets[self.launch_order[self._next]])
             self._next += 1
             self._launched_early += early
 
     def _launch(self, bucket: Bucket) -> None:
+        self._launched_at[bucket.index] = self._arrived
         if self._thread is None:
             bucket.future = concurrent.futures.Future()
             bucket.future.set_result(None)  # reduced in synchronize()
@@ -337,16 +356,18 @@ class GradientSynchronizer:
             ready.record()  # on the backward stream
 
         def reduce() -> None:
+            t0 = time.perf_counter()
             if self.debug:
                 self._check_launch(bucket)
             if ready is None:
                 self.reducer(bucket.tensor, bucket.algorithm)
-                return
-            with torch.cuda.stream(self._stream):
-                self._stream.wait_event(ready)
-                self.reducer(bucket.tensor, bucket.algorithm)
-                bucket.done_event = torch.cuda.Event()
-                bucket.done_event.record(self._stream)
+            else:
+                with torch.cuda.stream(self._stream):
+                    self._stream.wait_event(ready)
+                    self.reducer(bucket.tensor, bucket.algorithm)
+                    bucket.done_event = torch.cuda.Event()
+                    bucket.done_event.record(self._stream)
+            bucket.busy_s = time.perf_counter() - t0
 
         bucket.future = self._thread.submit(reduce)
 
@@ -357,11 +378,18 @@ class GradientSynchronizer:
                           "passes differ (a rank-dependent branch, or a model changed after construction).")
 
     def _used_map(self) -> list[int]:
-        """Collective on the comm thread's order: the used-map, MAX over ranks (int32 per parameter)."""
+        """Collective on the comm thread's order: the used-map, MAX over ranks (int32 per parameter).
+        After the first step, also the launch order: rank 0's bucket completion order, broadcast
+        (DDP rebuilds its buckets from rank 0's observed order after the first iteration)."""
         device = getattr(self.comm, "device", None) or torch.device("cpu")
         used = torch.frombuffer(bytearray(self._used), dtype=torch.uint8).to(torch.int32).to(device)
         if self.comm.size > 1:
             self.comm.all_reduce(used, op="max")
+            if not self._order_agreed:
+                order = torch.tensor(self._completed, dtype=torch.int64, device=device)
+                self.comm.broadcast(order, 0)
+                self.launch_order = order.tolist()
+                self._order_agreed = True
         return used.tolist()
 
     def synchronize(self) -> float:
@@ -384,11 +412,13 @@ class GradientSynchronizer:
         if self.comm.size > 1:
             self._launch_ready(early=False)
             used_future = self._thread.submit(self._used_map) if self._thread is not None else None
-            for b in self.buckets:
+            for b in (self.buckets[i] for i in self.launch_order):
                 if self._thread is None:
                     if self.debug:
                         self._check_launch(b)
+                    t0 = time.perf_counter()
                     self.reducer(b.tensor, b.algorithm)
+                    b.busy_s = time.perf_counter() - t0
                     continue
                 self._wait(b.future, f"all-reduce of bucket {b.index} ({b.nbytes} bytes, {b.algorithm})")
                 if b.done_event is not None:
@@ -407,7 +437,9 @@ class GradientSynchronizer:
                 if not self._storage:
                     p.grad = None  # used on no rank: skipped by the optimizer on every rank
         self.last_step = {"buckets": len(self.buckets), "launched_before_synchronize": self._launched_early,
-                          "unused_parameters": len(self.unused_parameters)}
+                          "unused_parameters": len(self.unused_parameters), "completed_at": list(self._completed_at),
+                          "launched_at": list(self._launched_at)}
+        self._busy = sum(b.busy_s for b in self.buckets)
         self._reset()
         self._exposed = time.perf_counter() - start
         if begin is not None:
@@ -435,10 +467,16 @@ class GradientSynchronizer:
         except Exception as exc:
             raise RuntimeError(f"{what} failed: {exc}") from exc
 
+    def busy_seconds(self) -> float:
+        """Seconds the communication thread spent on the last step's buckets (host time; on CUDA the
+        time to queue them). With :meth:`exposed_seconds`: hidden = busy − exposed."""
+        return self._busy
+
     def _reset(self) -> None:
         for b in self.buckets:
-            b.pending, b.future, b.done_event = len(b.params), None, None
-        self._next = self._launched_early = 0
+            b.pending, b.future, b.done_event, b.busy_s = len(b.params), None, None, 0.0
+        self._next = self._launched_early = self._arrived = 0
+        self._completed = []
         n = len(self.params)
         self._used, self._ready, self._was_none = bytearray(n), bytearray(n), bytearray(n)
 

@@ -311,3 +311,57 @@ def test_mismatches_are_errors_naming_the_item_not_hangs(world):
         assert "ranks disagree on parameter 2: rank 0: (8, 64) float32; rank 1: (9, 64) float32" in results[rank]["model"]
         assert "GradientSynchronizer (debug): ranks disagree on launched bucket" in results[rank]["debug"]
         assert "ring" in results[rank]["debug"] and "native" in results[rank]["debug"]
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def _order_worker(rank: int, world: int, port: int, queue) -> None:
+    init_gloo(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = ConvBN()
+        precision = Precision("fp16", torch.device("cpu"), loss_scaling=False)
+        model = precision.prepare(model)
+        sync = GradientSynchronizer(TorchCommunicator(), model.parameters(), algorithm="ring", wire_dtype="fp16",
+                                    fusion_threshold_bytes=600, storage=precision.masters.grad_location,
+                                    timeout_s=60)
+        fp32 = [b.index for b in sync.buckets if b.tensor.dtype == torch.float32]
+        steps = []
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x, y = torch.randn(4, 3, 4, 4, generator=g), torch.randint(0, 5, (4,), generator=g)
+            precision.backward(nn.functional.cross_entropy(model(x.half()).float(), y))
+            sync.synchronize()
+            steps.append((dict(sync.last_step), list(sync.launch_order)))
+            precision.masters.zero_grad()
+        queue.put((rank, fp32, len(sync.buckets), steps))
+        sync.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_launch_order_follows_rank0s_completion_order_after_the_first_step():
+    """FP16 masters: the FP32 BatchNorm bucket completes only near the end of backward. In the first
+    step (index order) it holds back the FP16 buckets behind it; from the second step on, the
+    launch order is rank 0's completion order, the same on every rank, and every bucket launches
+    the moment it is complete."""
+    results = {r[0]: r[1:] for r in spawn_ranks(_order_worker, 2)}
+    fp32, nbuckets, steps = results[0]
+    assert len(fp32) == 1 and nbuckets >= 4
+    first, later = steps[0][0], steps[1:]
+    assert any(l > c for l, c in zip(first["launched_at"], first["completed_at"]))  # held back
+    for step, order in later:
+        assert sorted(order) == list(range(nbuckets)) and order != list(range(nbuckets))
+        assert order.index(fp32[0]) >= nbuckets - 2  # the BN bucket completes with the first layers
+        assert step["launched_at"] == step["completed_at"]  # launched as soon as complete
+    assert [s[1] for s in results[1][2]] == [s[1] for s in steps]  # rank 1 adopted rank 0's order
