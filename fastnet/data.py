@@ -6,9 +6,14 @@ Every dataset yields ``(image, label)`` with ``image`` a float32 tensor of shape
 Registry (:data:`DATASETS`):
   * ``digits``: scikit-learn's bundled handwritten digits (UCI optdigits test set, 1,797 8×8 images,
     10 classes), upscaled to 16×16 (``image_size`` changes it); a fixed 1,438 / 359 train/test split. Needs no download.
-  * ``cifar10``: CIFAR-10 from ``data_dir``: the official python batches
-    (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``) or the official tarball
-    ``cifar-10-python.tar.gz``, which is extracted beside itself.
+  * ``cifar10``: CIFAR-10 from ``data_dir``, the first layout found of: the official python
+    batches (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``; read with ``pickle``, so
+    trusted files only), the official tarball ``cifar-10-python.tar.gz`` (extracted beside itself),
+    JPEG files packed in ``cifar-10-jpeg-packed/{train,test}.npz`` (arrays ``jpeg``, ``offsets``,
+    ``labels``; loaded without pickle), or JPEG files in ``cifar-10-jpeg/{train,test}/<class>/*.jpg``
+    (class folders sorted = the official label ids). ``data_dir`` may name the layout's own
+    directory or its parent. JPEG layouts are decoded once (``torchvision.io.decode_jpeg``, about
+    4 s for 50,000 images) into a uint8 tensor held in memory; no decoding per epoch.
   * ``fashion_mnist``: torchvision's FashionMNIST reader over ``data_dir/FashionMNIST/raw``.
   * ``imagenet``: ``data_dir/train`` and ``data_dir/val`` as torchvision ImageFolders, with the
     standard RandomResizedCrop(224)+flip for training and resize 256 / center 224 for evaluation.
@@ -119,8 +124,9 @@ CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 def _cifar_batches_dir(data_dir: str | None) -> Path:
     expected = (
-        "cifar-10-batches-py/{" + ",".join(CIFAR10_FILES) + "} (the official python batches) "
-        "or cifar-10-python.tar.gz (the official tarball)"
+        "cifar-10-batches-py/{" + ",".join(CIFAR10_FILES) + "} (the official python batches), "
+        "cifar-10-python.tar.gz (the official tarball), cifar-10-jpeg-packed/{train,test}.npz or "
+        "cifar-10-jpeg/{train,test}/<class>/*.jpg (the JPEG layouts)"
     )
     if not data_dir:
         raise ValueError(f"dataset 'cifar10' needs --data-dir, a directory holding {expected}")
@@ -146,11 +152,77 @@ def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(data.copy()), torch.as_tensor(labels, dtype=torch.long)
 
 
+def decode_jpegs(blobs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Decode JPEG files (1-D uint8 tensors of their bytes) into one ``(N, 3, H, W)`` uint8 tensor
+    (RGB; every image must have the same size). Raises ValueError for an undecodable file."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not blobs:
+        return torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+    try:
+        return torch.stack(decode_jpeg(list(blobs), mode=ImageReadMode.RGB))
+    except RuntimeError as exc:
+        raise ValueError(f"cannot decode the CIFAR-10 JPEG files: {exc}") from None
+
+
+def read_packed_jpegs(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``.npz`` of the packed JPEG layout (``jpeg`` uint8 bytes of every file concatenated,
+    ``offsets`` int64 (N+1,), ``labels`` int64 (N,); read with ``allow_pickle=False``). Returns
+    ``(N, 3, 32, 32)`` uint8 and ``(N,)`` int64. Raises ValueError for a malformed file."""
+    with np.load(path, allow_pickle=False) as d:
+        try:
+            jpeg, offsets, labels = d["jpeg"], d["offsets"], d["labels"]
+        except KeyError as exc:
+            raise ValueError(f"{path}: expected arrays jpeg, offsets, labels ({exc} missing)") from None
+    if offsets.ndim != 1 or len(offsets) != len(labels) + 1 or offsets[-1] != len(jpeg):
+        raise ValueError(f"{path}: offsets ({len(offsets)}) must be labels + 1 ({len(labels) + 1}) and end at "
+                         f"the byte count {len(jpeg)}")
+    data = torch.from_numpy(jpeg)
+    images = decode_jpegs([data[offsets[i]:offsets[i + 1]] for i in range(len(labels))])
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def read_jpeg_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``root/<class>/*.jpg`` (class folders sorted: label ids; files sorted within a class) →
+    ``(N, 3, 32, 32)`` uint8, ``(N,)`` int64. Raises ValueError when there are no class folders."""
+    from torchvision.io import read_file
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class folders")
+    blobs, labels = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((root / cls).glob("*.jpg")):
+            blobs.append(read_file(str(f)))
+            labels.append(label)
+    return decode_jpegs(blobs), torch.tensor(labels, dtype=torch.long)
+
+
+def _cifar_jpeg_layout(root: Path) -> tuple[str, Path] | None:
+    """The JPEG layout under ``root`` (itself or its ``cifar-10-jpeg[-packed]`` child), or None."""
+    for cand in (root / "cifar-10-jpeg-packed", root):
+        if (cand / "train.npz").is_file() and (cand / "test.npz").is_file():
+            return "packed", cand
+    for cand in (root / "cifar-10-jpeg", root):
+        if (cand / "train").is_dir() and (cand / "test").is_dir():
+            return "folders", cand
+    return None
+
+
 def _cifar10(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
-    d = _cifar_batches_dir(data_dir)
-    parts = [read_cifar_batch(d / f) for f in CIFAR10_FILES[:-1]]
-    train_x, train_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    test_x, test_y = read_cifar_batch(d / "test_batch")
+    jpeg = _cifar_jpeg_layout(Path(data_dir)) if data_dir else None
+    has_batches = data_dir and any((c / "data_batch_1").is_file() or (c / "cifar-10-python.tar.gz").is_file()
+                                   for c in (Path(data_dir) / "cifar-10-batches-py", Path(data_dir)))
+    if jpeg is not None and not has_batches:  # the exact release wins when both are there
+        kind, d = jpeg
+        read = read_packed_jpegs if kind == "packed" else read_jpeg_folder
+        (train_x, train_y), (test_x, test_y) = (read(d / ("train.npz" if kind == "packed" else "train")),
+                                                read(d / ("test.npz" if kind == "packed" else "test")))
+    else:
+        d = _cifar_batches_dir(data_dir)
+        parts = [read_cifar_batch(d / f) for f in CIFAR10_FILES[:-1]]
+        train_x, train_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        test_x, test_y = read_cifar_batch(d / "test_batch")
     norm = _normalize(CIFAR_MEAN, CIFAR_STD)
     train_tf = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *norm])
     return DataSplits(TensorImages(train_x, train_y, train_tf), TensorImages(test_x, test_y, v2.Compose(norm)), 10, 32)

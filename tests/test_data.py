@@ -1,6 +1,7 @@
 import pickle
 import struct
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,9 +53,82 @@ def test_cifar10_official_tarball(tmp_path):
     assert len(s.train) == 20
 
 
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar_jpegs(root, per_class=(2, 1), seed=0):
+    """Both JPEG layouts of a tiny CIFAR-10: ``cifar-10-jpeg/{train,test}/<class>/NNNN.jpg`` and
+    ``cifar-10-jpeg-packed/{train,test}.npz``, holding the same JPEG bytes. Returns the decoded
+    reference images (PIL) and labels per split, in the folder layout's order."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    expected = {}
+    (root / "cifar-10-jpeg-packed").mkdir(parents=True)
+    for split, n in zip(("train", "test"), per_class):
+        blobs, labels, images = [], [], []
+        for label, cls in enumerate(CLASSES):
+            (root / "cifar-10-jpeg" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG", quality=75)
+                (root / "cifar-10-jpeg" / split / cls / f"{i:04d}.jpg").write_bytes(buf.getvalue())
+                blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+                labels.append(label)
+                images.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        np.savez(root / "cifar-10-jpeg-packed" / f"{split}.npz", jpeg=np.concatenate(blobs), offsets=offsets,
+                 labels=np.array(labels, dtype=np.int64))
+        expected[split] = (np.stack(images), labels)
+    return expected
+
+
+@pytest.mark.parametrize("layout", ["cifar-10-jpeg", "cifar-10-jpeg-packed", ""])
+def test_cifar10_jpeg_layouts_decode_once_to_the_same_images(tmp_path, layout):
+    expected = write_cifar_jpegs(tmp_path)
+    s = build_datasets("cifar10", str(tmp_path / layout))
+    assert len(s.train) == 20 and len(s.test) == 10 and s.num_classes == 10
+    for split, ds in (("train", s.train), ("test", s.test)):
+        images, labels = expected[split]
+        assert ds.images.dtype == torch.uint8 and ds.images.shape == (len(labels), 3, 32, 32)  # held in memory
+        assert ds.labels.tolist() == labels
+        diff = (ds.images.permute(0, 2, 3, 1).int() - torch.from_numpy(images).int()).abs()
+        assert diff.float().mean() < 1.0  # torchvision's libjpeg vs PIL's: the same pixels up to rounding
+    x, y = s.train[3]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == expected["train"][1][3]
+
+
+def test_cifar10_official_batches_win_over_jpegs(tmp_path):
+    write_cifar_jpegs(tmp_path)
+    batches = write_cifar_batches(tmp_path)  # an exact release dropped in later is used with no change
+    s = build_datasets("cifar10", str(tmp_path))
+    assert len(s.train) == 20 and len(s.test) == 4
+    assert torch.equal(s.test.images, torch.from_numpy(batches["test_batch"][0].reshape(-1, 3, 32, 32)))
+
+
+def test_cifar10_malformed_packed_file(tmp_path):
+    d = tmp_path / "cifar-10-jpeg-packed"
+    d.mkdir()
+    for split in ("train", "test"):
+        np.savez(d / f"{split}.npz", jpeg=np.zeros(10, np.uint8), offsets=np.array([0, 4], np.int64),
+                 labels=np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="offsets .* must be labels \\+ 1 .* and end at the byte count 10"):
+        build_datasets("cifar10", str(tmp_path))
+
+
+REAL_PACKED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-jpeg-packed"
+
+
+@pytest.mark.skipif(not REAL_PACKED.is_dir(), reason="../shared/data/cifar-10-jpeg-packed absent")
+def test_cifar10_real_packed_data():
+    s = build_datasets("cifar10", str(REAL_PACKED))
+    assert len(s.train) == 50000 and len(s.test) == 10000
+    assert torch.bincount(s.train.labels).tolist() == [5000] * 10 and int(s.train.labels[0]) == 6  # frog
+
+
 def test_cifar10_missing_files_named(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
-    with pytest.raises(ValueError, match="data_batch_1.*test_batch"):
+    with pytest.raises(ValueError, match="data_batch_1.*test_batch.*cifar-10-jpeg-packed"):
         build_datasets("cifar10", str(tmp_path))
     with pytest.raises(ValueError, match="needs --data-dir"):
         build_datasets("cifar10", None)
