@@ -28,6 +28,7 @@ run would (the sampler skips what was consumed: :class:`ResumableDistributedSamp
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -136,15 +137,47 @@ def _cifar_batches_dir(data_dir: str | None) -> Path:
             return cand
     tarball = root / "cifar-10-python.tar.gz"
     if tarball.is_file():
-        extract_archive(str(tarball), str(root))
+        extract_once(tarball, root / "cifar-10-batches-py")
         if all((root / "cifar-10-batches-py" / f).is_file() for f in CIFAR10_FILES):
             return root / "cifar-10-batches-py"
     raise ValueError(f"CIFAR-10 not found in data_dir {str(root)!r}: expected {expected}")
 
 
+def extract_once(archive: Path, target: Path) -> None:
+    """Extract ``archive`` so that it yields ``target`` (a directory the archive holds at its top),
+    once however many processes ask at the same time: under an exclusive ``fcntl.flock`` on
+    ``<target>.lock``, into a temporary directory beside ``target``, then renamed into place, so no
+    process ever sees a half-written ``target``; a later call finds it ready and does nothing.
+
+    Raises:
+        ValueError: the archive does not hold ``target.name`` at its top.
+    """
+    import fcntl
+    import shutil
+    import tempfile
+
+    if target.is_dir():
+        return
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here until the first has renamed
+        if target.is_dir():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            extract_archive(str(archive), str(tmp))
+            if not (tmp / target.name).is_dir():
+                raise ValueError(f"{archive} does not hold {target.name}/ at its top")
+            os.rename(tmp / target.name, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one official CIFAR python batch: a pickled dict with ``b"data"`` (uint8, N×3072, RGB
-    planes of 32×32, row-major) and ``b"labels"``. Returns ``(N, 3, 32, 32)`` uint8 and ``(N,)`` int64."""
+    planes of 32×32, row-major) and ``b"labels"``. Returns ``(N, 3, 32, 32)`` uint8 and ``(N,)`` int64.
+
+    Trust: the file is unpickled (as torchvision does), which runs code a planted file carries; read
+    only the official release from a directory only you can write. The JPEG layouts need no pickle."""
     with open(path, "rb") as f:
         entry = pickle.load(f, encoding="bytes")
     data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)

@@ -222,3 +222,36 @@ def test_epoch_seeded_augmentation_is_deterministic_and_leaves_rng_alone():
     assert torch.equal(ds[7][0], a)  # independent of what was drawn before
     ds.set_epoch(1)
     assert not torch.equal(ds[7][0], a)  # a new epoch, a new augmentation
+
+
+def _load_cifar(data_dir: str, queue) -> None:
+    from fastnet.data import build_datasets as build
+
+    s = build("cifar10", data_dir)
+    queue.put((len(s.train), s.test.images.sum().item(), s.test.labels.tolist()))
+
+
+def test_concurrent_extraction_by_three_ranks_yields_one_valid_dataset(tmp_path):
+    """Three processes meet an unextracted tarball at once: one extracts (under a file lock, into a
+    temporary name, then renamed), the others wait and read the finished directory."""
+    import multiprocessing as mp
+
+    src = tmp_path / "src"
+    expected = write_cifar_batches(src)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_cifar, args=(str(data_dir), queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    test_data, test_labels = expected["test_batch"]
+    assert results == [(20, int(test_data.astype(np.int64).sum()), test_labels)] * 3
+    leftovers = sorted(p.name for p in data_dir.iterdir())
+    assert leftovers == ["cifar-10-batches-py", "cifar-10-batches-py.lock", "cifar-10-python.tar.gz"]

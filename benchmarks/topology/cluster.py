@@ -4,15 +4,20 @@
     python benchmarks/topology/cluster.py run --nodes 2 --ranks-per-node 2 -- -m fastnet.comm.bench -a all
     python benchmarks/topology/cluster.py down        # remove leftovers of an interrupted run
 
-Needs root (``ip netns``, ``tc``). Layout: a bridge ``fnt-br`` in the root namespace; per node ``i``
-a namespace ``fnt-n<i>`` with a veth ``eth0`` (address 10.77.0.<i+1>/24) plugged into the bridge,
+Needs root (``ip netns``, ``tc``). Every run has its own id (4 hex digits) in every name it
+creates, so runs side by side never touch each other's: a bridge ``fnt<id>br`` in the root
+namespace; per node ``i`` a namespace ``fnt-<id>-n<i>`` with a veth ``eth0`` (address
+10.77.0.<i+1>/24; its root-side peer ``fnt<id>v<i>``) plugged into the bridge,
 whose egress is shaped by ``tc tbf`` to ``--rate`` (netem is not in this kernel, so no delay is
 added: latency is the veth/bridge path's own). Ranks of one node share its namespace and talk over
 its local address (the kernel routes that through ``lo``: unshaped, like shared memory within a
 node); ``net.ipv4.tcp_slow_start_after_idle=0`` in each node (as on tuned HPC hosts), so a
 connection idle between collectives keeps its congestion window; ranks of different nodes go through the shaped veths. Every rank runs under ``torchrun
 --nnodes N --node_rank i`` inside its node's namespace with ``GLOO_SOCKET_IFNAME=eth0``.
-Everything created is removed on exit, also on failure or Ctrl-C.
+Working files (results, the calibrated cost model) live in a fresh root-owned 0700 directory; the
+ranks' processes run in their own process groups, killed (and whatever is left in the run's
+namespaces) on a timeout (``--timeout``), a failure or Ctrl-C; then the run's namespaces, veths and
+bridge are removed. ``down`` with no id removes the leftovers of every run (manual clean-up).
 
 ``study`` measures, on the emulated cluster: native, flat ring, hierarchical_p2p (pipelined in
 ``--segment-mb`` segments, and in one segment), the other algorithms and hybrid in FP32, and ring/hierarchical_p2p
@@ -26,10 +31,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import platform
+import secrets
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,39 +53,68 @@ from fastnet.comm.bench import parse_size  # noqa: E402
 from fastnet.comm.cost_model import CostModel, Link, calibrate  # noqa: E402
 from report import emit  # noqa: E402
 
-BRIDGE, PREFIX, SUBNET = "fnt-br", "fnt-n", "10.77.0"
+SUBNET = "10.77.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """One run's emulated cluster: its ``run_id``, node addresses and private working directory."""
+
+    run_id: str
+    addrs: list[str]
+    workdir: Path
+
+    def namespace(self, i: int) -> str:
+        return f"fnt-{self.run_id}-n{i}"
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
 
-def down() -> None:
-    """Remove every namespace, veth and the bridge this script may have created (idempotent)."""
+def _kill_namespace_processes(ns: str) -> None:
+    for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def down(run_id: str | None = None) -> None:
+    """Remove the namespaces (after killing what runs in them), veths and bridge of run ``run_id``,
+    or with None of every run (leftovers of interrupted runs; also the names of older versions)."""
+    ns_prefix, link_prefix = (f"fnt-{run_id}-", f"fnt{run_id}") if run_id else ("fnt-", "fnt")
     for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
-        if name.startswith(PREFIX):
+        if name.startswith(ns_prefix):
+            _kill_namespace_processes(name)
             sh("ip", "netns", "del", name, check=False)
-    for i in range(64):
-        sh("ip", "link", "del", f"fnt-v{i}", check=False)
-    sh("ip", "link", "del", BRIDGE, check=False)
+    for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        parts = line.split(":")
+        name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
+        if name.startswith(link_prefix):
+            sh("ip", "link", "del", name, check=False)
 
 
 @contextlib.contextmanager
-def cluster(nodes: int, rate: str) -> Iterator[list[str]]:
-    """Build ``nodes`` namespaces bridged together, egress shaped to ``rate``; yields their addresses."""
+def cluster(nodes: int, rate: str) -> Iterator[Cluster]:
+    """Build ``nodes`` namespaces bridged together, egress shaped to ``rate``, under a fresh run id;
+    yields the :class:`Cluster`. Removes everything of this run (and only of it) on exit."""
     if os.geteuid() != 0:
         raise SystemExit("the emulated cluster needs root (ip netns, tc)")
-    down()
+    if not 1 <= nodes <= 200:
+        raise SystemExit(f"Invalid --nodes {nodes} (1 to 200)")
+    run_id = secrets.token_hex(2)
+    bridge = f"fnt{run_id}br"
+    workdir = Path(tempfile.mkdtemp(prefix=f"fnt-{run_id}-"))  # 0700, owned by root
+    print(f"# emulated cluster run id {run_id}", file=sys.stderr, flush=True)
     try:
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        sh("ip", "link", "set", BRIDGE, "up")
+        sh("ip", "link", "add", bridge, "type", "bridge")
+        sh("ip", "link", "set", bridge, "up")
         addrs = []
         for i in range(nodes):
-            ns, veth, addr = f"{PREFIX}{i}", f"fnt-v{i}", f"{SUBNET}.{i + 1}"
+            ns, veth, addr = f"fnt-{run_id}-n{i}", f"fnt{run_id}v{i}", f"{SUBNET}.{i + 1}"
             sh("ip", "netns", "add", ns)
             sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "link", "set", veth, "master", BRIDGE)
+            sh("ip", "link", "set", veth, "master", bridge)
             sh("ip", "link", "set", veth, "up")
             for cmd in (("ip", "link", "set", "lo", "up"), ("ip", "addr", "add", f"{addr}/24", "dev", "eth0"),
                         ("sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0"),
@@ -85,44 +123,56 @@ def cluster(nodes: int, rate: str) -> Iterator[list[str]]:
                          "latency", "100ms")):
                 sh("ip", "netns", "exec", ns, *cmd)
             addrs.append(addr)
-        yield addrs
+        yield Cluster(run_id, addrs, workdir)
     finally:
-        down()
+        down(run_id)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def launch(nodes: int, rpn: int, args: list[str], timeout: float = 1800) -> list[subprocess.CompletedProcess]:
-    """Run ``python -m torch.distributed.run ... <args>`` on every node of the current cluster."""
-    port = 29000 + os.getpid() % 1000
+def launch(c: Cluster, rpn: int, args: list[str], timeout: float = 1800) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m torch.distributed.run ... <args>`` on every node of cluster ``c``, each in its
+    own process group. On a timeout (seconds) or any error, every process group of the run and
+    whatever still runs in its namespaces is killed, then the error is raised."""
+    nodes, port = len(c.addrs), 29500
     procs = []
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for i in range(nodes):
-        cmd = ["ip", "netns", "exec", f"{PREFIX}{i}", sys.executable, "-m", "torch.distributed.run",
-               f"--nnodes={nodes}", f"--node_rank={i}", f"--nproc_per_node={rpn}", f"--master_addr={SUBNET}.1",
-               f"--master_port={port}", *args]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    return out
+    try:
+        for i in range(nodes):
+            cmd = ["ip", "netns", "exec", c.namespace(i), sys.executable, "-m", "torch.distributed.run",
+                   f"--nnodes={nodes}", f"--node_rank={i}", f"--nproc_per_node={rpn}", f"--master_addr={SUBNET}.1",
+                   f"--master_port={port}", *args]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True))
+        out = []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        return out
+    except BaseException:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        for i in range(nodes):
+            _kill_namespace_processes(c.namespace(i))
+        for p in procs:
+            p.wait()
+        raise
 
 
-def bench(nodes: int, rpn: int, args: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chmod(tmp, 0o777)
-        out = Path(tmp) / "rows.json"
-        res = launch(nodes, rpn, ["-m", "fastnet.comm.bench", *args, "--ranks-per-node", str(rpn), "--json", str(out)])
-        if any(r.returncode for r in res):
-            raise SystemExit("fastnet-bench failed on the emulated cluster:\n" +
-                             "\n".join(r.stdout + r.stderr[-2000:] for r in res))
-        return json.loads(out.read_text())
+def bench(c: Cluster, rpn: int, args: list[str]) -> dict:
+    """fastnet-bench on cluster ``c``; rank 0 writes its JSON into the run's private directory."""
+    out = c.workdir / f"rows-{secrets.token_hex(4)}.json"
+    res = launch(c, rpn, ["-m", "fastnet.comm.bench", *args, "--ranks-per-node", str(rpn), "--json", str(out)])
+    if any(r.returncode for r in res):
+        raise SystemExit("fastnet-bench failed on the emulated cluster:\n" +
+                         "\n".join(r.stdout + r.stderr[-2000:] for r in res))
+    return json.loads(out.read_text())
 
 
-def median_rows(nodes: int, rpn: int, args: list[str], repeats: int) -> list[dict]:
+def median_rows(c: Cluster, rpn: int, args: list[str], repeats: int) -> list[dict]:
     """``repeats`` separate launches of the same sweep; each size's time is the median over them
     (the small-message times of one launch vary by 2x on this emulation, which moves the fitted α)."""
-    runs = [bench(nodes, rpn, args)["rows"] for _ in range(repeats)]
+    runs = [bench(c, rpn, args)["rows"] for _ in range(repeats)]
     return [{**rows[0], "time_us": statistics.median(r["time_us"] for r in rows)} for rows in zip(*runs)]
 
 
@@ -134,26 +184,25 @@ def study(a: argparse.Namespace) -> None:
     # from launch to launch. The shaped links are fitted from -b up: tbf's 256 KB burst lets
     # smaller messages leave at veth speed, where the α-β line does not hold.
     calib = ["-b", str(min(parse_size(a.minbytes), parse_size(a.calibration_minbytes))), *sweep[2:]]
-    with cluster(n, a.rate):
-        intra = median_rows(1, k, [*calib, "-a", "ring"], a.calibration_runs)  # one node: the intra-node link
-        inter = median_rows(n, 1, [*sweep, "-a", "ring"], a.calibration_runs)  # one rank per node: inter-node
-        native = median_rows(n, k, [*sweep, "-a", "native"], a.calibration_runs)
+    with cluster(n, a.rate) as c:
+        one_node = dataclasses.replace(c, addrs=c.addrs[:1])
+        intra = median_rows(one_node, k, [*calib, "-a", "ring"], a.calibration_runs)  # the intra-node link
+        inter = median_rows(c, 1, [*sweep, "-a", "ring"], a.calibration_runs)  # one rank per node: inter-node
+        native = median_rows(c, k, [*sweep, "-a", "native"], a.calibration_runs)
         # Links fitted to ring rows carry fastnet's per-step software cost in their α (p2p level 0):
         # exact for ring / *_p2p, an over-estimate of α for the collective-composed variants.
         no_p2p = CostModel(p2p=Link(0.0, 0.0))
         model = CostModel(intra=calibrate(intra, k, base=no_p2p, levels=("intra",)).intra,
                           inter=calibrate(inter, n, 1, base=no_p2p, levels=("inter",)).inter,
                           native=calibrate(native, n * k, k).native, p2p=Link(0.0, 0.0))
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            cm_path = f.name
+        cm_path = str(c.workdir / "cost_model.yaml")  # in the run's private directory
         model.save(cm_path)
-        os.chmod(cm_path, 0o644)
         segment = ["--segment-mb", f"{a.segment_mb:g}"]
-        fp32 = bench(n, k, [*sweep, "-a", "all", "--cost-model", cm_path, *segment])
+        fp32 = bench(c, k, [*sweep, "-a", "all", "--cost-model", cm_path, *segment])
         one_segment = [{**r, "segment_bytes": 0}
-                       for r in bench(n, k, [*sweep, "-a", "hierarchical_p2p", "--segment-mb", "0"])["rows"]]
+                       for r in bench(c, k, [*sweep, "-a", "hierarchical_p2p", "--segment-mb", "0"])["rows"]]
         half = ["-b", str(parse_size(a.minbytes) // 2), "-e", str(parse_size(a.maxbytes) // 2), *sweep[4:]]
-        fp16 = {alg: bench(n, k, [*half, "-a", alg, "-d", "float16", *segment])["rows"]
+        fp16 = {alg: bench(c, k, [*half, "-a", alg, "-d", "float16", *segment])["rows"]
                 for alg in ("ring", "hierarchical_p2p")}
     seg = int(a.segment_mb * (1 << 20))
     world = n * k
@@ -208,16 +257,26 @@ def main() -> None:
                            help="smallest size of the intra-node calibration sweep")
             s.add_argument("--append")
         else:
+            s.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run's processes are "
+                           "killed and its cluster removed (default %(default)g)")
             s.add_argument("args", nargs=argparse.REMAINDER, help="after --: torchrun arguments, e.g. -m fastnet.comm.bench")
-    sub.add_parser("down")
+    d = sub.add_parser("down", help="remove leftovers of interrupted runs (all runs, or --run-id's)")
+    d.add_argument("--run-id", default=None)
     a = p.parse_args()
     if a.cmd == "down":
-        down()
+        down(a.run_id)
     elif a.cmd == "run":
-        with cluster(a.nodes, a.rate):
-            for r in launch(a.nodes, a.ranks_per_node, [x for x in a.args if x != "--"]):
+        with cluster(a.nodes, a.rate) as c:
+            try:
+                results = launch(c, a.ranks_per_node, [x for x in a.args if x != "--"], a.timeout)
+            except subprocess.TimeoutExpired:
+                raise SystemExit(f"the run did not finish within --timeout {a.timeout:g} s: its processes were "
+                                 f"killed and its cluster {c.run_id} removed") from None
+            for r in results:
                 print(r.stdout, end="")
                 print(r.stderr[-2000:], end="", file=sys.stderr)
+            if any(r.returncode for r in results):
+                raise SystemExit(1)
     else:
         study(a)
 
