@@ -38,6 +38,7 @@ class TrainConfig:
     num_classes: int | None = None  # None: the dataset's own
     image_size: int | None = None  # None: the dataset's own (synthetic: 32)
     synthetic_samples: int = 4096  # train-set size of the synthetic dataset
+    val_samples: int = 0  # training images held out for validation (evaluated each epoch; test top-1 once at the end)
     # batch: global = world_size x micro_batch_size x accumulation steps
     global_batch_size: int = 256
     micro_batch_size: int = 64  # per rank, per forward/backward
@@ -256,6 +257,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"Invalid {key}: {getattr(cfg, key)} (must be >= 0)")
     if cfg.epochs <= 0:
         raise ValueError(f"Invalid epochs: {cfg.epochs} (must be > 0)")
+    if cfg.val_samples < 0:
+        raise ValueError(f"Invalid val_samples: {cfg.val_samples} (must be >= 0; 0: evaluate on the test set)")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ValueError(f"Invalid max_steps: {cfg.max_steps} (must be > 0, or none)")
     if not 0 <= cfg.label_smoothing < 1:

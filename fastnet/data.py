@@ -326,6 +326,29 @@ DATASETS: dict[str, Callable[[str | None, int | None, int, int | None], DataSpli
 }
 
 
+def hold_out(splits: DataSplits, n: int, seed: int = 20181130) -> tuple[Dataset, Dataset]:
+    """Split ``n`` training images off as a validation set: a uniformly random subset drawn with
+    its own generator (``seed``, the same for every run and every rank), so model choices can be
+    made without the test set. The validation images get the test transform (no augmentation).
+    Returns ``(train, validation)``.
+
+    Raises:
+        ValueError: ``n`` not in [1, len(train) − 1], or a dataset not held in memory as
+            :class:`TensorImages` (digits and cifar10 are; ImageFolder and synthetic sets are not).
+    """
+    train, test = splits.train, splits.test
+    if not isinstance(train, TensorImages):
+        raise ValueError(f"val_samples needs a dataset held in memory (digits, cifar10); got {type(train).__name__}")
+    if not 1 <= n < len(train):
+        raise ValueError(f"Invalid val_samples: {n} (must be in [1, {len(train) - 1}] for {len(train)} training "
+                         f"images)")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    keep, val = perm[n:].sort().values, perm[:n].sort().values
+    test_tf = test.transform if isinstance(test, TensorImages) else None
+    return (TensorImages(train.images[keep], train.labels[keep], train.transform),
+            TensorImages(train.images[val], train.labels[val], test_tf))
+
+
 def build_datasets(name: str, data_dir: str | None = None, image_size: int | None = None,
                    synthetic_samples: int = 4096, num_classes: int | None = None) -> DataSplits:
     """Build a registered dataset's splits.

@@ -3,11 +3,15 @@
 Records (one JSON object per line, ``"kind"`` says which):
   * ``step``: epoch, step (optimizer steps done), samples_seen, train_loss, lr, loss_scale,
     images_per_s (global, over the steps since the last record), wall_s (since the start),
-    comm_s (seconds in gradient all-reduce since the last record);
-  * ``epoch``: epoch, step, samples_seen, train_loss (mean of the epoch), top1, top5 (percent),
-    eval_loss, eval_samples (images evaluated, summed over ranks), images_per_s, wall_s, comm_s;
-  * ``summary``: best_top1, final_top1, time_to_target_s (None if not reached), target_accuracy,
-    mean_images_per_s (training only), wall_s, steps, world_size, param_checksums (one per rank).
+    comm_s (gradient communication not hidden behind backward, seconds, since the last record),
+    comm_busy_s (seconds the communication thread worked, since the last record);
+  * ``epoch``: epoch, step, samples_seen, train_loss (mean of the epoch), eval_set (``val`` with
+    ``val_samples``, else ``test``), top1, top5 (percent), eval_loss, eval_samples (images
+    evaluated, summed over ranks), images_per_s, wall_s, comm_s;
+  * ``test`` (only with ``val_samples``): the test set evaluated once with the final model;
+  * ``summary``: best_top1, final_top1 (on the eval set), test_top1, eval_set, time_to_target_s
+    (None if not reached), target_accuracy, mean_images_per_s (training only), wall_s, steps,
+    world_size, param_checksums and state_checksums (parameters + buffers), one per rank.
 """
 
 from __future__ import annotations

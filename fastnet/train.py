@@ -38,7 +38,8 @@ from fastnet import checkpoint as ckpt
 from fastnet.comm import CostModel, GradientSynchronizer
 from fastnet.comm.communicator import build_communicator
 from fastnet.config import TrainConfig, accumulation_steps, epoch_plan, parse_cli
-from fastnet.data import EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, train_loader
+from fastnet.data import (EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, hold_out,
+                          train_loader)
 from fastnet.distributed import (World, all_reduce_sum, broadcast_from_rank0, gather_objects, setup, sync_buffers,
                                  teardown)
 from fastnet.metrics import MetricsWriter
@@ -130,6 +131,9 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     state = ckpt.load(cfg.resume, map_location="cpu") if cfg.resume else None
 
     splits = build_datasets(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.synthetic_samples, cfg.num_classes)
+    val_set = None
+    if cfg.val_samples:  # choices are made on held-out training images; the test set is read once, at the end
+        splits.train, val_set = hold_out(splits, cfg.val_samples)
     torch.manual_seed(cfg.seed)  # identical initial weights; rank 0's are broadcast anyway
     model = build_model(cfg.model, splits.num_classes, splits.image_size).to(world.device)
     if cfg.channels_last:
@@ -145,6 +149,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     pin = world.device.type == "cuda"
     loader = train_loader(train_set, sampler, cfg.micro_batch_size, cfg.workers, cfg.seed, pin)
     test_loader = eval_loader(splits.test, world.size, world.rank, cfg.eval_batch_size, cfg.workers, pin)
+    eval_set_loader = eval_loader(val_set, world.size, world.rank, cfg.eval_batch_size, cfg.workers, pin) \
+        if val_set is not None else test_loader
     plan = epoch_plan(cfg, world.size, sampler.num_samples)
     steps_per_epoch = plan[0].steps  # of the first epoch: converts warm-up and milestone epochs to steps
     total_steps = sum(e.steps for e in plan)
@@ -280,14 +286,15 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         stopped = progress.global_step >= stop_step
         if (epoch_done and (epoch + 1) % cfg.eval_interval == 0) or stopped:
             sync_buffers(model, world, cfg.buffer_sync)  # every rank evaluates the same model
-            ev = evaluate(model, test_loader, world, precision, cfg.channels_last)
+            ev = evaluate(model, eval_set_loader, world, precision, cfg.channels_last)
             progress.final_top1 = ev["top1"]
             progress.best_top1 = max(progress.best_top1, ev["top1"])
             if cfg.target_accuracy is not None and progress.time_to_target_s is None and \
                     ev["top1"] >= cfg.target_accuracy:
                 progress.time_to_target_s = wall()
             metrics.write("epoch", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
-                          train_loss=epoch_loss / max(epoch_steps, 1), **ev,
+                          train_loss=epoch_loss / max(epoch_steps, 1), eval_set="val" if val_set is not None else "test",
+                          **ev,
                           images_per_s=progress.samples_seen / max(progress.train_s, 1e-9), wall_s=wall(),
                           comm_s=epoch_comm)
             if world.is_main:
@@ -296,6 +303,12 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                            f"{progress.samples_seen / max(progress.train_s, 1e-9):.0f} img/s", file=sys.stderr)
         save()
 
+    test_top1 = progress.final_top1
+    if val_set is not None and progress.global_step > 0:  # the test set, read once, with the final model
+        sync_buffers(model, world, cfg.buffer_sync)
+        test = evaluate(model, test_loader, world, precision, cfg.channels_last)
+        test_top1 = test["top1"]
+        metrics.write("test", step=progress.global_step, **test)
     checksums = [param_checksum(model), param_checksum(model, buffers=True)]
     if world.distributed:
         gathered: list[Any] = [None] * world.size
@@ -306,7 +319,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     if grad_sync is not None:
         grad_sync.close()
     summary = {
-        "best_top1": progress.best_top1, "final_top1": progress.final_top1,
+        "best_top1": progress.best_top1, "final_top1": progress.final_top1, "test_top1": test_top1,
+        "eval_set": "val" if val_set is not None else "test",
         "time_to_target_s": progress.time_to_target_s, "target_accuracy": cfg.target_accuracy,
         "mean_images_per_s": progress.samples_seen / max(progress.train_s, 1e-9), "wall_s": wall(),
         "steps": progress.global_step, "overflow_skips": progress.overflow_skips, "loss_scale": precision.loss_scale,

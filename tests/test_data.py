@@ -255,3 +255,21 @@ def test_concurrent_extraction_by_three_ranks_yields_one_valid_dataset(tmp_path)
     assert results == [(20, int(test_data.astype(np.int64).sum()), test_labels)] * 3
     leftovers = sorted(p.name for p in data_dir.iterdir())
     assert leftovers == ["cifar-10-batches-py", "cifar-10-batches-py.lock", "cifar-10-python.tar.gz"]
+
+
+def test_hold_out_is_fixed_disjoint_and_unaugmented():
+    from fastnet.data import hold_out
+
+    splits = build_datasets("digits")
+    train, val = hold_out(splits, 200)
+    again, val2 = hold_out(build_datasets("digits"), 200)
+    assert len(train) == 1438 - 200 and len(val) == 200
+    assert torch.equal(val.images, val2.images)  # the same images for every run and rank
+    rows = {img.numpy().tobytes() for img in splits.train.images}
+    assert {img.numpy().tobytes() for img in val.images} <= rows
+    assert not {img.numpy().tobytes() for img in val.images} & {img.numpy().tobytes() for img in train.images}
+    assert val.transform is splits.test.transform and train.transform is splits.train.transform
+    with pytest.raises(ValueError, match="Invalid val_samples: 1438"):
+        hold_out(splits, 1438)
+    with pytest.raises(ValueError, match="needs a dataset held in memory"):
+        hold_out(build_datasets("synthetic", image_size=8, synthetic_samples=16), 4)

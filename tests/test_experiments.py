@@ -54,7 +54,8 @@ def test_paper_config_starts_on_synthetic_imagenet(path, tmp_path):
     assert resolved["model"] == yaml.safe_load(path.read_text())["model"] and resolved["buckets"]
 
 
-@pytest.mark.parametrize("name", ["b256_sgd", "b4096_sgd", "b8192_sgd", "b4096_lars", "b8192_lars"])
+@pytest.mark.parametrize("name", ["b256_sgd", "b2048_sgd", "b4096_sgd", "b8192_sgd", "b2048_lars", "b4096_lars",
+                                  "b8192_lars"])
 def test_cifar10_study_configs_resolve(name, tmp_path):
     sys.path.insert(0, str(CIFAR))
     try:
@@ -67,3 +68,33 @@ def test_cifar10_study_configs_resolve(name, tmp_path):
     resolved, _ = parse_cli(["--config", str(cfg_path)])
     assert resolved.model == "resnet20" and resolved.precision == "fp16" and resolved.epochs == 30
     assert accumulation_steps(resolved.global_batch_size, 2, resolved.micro_batch_size) == resolved.global_batch_size // 256
+
+
+@pytest.mark.slow
+def test_cifar10_study_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
+    """run.py is resumable per run, so a study can span sessions."""
+    import subprocess
+
+    from tests.conftest import child_env
+
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(CIFAR / "run.py"), "--synthetic", "--runs", "b256_sgd", "--nproc", "1", "--out",
+           str(out), "--set", "precision=fp32", "global_batch_size=32", "micro_batch_size=32", "eval_batch_size=256",
+           "checkpoint_interval=1", "model=small_cnn"]
+
+    def study(max_steps: int) -> subprocess.CompletedProcess:
+        res = subprocess.run([*cmd, f"max_steps={max_steps}"], cwd=REPO, env=child_env(), capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    study(1)
+    metrics = out / "b256_sgd_s0" / "metrics.jsonl"
+    assert "finished earlier, skipped" in study(1).stderr  # a finished run is not run again
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(l for l in lines if '"kind": "summary"' not in l) + "\n")  # interrupted
+    res = study(2)
+    assert "resuming from its checkpoint" in res.stderr
+    summaries = [json.loads(l) for l in metrics.read_text().splitlines() if '"kind": "summary"' in l]
+    assert [s["steps"] for s in summaries] == [2]
+    assert "| b256_sgd | 32 | sgd |" in res.stdout

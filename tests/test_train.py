@@ -269,3 +269,17 @@ def test_resume_with_dropout_restores_every_ranks_generator(tmp_path):
     losses = {r["step"]: r["train_loss"] for r in _records(full, "step")}
     resumed = {r["step"]: r["train_loss"] for r in _records(part, "step")}
     assert losses[3] == resumed[3] and losses[4] == resumed[4]
+
+
+def test_validation_hold_out_and_test_read_once(tmp_path):
+    out = tmp_path / "val"
+    res = run_trainer([*FAST, "--global-batch-size", "64", "--micro-batch-size", "32", "--epochs", "2",
+                       "--val-samples", "200", "--base-lr", "0.4", "--out-dir", str(out)], nproc=2)
+    assert res.returncode == 0, res.stderr
+    epochs = _records(out, "epoch")
+    assert [e["eval_set"] for e in epochs] == ["val", "val"] and all(e["eval_samples"] == 200 for e in epochs)
+    assert [e["step"] for e in epochs] == [19, 38]  # (1438 - 200) images, 2 ranks x 32: 19 steps per epoch
+    (test,) = _records(out, "test")
+    (summary,) = _records(out, "summary")
+    assert test["eval_samples"] == 359 and summary["test_top1"] == test["top1"] > 50.0
+    assert summary["eval_set"] == "val"
