@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -54,16 +55,86 @@ def _cupy():
     return cupy
 
 
+def _nvidia_roots() -> list[Path]:
+    """The CUDA toolkit pieces pip installs: ``site-packages/nvidia/cu13`` (CUDA 13 wheels, which
+    torch's cu13 builds depend on) or ``nvidia/cuda_runtime`` + ``nvidia/cuda_nvrtc`` (CUDA 12
+    wheels), then ``$CUDA_PATH`` / ``/usr/local/cuda``."""
+    roots = []
+    for entry in sys.path:
+        base = Path(entry) / "nvidia"
+        if base.is_dir():
+            roots += [base / "cu13", base / "cuda_runtime", base / "cuda_nvrtc", base / "cuda_nvcc"]
+    roots += [Path(p) for p in (os.environ.get("CUDA_PATH"), "/usr/local/cuda") if p]
+    return [r for r in roots if r.is_dir()]
+
+
+def cuda_include_dirs() -> list[str]:
+    """Directories holding ``cuda_fp16.h`` (recent CuPy no longer bundles it): every NVRTC compile
+    of ``kernels/fastnet_kernels.cu`` gets them as ``-I``, at run time and in the CI compile test."""
+    return [str(r / "include") for r in _nvidia_roots() if (r / "include" / "cuda_fp16.h").is_file()]
+
+
+def nvrtc_compile(source: str, arch: str, include_dirs: Sequence[str] = ()) -> str:
+    """Compile CUDA C ``source`` to PTX for ``arch`` (e.g. ``"sm_90"``) with NVRTC through ctypes
+    (``libnvrtc`` from the pip wheel or the toolkit): no GPU needed. Returns the PTX text.
+
+    Raises:
+        RuntimeError: NVRTC not found (install the CUDA wheels: torch's CUDA builds bring
+            ``nvidia-cuda-nvrtc``), or a compile error (the message holds NVRTC's log).
+    """
+    import ctypes
+
+    libs = [p for r in _nvidia_roots() for d in ("lib", "lib64") for p in sorted((r / d).glob("libnvrtc.so*"))
+            if "builtins" not in p.name and ".alt." not in p.name]
+    if not libs:
+        raise RuntimeError("NVRTC not found: install a CUDA build of torch (it depends on nvidia-cuda-nvrtc) or "
+                           "set CUDA_PATH to a CUDA toolkit")
+    nvrtc = ctypes.CDLL(str(libs[0]))
+    prog = ctypes.c_void_p()
+
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
+            raise RuntimeError(f"NVRTC {what} failed: {nvrtc.nvrtcGetErrorString(status).decode()}")
+
+    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"fastnet_kernels.cu", 0, None, None),
+          "create")
+    opts = [f"--gpu-architecture=compute_{arch.split('_')[1]}".encode(), b"-std=c++17",
+            *[f"-I{d}".encode() for d in include_dirs]]
+    status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    if status != 0:
+        raise RuntimeError(f"NVRTC compile for {arch} failed:\n{log.value.decode(errors='replace')}")
+    nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    check(nvrtc.nvrtcGetPTX(prog, ptx), "GetPTX")
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return ptx.value.decode()
+
+
 @functools.lru_cache(maxsize=None)
 def _module(device_index: int):
     cupy = _cupy()
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=kernel_source(), options=("-std=c++17",))
+        return cupy.RawModule(code=kernel_source(),
+                              options=("-std=c++17", *(f"-I{d}" for d in cuda_include_dirs())))
 
 
 def use_cuda_kernels(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when the fused kernels will run: CUDA tensors, CuPy importable, not disabled."""
-    return _ENABLED and bool(tensors) and tensors[0].is_cuda and _cupy() is not None
+    """True when the fused kernels will run: enabled, CuPy importable, CUDA tensors, and every
+    tensor of a dtype the kernels have (float32, float16) and contiguous. Otherwise the reference
+    path runs: bfloat16 (no bf16 kernels yet) and channels_last tensors fall back cleanly instead of
+    raising (the kernels index tensors flat in their logical order)."""
+    return (_ENABLED and bool(tensors) and tensors[0].is_cuda and kernel_tensors_ok(tensors)
+            and _cupy() is not None)
+
+
+def kernel_tensors_ok(tensors: Sequence[torch.Tensor]) -> bool:
+    """Every tensor is float32/float16 and contiguous (what the kernels take)."""
+    return all(t.dtype in _CODES and t.is_contiguous() for t in tensors)
 
 
 def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device | None = None
@@ -124,7 +195,7 @@ def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor, scale: float = 1.0)
     total = sum(t.numel() for t in tensors)
     if out.dim() != 1 or out.numel() != total:
         raise ValueError(f"pack: out must be 1-D with {total} elements, got shape {tuple(out.shape)}")
-    if not use_cuda_kernels(tensors):
+    if not use_cuda_kernels([*tensors, out]):
         if tensors:
             flat = torch.cat([t.reshape(-1).float() for t in tensors])
             out.copy_(flat.mul_(scale) if scale != 1.0 else flat)
@@ -152,7 +223,7 @@ def unpack_unscale(flat: torch.Tensor, outs: Sequence[torch.Tensor], inv_scale: 
         raise ValueError(f"unpack_unscale: flat has {flat.numel()} elements, the outputs {total}")
     if any(o.dtype != torch.float32 for o in outs):
         raise TypeError("unpack_unscale writes float32 outputs (FP32 master gradients)")
-    if not use_cuda_kernels([flat]):
+    if not use_cuda_kernels([flat, *outs]):
         off = 0
         for o in outs:
             o.copy_(flat[off:off + o.numel()].view(o.shape)).mul_(inv_scale)
@@ -171,7 +242,7 @@ def copy_cast(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor]) -> None:
     _check_lengths(src=src, dst=dst)
     if any(s.numel() != d.numel() for s, d in zip(src, dst)):
         raise ValueError("copy_cast: source and destination element counts differ")
-    if not use_cuda_kernels(list(src)):
+    if not use_cuda_kernels([*src, *dst]):
         for s, d in zip(src, dst):
             d.copy_(s.view(d.shape) if s.is_contiguous() and d.is_contiguous() else s)
         return
@@ -192,7 +263,7 @@ def lars_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], buf
     :func:`fastnet.optim.lars.lars`; the reference path calls it."""
     _check_lengths(params=params, grads=grads, bufs=bufs, excluded=excluded)
     copies = list(model_copies) if model_copies is not None else [None] * len(params)
-    if not use_cuda_kernels(list(params)):
+    if not use_cuda_kernels([*params, *grads, *bufs, *(c for c in copies if c is not None)]):
         from fastnet.optim.lars import lars
 
         lars(list(params), list(grads), list(bufs), list(excluded), lr=lr, momentum=momentum,
