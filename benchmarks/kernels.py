@@ -1,4 +1,6 @@
-"""fastnet's fused CUDA kernels vs the PyTorch ``_foreach`` equivalents on ResNet-50's parameter set.
+"""fastnet's fused CUDA kernels vs the PyTorch ``_foreach`` equivalents on ResNet-50's parameter set
+(unscale + inf check against torch's fused ``_amp_foreach_non_finite_check_and_unscale_``, the
+kernel ``GradScaler.unscale_`` uses).
 
     python benchmarks/kernels.py --append docs/BENCHMARKS.md          # on a GPU with CuPy
 
@@ -79,11 +81,13 @@ def main() -> None:
         torch.cat([x.reshape(-1) for x in grads32], out=pack_tmp)
         flat16.copy_(pack_tmp.mul_(0.5))
 
-    def foreach_unpack() -> None:
+    found_inf = torch.zeros(1, device=dev)
+    inv_scale = torch.full((1,), 0.5, device=dev)
+
+    def foreach_unpack() -> None:  # torch's own fused path: what GradScaler.unscale_ runs
         parts = list(torch.split(flat16, [x.numel() for x in masters]))
         torch._foreach_copy_(flat_views, parts)
-        torch._foreach_mul_(flat_views, 0.5)
-        torch.stack([torch.isfinite(v).all() for v in flat_views]).all()
+        torch._amp_foreach_non_finite_check_and_unscale_(flat_views, found_inf, inv_scale)
 
     def foreach_lars() -> None:
         lars(masters, grads32, list(bufs), excluded, foreach=True, **hp)

@@ -142,6 +142,10 @@ def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device | None = 
     """``(ptrs, offsets)`` int64 tensors on ``device``: the tensors' addresses and the exclusive
     prefix sums of their element counts (``offsets[-1]`` = total). Empty list → ``([], [0])``.
 
+    Cached by (device, addresses, element counts): the optimizer's masters and the flat gradient
+    buffers are the same tensors every step, so in steady state a call builds nothing and copies
+    nothing to the device (the first call per list does one small host-to-device copy).
+
     Raises:
         ValueError: a non-contiguous tensor (the kernels index them flat).
     """
@@ -149,11 +153,15 @@ def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device | None = 
         if not t.is_contiguous():
             raise ValueError(f"tensor tables need contiguous tensors, got shape {tuple(t.shape)} strides {t.stride()}")
     device = device or (tensors[0].device if tensors else torch.device("cpu"))
-    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    offsets = torch.zeros(len(tensors) + 1, dtype=torch.int64)
-    if tensors:
-        offsets[1:] = torch.tensor([t.numel() for t in tensors], dtype=torch.int64).cumsum(0)
-    return ptrs.to(device), offsets.to(device)
+    return _table(str(device), tuple(t.data_ptr() for t in tensors), tuple(t.numel() for t in tensors))
+
+
+@functools.lru_cache(maxsize=256)
+def _table(device: str, ptrs: tuple[int, ...], numels: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = torch.zeros(len(numels) + 1, dtype=torch.int64)
+    if numels:
+        offsets[1:] = torch.tensor(numels, dtype=torch.int64).cumsum(0)
+    return torch.tensor(ptrs, dtype=torch.int64).to(device), offsets.to(device)
 
 
 def group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
@@ -251,7 +259,24 @@ def copy_cast(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor]) -> None:
             raise TypeError("copy_cast: the kernel copies from float32 sources")
         sp, offsets = tensor_table([src[i] for i in idx])
         dp, _ = tensor_table([dst[i] for i in idx])
-        _launch(f"copy_f32_{_code(dtype)}", dst[idx[0]].device, int(offsets[-1]), (sp, dp, offsets, len(idx)))
+        total = sum(dst[i].numel() for i in idx)  # from the host: no device-to-host sync
+        _launch(f"copy_f32_{_code(dtype)}", dst[idx[0]].device, total, (sp, dp, offsets, len(idx)))
+
+
+@functools.lru_cache(maxsize=64)
+def _lars_blocks(device: str, numels: tuple[int, ...], excluded: tuple[bool, ...]) -> tuple:
+    """The LARS block table on ``device`` (cached: built and copied once per parameter list):
+    per-tensor numels, per-block tensor and start, first block per tensor, exclusion flags."""
+    block_tensor, block_start, first_block = [], [], [0]
+    for t, n in enumerate(numels):
+        starts = range(0, n, CHUNK) if n else []
+        block_tensor += [t] * len(starts)
+        block_start += list(starts)
+        first_block.append(len(block_tensor))
+    as_dev = functools.partial(torch.tensor, device=device)
+    return (as_dev(numels, dtype=torch.int64), as_dev(block_tensor, dtype=torch.int32),
+            as_dev(block_start, dtype=torch.int64), as_dev(first_block, dtype=torch.int32),
+            as_dev(excluded, dtype=torch.uint8), len(block_tensor))
 
 
 def lars_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor],
@@ -278,24 +303,14 @@ def lars_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], buf
     if any(p.dtype != torch.float32 or g.dtype != torch.float32 for p, g in zip(params, grads)):
         raise TypeError("lars_step: the kernel updates float32 masters with float32 gradients")
     device = params[0].device
-    numels = [p.numel() for p in params]
-    block_tensor, block_start, first_block = [], [], [0]
-    for t, n in enumerate(numels):
-        starts = range(0, n, CHUNK) if n else []
-        block_tensor += [t] * len(starts)
-        block_start += list(starts)
-        first_block.append(len(block_tensor))
-    nblocks = len(block_tensor)
+    nt, bt, bs, fb, ex, nblocks = _lars_blocks(str(device), tuple(p.numel() for p in params),
+                                               tuple(bool(e) for e in excluded))
     if nblocks == 0:
         return
     wp, _ = tensor_table(params)
     gp, _ = tensor_table(grads)
     bp, _ = tensor_table(bufs)
-    hp = torch.tensor([c.data_ptr() if c is not None else 0 for c in copies], dtype=torch.int64).to(device)
-    as_dev = functools.partial(torch.tensor, device=device)
-    nt, bt = as_dev(numels, dtype=torch.int64), as_dev(block_tensor, dtype=torch.int32)
-    bs, fb = as_dev(block_start, dtype=torch.int64), as_dev(first_block, dtype=torch.int32)
-    ex = as_dev([bool(e) for e in excluded], dtype=torch.uint8)
+    hp, _ = _table(str(device), tuple(c.data_ptr() if c is not None else 0 for c in copies), (0,) * len(copies))
     partials = torch.empty(nblocks, 2, dtype=torch.float32, device=device)
     _launch("lars_norms_f32", device, 0, (wp, gp, nt, bt, bs, partials), blocks=nblocks)
     _launch("lars_update_f32", device, 0, (wp, gp, bp, hp, nt, ex, bt, bs, fb, partials, float(lr), float(momentum),

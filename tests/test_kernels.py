@@ -79,3 +79,15 @@ def test_every_launched_kernel_exists_in_the_source():
                 "unpack_unscale_f16", "copy_f32_f32", "copy_f32_f16", "lars_norms_f32", "lars_update_f32"}
     assert launched <= defined, launched - defined
     assert f"#define CHUNK {kernels.CHUNK}" in src
+
+
+def test_kernel_metadata_is_built_once_per_tensor_list():
+    """Persistent lists (masters, flat gradient buffers) reuse their tables: no rebuild and no
+    host-to-device copy per step."""
+    ts = [torch.zeros(5), torch.zeros(2, 3)]
+    first = kernels.tensor_table(ts)
+    assert kernels.tensor_table(ts) is first or all(a is b for a, b in zip(kernels.tensor_table(ts), first))
+    nt, bt, bs, fb, ex, nblocks = kernels._lars_blocks("cpu", (2 * kernels.CHUNK + 1, 3, 0), (False, True, False))
+    assert nblocks == 4 and bt.tolist() == [0, 0, 0, 1] and bs.tolist() == [0, kernels.CHUNK, 2 * kernels.CHUNK, 0]
+    assert fb.tolist() == [0, 3, 4, 4] and ex.tolist() == [0, 1, 0]
+    assert kernels._lars_blocks("cpu", (2 * kernels.CHUNK + 1, 3, 0), (False, True, False))[0] is nt
