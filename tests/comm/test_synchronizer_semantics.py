@@ -1,12 +1,13 @@
 """GradientSynchronizer's DDP-grade semantics in real processes (gloo), plain DDP as the oracle.
 
 Unused parameters (on one rank, on every rank, ``p.grad = None`` between steps, tied weights,
-fp32/fp16/bf16), unused parameters never blocking later buckets, nodes from host identities in
+fp32/amp/fp16/bf16), unused parameters never blocking later buckets, nodes from host identities in
 any placement, and cross-rank consistency checks that turn a would-be hang into an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -65,11 +66,13 @@ def _run(model, opt, rank, data, *, sync=None, ddp=None, zero="none", precision=
     for step in data:
         for m, (x, y) in enumerate(step):
             last = m == MICRO - 1
-            ctx = (ddp.no_sync() if ddp is not None else sync.no_sync()) if not last else _Null()
+            ctx = (ddp.no_sync() if ddp is not None else sync.no_sync()) if not last else contextlib.nullcontext()
             fwd = ddp if ddp is not None else net
             with ctx:
                 x_in = precision.cast_input(x) if precision else x
-                loss = nn.functional.cross_entropy(fwd(x_in, rank == 0 and m == 0, rank == 0).float(), y) / MICRO
+                with precision.autocast() if precision else contextlib.nullcontext():
+                    logits = fwd(x_in, rank == 0 and m == 0, rank == 0)
+                loss = nn.functional.cross_entropy(logits.float(), y) / MICRO
                 if last and sync is not None:
                     sync.prepare_for_backward(loss)
                 if precision is not None:
@@ -87,14 +90,6 @@ def _run(model, opt, rank, data, *, sync=None, ddp=None, zero="none", precision=
                 sync.zero_grad()
             else:
                 opt.zero_grad(set_to_none=True)
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _bitwise_same(model: nn.Module, world: int) -> bool:
@@ -133,6 +128,18 @@ def _semantics_worker(rank: int, world: int, port: int, queue) -> None:
                 "branch_moved": not torch.equal(model.branch.weight, init.branch.weight),
                 "unused": len(sync.unused_parameters), "buckets": len(sync.buckets)}
             sync.close()
+        model = Branchy()  # amp: autocast + GradScaler over the FP32 model, p.grad = None between steps
+        model.load_state_dict(init.state_dict())
+        precision = Precision("amp", torch.device("cpu"))
+        sync = GradientSynchronizer(comm, model.parameters(), algorithm="ring", fusion_threshold_bytes=300, timeout_s=60)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+        _run(model, opt, rank, data, sync=sync, precision=precision)
+        out["amp"] = {"err": 0.0, "bitwise": _bitwise_same(model, world),
+                      "never_skipped": all(torch.equal(a, b) for a, b in zip(model.never.parameters(),
+                                                                              init.never.parameters())),
+                      "branch_moved": not torch.equal(model.branch.weight, init.branch.weight),
+                      "unused": len(sync.unused_parameters), "buckets": len(sync.buckets)}
+        sync.close()
         for name in ("fp16", "bf16"):
             model = Branchy()
             model.load_state_dict(init.state_dict())
