@@ -34,7 +34,7 @@ import torch
 
 CHUNK = 4096  # elements per LARS block; must match kernels/fastnet_kernels.cu
 _THREADS = 256
-_CODES = {torch.float32: "f32", torch.float16: "f16"}
+_CODES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _ENABLED = os.environ.get("FASTNET_KERNELS", "0") == "1"
 
 
@@ -123,21 +123,38 @@ def _module(device_index: int):
                               options=("-std=c++17", *(f"-I{d}" for d in cuda_include_dirs())))
 
 
-def use_cuda_kernels(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when the fused kernels will run: enabled, CuPy importable, CUDA tensors, and every
-    tensor of a dtype the kernels have (float32, float16) and contiguous. Otherwise the reference
-    path runs: bfloat16 (no bf16 kernels yet) and channels_last tensors fall back cleanly instead of
-    raising (the kernels index tensors flat in their logical order)."""
-    return (_ENABLED and bool(tensors) and tensors[0].is_cuda and kernel_tensors_ok(tensors)
+def use_cuda_kernels(tensors: Sequence[torch.Tensor], dense_ok: bool = False) -> bool:
+    """True when the fused kernels will run: enabled, CuPy importable, CUDA tensors, every tensor
+    float32/float16/bfloat16 and laid out as the kernel needs (:func:`kernel_tensors_ok`).
+    Otherwise the PyTorch reference path runs (never an error)."""
+    return (_ENABLED and bool(tensors) and tensors[0].is_cuda and kernel_tensors_ok(tensors, dense_ok)
             and _cupy() is not None)
 
 
-def kernel_tensors_ok(tensors: Sequence[torch.Tensor]) -> bool:
-    """Every tensor is float32/float16 and contiguous (what the kernels take)."""
-    return all(t.dtype in _CODES and t.is_contiguous() for t in tensors)
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill ``numel`` consecutive slots in some dimension
+    order (contiguous, channels_last, any permutation of a contiguous tensor)."""
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) == 1:
+            continue
+        if t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
 
 
-def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device | None = None
+def kernel_tensors_ok(tensors: Sequence[torch.Tensor], dense_ok: bool = False) -> bool:
+    """Every tensor has a kernel dtype and is contiguous; with ``dense_ok`` (kernels whose result
+    does not depend on element order, i.e. LARS: per-tensor norms and an elementwise update over
+    tensors of one layout) dense non-overlapping tensors such as channels_last ones are accepted
+    too, walked in storage order. The elementwise pack/unpack/copy kernels follow logical
+    (row-major) order, as their references do, so they need contiguous tensors."""
+    return all(t.dtype in _CODES and (t.is_contiguous() or (dense_ok and _dense(t)))
+               for t in tensors)
+
+
+def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device | None = None, dense_ok: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ptrs, offsets)`` int64 tensors on ``device``: the tensors' addresses and the exclusive
     prefix sums of their element counts (``offsets[-1]`` = total). Empty list → ``([], [0])``.
@@ -147,10 +164,11 @@ def tensor_table(tensors: Sequence[torch.Tensor], device: torch.device | None = 
     nothing to the device (the first call per list does one small host-to-device copy).
 
     Raises:
-        ValueError: a non-contiguous tensor (the kernels index them flat).
+        ValueError: a non-contiguous tensor (the kernels index them flat; with ``dense_ok`` a dense
+            non-overlapping one, e.g. channels_last, is indexed in storage order).
     """
     for t in tensors:
-        if not t.is_contiguous():
+        if not (t.is_contiguous() or (dense_ok and _dense(t))):
             raise ValueError(f"tensor tables need contiguous tensors, got shape {tuple(t.shape)} strides {t.stride()}")
     device = device or (tensors[0].device if tensors else torch.device("cpu"))
     return _table(str(device), tuple(t.data_ptr() for t in tensors), tuple(t.numel() for t in tensors))
@@ -284,11 +302,16 @@ def lars_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], buf
               trust_coefficient: float, eps: float, nesterov: bool, clip: bool,
               model_copies: Sequence[torch.Tensor | None] | None = None) -> None:
     """One LARS step in place on fp32 ``params`` (momentum ``bufs`` allocated by the caller, zeros
-    at the start), then, if given, ``model_copies[i][:] = params[i]`` (fp16). Same formulas as
-    :func:`fastnet.optim.lars.lars`; the reference path calls it."""
+    at the start), then, if given, ``model_copies[i][:] = params[i]`` (fp16 inside the update
+    kernel; fp32/bf16 by the copy kernel after it). Same formulas as
+    :func:`fastnet.optim.lars.lars`; the reference path calls it. Tensors may be channels_last (any
+    dense layout) when each parameter's gradient, buffer and copy share its strides."""
     _check_lengths(params=params, grads=grads, bufs=bufs, excluded=excluded)
     copies = list(model_copies) if model_copies is not None else [None] * len(params)
-    if not use_cuda_kernels([*params, *grads, *bufs, *(c for c in copies if c is not None)]):
+    same_layout = all(t is None or t.stride() == p.stride() for p, *ts in zip(params, grads, bufs, copies)
+                      for t in ts)  # storage order is then one order for all four
+    if not (same_layout and use_cuda_kernels([*params, *grads, *bufs, *(c for c in copies if c is not None)],
+                                             dense_ok=True)):
         from fastnet.optim.lars import lars
 
         lars(list(params), list(grads), list(bufs), list(excluded), lr=lr, momentum=momentum,
@@ -307,12 +330,19 @@ def lars_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], buf
                                                tuple(bool(e) for e in excluded))
     if nblocks == 0:
         return
-    wp, _ = tensor_table(params)
-    gp, _ = tensor_table(grads)
-    bp, _ = tensor_table(bufs)
-    hp, _ = _table(str(device), tuple(c.data_ptr() if c is not None else 0 for c in copies), (0,) * len(copies))
+    half_copies = [c if c is not None and c.dtype == torch.float16 else None for c in copies]  # written by the kernel
+    wp, _ = tensor_table(params, dense_ok=True)
+    gp, _ = tensor_table(grads, dense_ok=True)
+    bp, _ = tensor_table(bufs, dense_ok=True)
+    hp, _ = _table(str(device), tuple(c.data_ptr() if c is not None else 0 for c in half_copies), (0,) * len(copies))
     partials = torch.empty(nblocks, 2, dtype=torch.float32, device=device)
     _launch("lars_norms_f32", device, 0, (wp, gp, nt, bt, bs, partials), blocks=nblocks)
     _launch("lars_update_f32", device, 0, (wp, gp, bp, hp, nt, ex, bt, bs, fb, partials, float(lr), float(momentum),
                                            float(weight_decay), float(trust_coefficient), float(eps), int(nesterov),
                                            int(clip)), blocks=nblocks)
+    rest = [(p, c) for p, c, h in zip(params, copies, half_copies) if c is not None and h is None]
+    for p, c in rest:  # float32 / bfloat16 model copies: the copy kernel (contiguous) or torch's copy
+        if p.is_contiguous() and c.is_contiguous():
+            copy_cast([p], [c])
+        else:
+            c.copy_(p)

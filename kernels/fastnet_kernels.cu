@@ -9,6 +9,7 @@
 // block order by the update kernel, so results are deterministic (the same on every rank).
 //
 // Kernels (each one launch for all tensors):
+// <src>, <dst>: f32, f16 (IEEE half), bf16 (bfloat16).
 //   pack_<src>_<dst>         list of gradients -> flat fusion buffer, times scale, cast (Jia et al. 2018 §3.1)
 //   unpack_unscale_<src>     flat buffer -> FP32 tensors (e.g. master gradients) times inv_scale; sets *found_inf
 //   copy_f32_<dst>           FP32 tensors -> tensors of <dst> (master weights -> model copy)
@@ -16,6 +17,7 @@
 //   lars_update_f32          trust ratio, weight decay, momentum, (Nesterov), step, optional FP16 model copy
 
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 
 #define CHUNK 4096
 
@@ -23,6 +25,8 @@ __device__ __forceinline__ float load_f(const float* p, long long i) { return p[
 __device__ __forceinline__ float load_f(const __half* p, long long i) { return __half2float(p[i]); }
 __device__ __forceinline__ void store_f(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store_f(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
+__device__ __forceinline__ float load_f(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store_f(__nv_bfloat16* p, long long i, float v) { p[i] = __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ int find_tensor(const long long* offsets, int n, long long i) {
     int lo = 0, hi = n - 1;  // largest t with offsets[t] <= i
@@ -47,8 +51,13 @@ extern "C" __global__ void NAME(const long long* ptrs, const long long* offsets,
 
 DEFINE_PACK(pack_f32_f32, float, float)
 DEFINE_PACK(pack_f32_f16, float, __half)
+DEFINE_PACK(pack_f32_bf16, float, __nv_bfloat16)
 DEFINE_PACK(pack_f16_f16, __half, __half)
 DEFINE_PACK(pack_f16_f32, __half, float)
+DEFINE_PACK(pack_f16_bf16, __half, __nv_bfloat16)
+DEFINE_PACK(pack_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+DEFINE_PACK(pack_bf16_f32, __nv_bfloat16, float)
+DEFINE_PACK(pack_bf16_f16, __nv_bfloat16, __half)
 
 #define DEFINE_UNPACK(NAME, SRC)                                                                       \
 extern "C" __global__ void NAME(const SRC* src, const long long* ptrs, const long long* offsets, int n, \
@@ -67,6 +76,7 @@ extern "C" __global__ void NAME(const SRC* src, const long long* ptrs, const lon
 
 DEFINE_UNPACK(unpack_unscale_f32, float)
 DEFINE_UNPACK(unpack_unscale_f16, __half)
+DEFINE_UNPACK(unpack_unscale_bf16, __nv_bfloat16)
 
 #define DEFINE_COPY(NAME, DST)                                                                         \
 extern "C" __global__ void NAME(const long long* src_ptrs, const long long* dst_ptrs,                  \
@@ -82,6 +92,7 @@ extern "C" __global__ void NAME(const long long* src_ptrs, const long long* dst_
 
 DEFINE_COPY(copy_f32_f32, float)
 DEFINE_COPY(copy_f32_f16, __half)
+DEFINE_COPY(copy_f32_bf16, __nv_bfloat16)
 
 // Block-wide sum of two floats (blockDim.x a multiple of 32, at most 1024); result valid in thread 0.
 __device__ float2 block_sum2(float a, float b) {

@@ -17,8 +17,9 @@ import pytest
 
 from fastnet import kernels
 
-LAUNCHED = ([f"pack_{s}_{d}" for s, d in itertools.product(("f32", "f16"), repeat=2)]
-            + [f"unpack_unscale_{s}" for s in ("f32", "f16")] + [f"copy_f32_{d}" for d in ("f32", "f16")]
+CODES = ("f32", "f16", "bf16")  # fastnet.kernels._CODES
+LAUNCHED = ([f"pack_{s}_{d}" for s, d in itertools.product(CODES, repeat=2)]
+            + [f"unpack_unscale_{s}" for s in CODES] + [f"copy_f32_{d}" for d in CODES]
             + ["lars_norms_f32", "lars_update_f32"])
 
 
@@ -56,13 +57,20 @@ def test_kernels_compile_for_ampere_and_hopper_without_spills(arch, tmp_path):
     print(f"{arch}: {len(compiled)} kernels, registers {min(registers)}-{max(registers)}, no spills")
 
 
-def test_unsupported_tensors_take_the_reference_path():
+def test_which_tensors_the_kernels_take():
     import torch
 
-    assert kernels.kernel_tensors_ok([torch.zeros(2), torch.zeros(2, dtype=torch.float16)])
-    assert not kernels.kernel_tensors_ok([torch.zeros(2, dtype=torch.bfloat16)])  # no bf16 kernels: fallback
-    assert not kernels.kernel_tensors_ok([torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last)])
-    # bf16 through the public functions: the reference path, no TypeError
+    assert set(kernels._CODES.values()) == set(CODES)
+    assert kernels.kernel_tensors_ok([torch.zeros(2), torch.zeros(2, dtype=torch.float16),
+                                      torch.zeros(2, dtype=torch.bfloat16)])
+    assert not kernels.kernel_tensors_ok([torch.zeros(2, dtype=torch.float64)])  # reference path
+    cl = torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert not kernels.kernel_tensors_ok([cl])  # pack/unpack/copy follow logical order
+    assert kernels.kernel_tensors_ok([cl], dense_ok=True)  # LARS: storage order, one layout
+    assert not kernels.kernel_tensors_ok([torch.zeros(4, 4)[:, :2]], dense_ok=True)  # not dense: reference path
+    ptrs, offsets = kernels.tensor_table([cl], dense_ok=True)
+    assert ptrs.tolist() == [cl.data_ptr()] and offsets.tolist() == [0, 120]
+    # bf16 through the public functions on CPU: the reference path
     masters = [torch.zeros(4)]
     found = kernels.unpack_unscale(torch.full((4,), 2.0, dtype=torch.bfloat16), masters, 0.5)
     assert not bool(found) and torch.equal(masters[0], torch.ones(4))

@@ -29,14 +29,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kind", ["odd", "resnet50"])
 @pytest.mark.parametrize("src_dtype,dst_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float16),
-                                                 (torch.float32, torch.float32)])
+                                                 (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.bfloat16)])
 def test_pack_and_unpack_unscale(kind, src_dtype, dst_dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     grads = [torch.randn(s, generator=g, device="cuda").to(src_dtype) for s in _shapes(kind)]
     ref = torch.cat([t.reshape(-1).double() for t in grads]) * 0.25
     out = torch.full((ref.numel(),), float("nan"), device="cuda", dtype=dst_dtype)
     kernels.pack(grads, out, scale=0.25)
-    assert _rel(out, ref) < (1e-3 if dst_dtype == torch.float16 else 1e-6)
+    assert _rel(out, ref) < {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dst_dtype, 1e-6)
     masters = [torch.full((t.numel(),), float("nan"), device="cuda") for t in grads]
     found = kernels.unpack_unscale(out, masters, 4.0)
     assert not bool(found) and _rel(torch.cat(masters), out.double() * 4) < 1e-6
@@ -44,19 +45,25 @@ def test_pack_and_unpack_unscale(kind, src_dtype, dst_dtype):
     assert bool(kernels.unpack_unscale(out, masters, 1.0))
 
 
-def test_copy_cast_resnet50():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_copy_cast_resnet50(dtype):
     src = [torch.randn(s, device="cuda") for s in _shapes("resnet50")]
-    dst = [torch.full(s, float("nan"), device="cuda", dtype=torch.float16) for s in _shapes("resnet50")]
+    dst = [torch.full(s, float("nan"), device="cuda", dtype=dtype) for s in _shapes("resnet50")]
     kernels.copy_cast(src, dst)
-    assert all(torch.equal(d, s.half()) for s, d in zip(src, dst))
+    assert all(torch.equal(d, s.to(dtype)) for s, d in zip(src, dst))
 
 
 @pytest.mark.parametrize("kind", ["odd", "resnet50"])
-def test_lars_matches_reference_and_is_deterministic(kind):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lars_matches_reference_and_is_deterministic(kind, channels_last):
     g = torch.Generator(device="cuda").manual_seed(1)
     shapes = _shapes(kind)
     w0 = [torch.randn(s, generator=g, device="cuda") for s in shapes]
-    grads = [torch.randn(s, generator=g, device="cuda") * 1e-2 for s in shapes]
+    if channels_last:  # the 4-D masters of a channels_last model: walked in storage order by the kernel
+        w0 = [w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w for w in w0]
+    grads = [torch.randn(s, generator=g, device="cuda").mul_(1e-2).to(memory_format=torch.preserve_format)
+             .contiguous(memory_format=torch.channels_last) if channels_last and len(s) == 4 else
+             torch.randn(s, generator=g, device="cuda") * 1e-2 for s in shapes]
     excluded = [len(s) <= 1 for s in shapes]
     hp = dict(lr=2.0, momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001, eps=1e-9, nesterov=False, clip=False)
     from fastnet.optim.lars import lars
@@ -67,7 +74,7 @@ def test_lars_matches_reference_and_is_deterministic(kind):
     outs = []
     for _ in range(2):
         ws, bufs = [w.clone() for w in w0], [torch.zeros_like(w) for w in w0]
-        copies = [torch.full(s, float("nan"), device="cuda", dtype=torch.float16) for s in shapes]
+        copies = [torch.full_like(w, float("nan"), dtype=torch.float16) for w in w0]
         for _ in range(2):
             kernels.lars_step(ws, grads, bufs, excluded, model_copies=copies, **hp)
         outs.append(torch.cat([w.reshape(-1) for w in ws]))
