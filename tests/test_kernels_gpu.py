@@ -59,11 +59,10 @@ def test_lars_matches_reference_and_is_deterministic(kind, channels_last):
     g = torch.Generator(device="cuda").manual_seed(1)
     shapes = _shapes(kind)
     w0 = [torch.randn(s, generator=g, device="cuda") for s in shapes]
-    if channels_last:  # the 4-D masters of a channels_last model: walked in storage order by the kernel
-        w0 = [w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w for w in w0]
-    grads = [torch.randn(s, generator=g, device="cuda").mul_(1e-2).to(memory_format=torch.preserve_format)
-             .contiguous(memory_format=torch.channels_last) if channels_last and len(s) == 4 else
-             torch.randn(s, generator=g, device="cuda") * 1e-2 for s in shapes]
+    grads = [torch.randn(s, generator=g, device="cuda") * 1e-2 for s in shapes]
+    if channels_last:  # the 4-D tensors of a channels_last model: walked in storage order by the kernel
+        w0, grads = ([t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in ts]
+                     for ts in (w0, grads))
     excluded = [len(s) <= 1 for s in shapes]
     hp = dict(lr=2.0, momentum=0.9, weight_decay=5e-4, trust_coefficient=0.001, eps=1e-9, nesterov=False, clip=False)
     from fastnet.optim.lars import lars
