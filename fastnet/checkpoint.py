@@ -44,34 +44,53 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def resolve_resume_path(resume: str) -> Path:
-    """``resume`` is a checkpoint file or a directory holding ``last.pt``.
+    """``resume`` is a checkpoint file, a checkpoints directory holding ``last.pt``, or a run's
+    out_dir holding ``checkpoints/last.pt``.
 
     Raises:
-        FileNotFoundError: neither exists; the message names what was looked for.
+        FileNotFoundError: none of them exists; the message names what was looked for.
     """
     p = Path(resume)
     if p.is_dir():
-        p = p / LAST
+        candidates = [p / LAST, p / "checkpoints" / LAST]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise FileNotFoundError(f"--resume {resume!r}: no checkpoint in that directory (looked for "
+                                    f"{' and '.join(repr(str(c)) for c in candidates)}); refusing to start a fresh run "
+                                    f"instead")
+        return found[0]
     if not p.is_file():
-        raise FileNotFoundError(f"--resume {resume!r}: no checkpoint at {str(p)!r} (give a checkpoint file or a "
-                                f"directory holding {LAST}); refusing to start a fresh run instead")
+        raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file or run directory; refusing to start a "
+                                f"fresh run instead")
     return p
 
 
+def describe(state: dict[str, Any]) -> str:
+    """``model M, step S (epoch E), out_dir D``: where a checkpoint came from, for messages."""
+    cfg, prog = state.get("config") or {}, state.get("progress") or {}
+    return (f"model {cfg.get('model', '?')}, step {prog.get('global_step', '?')} (epoch {prog.get('epoch', '?')}), "
+            f"from the run in {cfg.get('out_dir', '?')!r}")
+
+
 def load(resume: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_atomic` (``weights_only=True``).
+    """Load a checkpoint written by :func:`save_atomic` (``weights_only=True``: tensors and plain
+    values only, so a checkpoint cannot run code). ``state["path"]`` is set to the file read.
 
     Raises:
-        FileNotFoundError: missing file. ValueError: unreadable, truncated or not a fastnet checkpoint.
+        FileNotFoundError: missing file. ValueError: unreadable, truncated or not a fastnet checkpoint
+            (the message names the file and the run's ``config.yaml`` beside it, if there is one).
     """
     path = resolve_resume_path(resume)
+    config = next((c for c in (path.parent / "config.yaml", path.parent.parent / "config.yaml") if c.is_file()), None)
+    origin = f" (its run's config: {str(config)!r})" if config else ""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise ValueError(f"--resume: checkpoint {str(path)!r} is corrupt or unreadable ({type(exc).__name__}: "
-                         f"{exc}); refusing to start a fresh run instead") from None
+    except Exception as exc:  # torch raises several types for corrupt files; its text suggests unsafe loading
+        raise ValueError(f"--resume: checkpoint {str(path)!r}{origin} is corrupt or unreadable "
+                         f"({type(exc).__name__}); refusing to start a fresh run instead") from None
     if not isinstance(state, dict) or state.get("version") != VERSION or "model" not in state:
-        raise ValueError(f"--resume: {str(path)!r} is not a fastnet checkpoint (version {VERSION})")
+        raise ValueError(f"--resume: {str(path)!r}{origin} is not a fastnet checkpoint (version {VERSION})")
+    state["path"] = str(path)
     return state
 
 

@@ -1,9 +1,16 @@
-"""Training configuration, resolved in one place.
+"""Training configuration, resolved in one place, validated when it is parsed.
 
-Precedence (highest first): ``--key value`` command-line overrides > ``FASTNET_<KEY>``
-environment variables > the YAML file given by ``--config`` > the defaults below.
-The result is a frozen :class:`TrainConfig` passed down to every part of the trainer;
-nothing deeper reads ``os.environ`` or the command line.
+Precedence (highest first): ``--key value`` command-line options > ``FASTNET_<KEY>``
+environment variables > the YAML file given by ``--config`` > the defaults below. Resuming
+(``--resume``) puts the checkpoint's own config under those three, so ``--resume DIR`` alone
+continues the run as it was (see :func:`merge_resumed`).
+
+The fields of :class:`TrainConfig` (a frozen pydantic model) are the single source of the command
+line: ``fastnet-train --help`` is generated from their types, choices, defaults and descriptions
+by pydantic-settings' ``CliSettingsSource``; pydantic validates every value from every source
+(types, ``Literal`` choices, ranges, and no NaN or infinity in any float). Nothing deeper reads
+``os.environ`` or the command line. This module imports neither torch nor torchvision, so
+``--help`` and argument errors come back in well under a second.
 
 Global batch semantics (Goyal et al. 2017, §2; Jia et al. 2018, §3): the global batch
 ``B = world_size × micro_batch_size × accumulation_steps``. ``accumulation_steps`` is
@@ -15,96 +22,183 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
-import types
-import typing
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from fastnet.yamlio import load_yaml_file
 
 ENV_PREFIX = "FASTNET_"
+# FASTNET_* variables that are read elsewhere, not options of fastnet-train
+OTHER_ENV = {"FASTNET_KERNELS": "opt in to the fused CUDA kernels (fastnet.kernels)"}
+
+# Registries, spelt out here so that parsing needs no torch; tests check them against the registries.
+MODELS = ("small_cnn", "small_cnn_dropout", "resnet20", "resnet56", "resnet18_cifar", "resnet50", "alexnet",
+          "alexnet_bn")
+DATASETS = ("digits", "cifar10", "fashion_mnist", "imagenet", "synthetic")
+ALGORITHMS = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")
+Milestones = Annotated[tuple[float, ...], NoDecode]  # "30,60" or "30 60" from env / CLI, a list in YAML
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Every option of ``fastnet-train``. Units are in the field names or comments."""
+class TrainConfig(BaseModel):
+    """Every option of ``fastnet-train``; units are in the names or descriptions.
+
+    Raises ``pydantic.ValidationError`` (a ``ValueError``) on construction with a wrong type, a value
+    outside its choices or range, or NaN/infinity; :func:`resolve` turns it into one line per option.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
 
     # what to train
-    model: str = "small_cnn"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    num_classes: int | None = None  # None: the dataset's own
-    image_size: int | None = None  # None: the dataset's own (synthetic: 32)
-    synthetic_samples: int = 4096  # train-set size of the synthetic dataset
-    val_samples: int = 0  # training images held out for validation (evaluated each epoch; test top-1 once at the end)
+    model: Literal[MODELS] = Field("small_cnn", description="network (torchvision ResNet-50/AlexNet, AlexNet-BN, "
+                                   "CIFAR ResNets of He et al., a small CNN)")
+    dataset: Literal[DATASETS] = Field("digits", description="training data; digits is embedded (no download)")
+    data_dir: str | None = Field(None, description="directory of the dataset's files (see README)")
+    num_classes: int | None = Field(None, ge=2, description="classes (default: the dataset's own)")
+    image_size: int | None = Field(None, ge=4, description="image side in pixels (default: the dataset's own; "
+                                   "synthetic: 32)")
+    synthetic_samples: int = Field(4096, gt=0, description="train-set size of the synthetic dataset")
+    val_samples: int = Field(0, ge=0, description="training images held out for validation (evaluated each "
+                             "epoch; the test set is then read once, at the end)")
     # batch: global = world_size x micro_batch_size x accumulation steps
-    global_batch_size: int = 256
-    micro_batch_size: int = 64  # per rank, per forward/backward
-    eval_batch_size: int = 256  # per rank
-    epochs: float = 10.0
-    max_steps: int | None = None  # optimizer steps; stops early when reached
+    global_batch_size: int = Field(256, gt=0, description="global batch B = world size x micro-batch x "
+                                   "accumulation steps (the steps are derived)")
+    micro_batch_size: int = Field(64, gt=0, description="images per rank per forward/backward")
+    eval_batch_size: int = Field(256, gt=0, description="images per rank per evaluation batch")
+    epochs: float = Field(10.0, gt=0, le=1e6, description="length of the run in epochs (the LR schedule spans it)")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (the schedule "
+                                  "still spans --epochs)")
     # optimizer and schedule
-    optimizer: str = "sgd"
-    base_lr: float = 0.1  # LR at reference_batch_size; scaled linearly to global_batch_size
-    reference_batch_size: int = 256
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    trust_coefficient: float = 0.001  # LARS η
-    trust_clip: bool = False  # LARS: cap the local LR at 1 (LARC clip mode)
-    lars_exclude: str = "1d"  # LARS: 1d | bn_bias | none — no weight decay and no adaptation for these
-    lars_eps: float = 1e-9
-    batch_schedule: str = "constant"  # constant | increase (Smith et al. 2018)
-    batch_milestones: tuple[float, ...] = ()  # epochs at which the global batch grows, for "increase"
-    batch_factor: float = 5.0  # growth per milestone, for "increase"
-    max_global_batch_size: int | None = None  # cap for "increase"
-    lr_schedule: str = "cosine"
-    lr_milestones: tuple[float, ...] = (30.0, 60.0, 80.0)  # epochs, for "multistep"
-    lr_gamma: float = 0.1  # decay factor, for "multistep"
-    poly_power: float = 2.0  # for "poly"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
+    optimizer: Literal["sgd", "lars"] = Field("sgd", description="momentum SGD, or LARS (You et al. 2017)")
+    base_lr: float = Field(0.1, ge=0, description="LR at reference_batch_size; peak LR = base_lr x "
+                           "global_batch_size / reference_batch_size (linear scaling rule)")
+    reference_batch_size: int = Field(256, gt=0, description="batch at which base_lr was tuned")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum coefficient")
+    nesterov: bool = Field(False, description="Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay (LARS: not on biases/BN, see lars_exclude)")
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient eta")
+    trust_clip: bool = Field(False, description="LARS: cap the local LR at 1 (LARC clip mode)")
+    lars_exclude: Literal["1d", "bn_bias", "none"] = Field("1d", description="LARS: tensors with no weight decay "
+                                                            "and no adaptation (1d: biases and BN gamma/beta)")
+    lars_eps: float = Field(1e-9, ge=0, description="LARS: added to the norms' denominator")
+    batch_schedule: Literal["constant", "increase"] = Field("constant", description="increase: grow the global "
+                                                             "batch at batch_milestones (Smith et al. 2018)")
+    batch_milestones: Milestones = Field((), description="epochs at which the global batch grows (increase)")
+    batch_factor: float = Field(5.0, ge=1, description="growth of the global batch per milestone (increase)")
+    max_global_batch_size: int | None = Field(None, gt=0, description="cap of the growing global batch (increase)")
+    lr_schedule: Literal["cosine", "poly", "multistep", "constant"] = Field(
+        "cosine", description="decay after warm-up, per iteration (poly: You et al.)")
+    lr_milestones: Milestones = Field((30.0, 60.0, 80.0), description="epochs of the LR decays (multistep)")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="LR factor per milestone (multistep)")
+    poly_power: float = Field(2.0, gt=0, description="power of the poly decay")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from base_lr to the peak LR (Goyal et al.)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     # numerics
-    precision: str = "fp32"  # fp32 | amp | fp16 | bf16
-    loss_scaling: bool | None = None  # dynamic loss scaling; None: on for fp16 (and amp), off for bf16
-    init_loss_scale: float = 65536.0
-    loss_scale_growth_interval: int = 2000  # clean steps before the scale doubles
-    min_loss_scale: float = 1.0  # floor of the dynamic loss scale; persistent overflow there is an error
-    loss_scale_hysteresis: int = 1  # consecutive overflowing steps before the scale backs off
-    channels_last: bool = False
-    seed: int = 0
+    precision: Literal["fp32", "amp", "fp16", "bf16"] = Field(
+        "fp32", description="amp: autocast + GradScaler; fp16/bf16: half model, FP32 master weights")
+    loss_scaling: bool | None = Field(None, description="dynamic loss scaling (default: on for fp16 and amp, off "
+                                      "for bf16)")
+    init_loss_scale: float = Field(65536.0, gt=0, description="initial dynamic loss scale")
+    loss_scale_growth_interval: int = Field(2000, gt=0, description="clean steps before the loss scale doubles")
+    min_loss_scale: float = Field(1.0, gt=0, description="floor of the loss scale; persistent overflow there is "
+                                  "an error")
+    loss_scale_hysteresis: int = Field(1, ge=1, description="overflowing steps in a row before the scale backs off")
+    channels_last: bool = Field(False, description="NHWC memory format for the model and inputs")
+    seed: int = Field(0, ge=0, description="seed of the initial weights, the data order and augmentation")
     # input pipeline
-    workers: int = 2
+    workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     # bookkeeping
-    out_dir: str = "runs/default"
-    checkpoint_dir: str | None = None  # None: <out_dir>/checkpoints
-    checkpoint_interval: int = 0  # optimizer steps between checkpoints; 0: end of each epoch only
-    resume: str | None = None  # checkpoint file, or a directory holding last.pt
-    target_accuracy: float | None = None  # top-1 in percent; time to reach it is reported
-    eval_interval: int = 1  # epochs between evaluations
-    log_interval: int = 10  # optimizer steps between per-step JSON records
-    progress: bool = True  # tqdm bar on rank 0
+    out_dir: str = Field("runs/default", description="run directory: config.yaml, metrics.jsonl, checkpoints/")
+    checkpoint_dir: str | None = Field(None, description="checkpoints (default: <out_dir>/checkpoints)")
+    checkpoint_interval: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: at each "
+                                     "epoch end only)")
+    resume: str | None = Field(None, description="continue a run: its out_dir, its checkpoints directory or a "
+                               "checkpoint file; 'auto': <out_dir> if it holds a checkpoint, else a new run")
+    overwrite: bool = Field(False, description="start a new run in an out_dir that holds an earlier run's files "
+                            "(they are removed first)")
+    target_accuracy: float | None = Field(None, gt=0, le=100, description="top-1 percent; the time to reach it is "
+                                          "reported")
+    eval_interval: int = Field(1, gt=0, description="epochs between evaluations")
+    log_interval: int = Field(10, gt=0, description="optimizer steps between step records (and progress lines)")
+    progress: Literal["auto", "bar", "log", "none"] = Field(
+        "auto", description="rank 0's progress: auto (a bar on a terminal, plain lines otherwise), bar, log, none")
     # distributed
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
-    timeout_s: float = 300.0  # collective timeout in seconds; a dead rank ends the job within it
-    communicator: str = "torch"  # torch (torch.distributed group) | nccl (CuPy NCCL, CUDA) | mpi (mpi4py; launch with mpiexec)
-    allreduce: str = "native"  # native | ring | hierarchical(_p2p) | leader(_p2p) | hybrid (per bucket, by the cost model)
-    fusion_mb: float = 25.0  # fusion threshold: MiB per bucket on the wire (DDP's default)
-    wire_dtype: str = "none"  # none | fp16 | bf16: gradients on the wire (divided by world size first)
-    ranks_per_node: int | None = None  # emulated node size for hierarchical/leader; None: nodes from the hosts
-    cost_model: str | None = None  # YAML from `fastnet-bench --calibrate` for hybrid; None: built-in placeholders
-    overlap: bool = True  # all-reduce buckets during backward (False: all after backward)
-    grad_predivide_factor: float | None = None  # divide by f before the sum, world_size/f after; None: f = world size
-    find_unused_parameters: bool = False  # walk the graph each step so unused parameters never hold back a bucket
-    buffer_sync: str = "average"  # average | broadcast | none: BN running stats before each evaluation and checkpoint
-    sync_batchnorm: bool = False  # torch.nn.SyncBatchNorm (CUDA only): batch statistics over all ranks
-    distributed_debug: bool = False  # check every bucket launch across ranks (one all-gather per bucket)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend (auto: gloo "
+                                                     "on CPU, nccl on CUDA)")
+    timeout_s: float = Field(300.0, gt=0, description="collective timeout in seconds; a dead rank ends the job "
+                             "within it")
+    communicator: Literal["torch", "nccl", "mpi"] = Field(
+        "torch", description="what carries the gradient buckets: the torch.distributed group, CuPy NCCL, mpi4py")
+    allreduce: Literal[ALGORITHMS] = Field("native", description="gradient all-reduce algorithm (hybrid: per "
+                                           "bucket, by the cost model)")
+    fusion_mb: float = Field(25.0, gt=0, description="fusion threshold: MiB per bucket on the wire")
+    wire_dtype: Literal["none", "fp16", "bf16"] = Field("none", description="gradients on the wire")
+    ranks_per_node: int | None = Field(None, ge=1, description="emulated node size for hierarchical/leader "
+                                       "(default: nodes from the hosts)")
+    cost_model: str | None = Field(None, description="YAML from `fastnet-bench --calibrate` for hybrid")
+    overlap: bool = Field(True, description="all-reduce buckets during backward (off: all after backward)")
+    grad_predivide_factor: float | None = Field(None, gt=0, description="divide by f before the sum and by world "
+                                                "size / f after (default: f = world size)")
+    find_unused_parameters: bool = Field(False, description="walk the graph each step so unused parameters never "
+                                         "hold back a bucket")
+    buffer_sync: Literal["average", "broadcast", "none"] = Field(
+        "average", description="BN running statistics before each evaluation and checkpoint")
+    sync_batchnorm: bool = Field(False, description="torch.nn.SyncBatchNorm (CUDA only)")
+    distributed_debug: bool = Field(False, description="check every bucket launch across ranks")
+
+    @field_validator("batch_milestones", "lr_milestones", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v for v in value.replace(",", " ").split() if v]
+        if isinstance(value, (int, float)):
+            return [value]
+        return value
+
+    @field_validator("batch_milestones", "lr_milestones")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(v < 0 for v in value) or list(value) != sorted(value):
+            raise ValueError(f"must be increasing epochs >= 0, got {list(value)}")
+        return value
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress_bool(cls, value: Any) -> Any:  # configs written before --progress took a mode
+        if isinstance(value, bool):
+            return "auto" if value else "none"
+        return {"true": "auto", "false": "none"}.get(str(value).lower(), value) if isinstance(value, str) else value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_words(cls, value: Any, info) -> Any:
+        if isinstance(value, str) and value.lower() in ("none", "null") and \
+                type(None) in getattr(TrainConfig.model_fields[info.field_name].annotation, "__args__", ()):
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        if self.min_loss_scale > self.init_loss_scale:
+            raise ValueError(f"min_loss_scale {self.min_loss_scale} exceeds init_loss_scale {self.init_loss_scale}")
+        if self.max_global_batch_size is not None and self.max_global_batch_size < self.global_batch_size:
+            raise ValueError(f"max_global_batch_size {self.max_global_batch_size} is below global_batch_size "
+                             f"{self.global_batch_size}")
+        if self.cost_model is not None and not Path(self.cost_model).is_file():
+            raise ValueError(f"cost_model {self.cost_model!r} is not a file (write one with `fastnet-bench "
+                             f"--calibrate FILE`, or leave it unset)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """Plain values (tuples as lists), as written to ``config.yaml`` and checkpoints."""
+        d = self.model_dump()
         d["lr_milestones"] = list(self.lr_milestones)
         d["batch_milestones"] = list(self.batch_milestones)
         return d
@@ -115,183 +209,235 @@ class TrainConfig:
         return self.base_lr * self.global_batch_size / self.reference_batch_size
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPE_HINTS = typing.get_type_hints(TrainConfig)
+FIELDS = TrainConfig.model_fields
+DEFAULTS = {name: f.default for name, f in FIELDS.items()}
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+def _error_lines(exc: ValidationError, origin: Mapping[str, str]) -> str:
+    """One line per invalid option: ``Invalid <option> <value> (from <source>): <problem>``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        key = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":
+            msg = f"valid choices: {', '.join(str(c) for c in FIELDS[key].annotation.__args__)}"
+        elif err["type"] == "extra_forbidden":
+            lines.append(_unknown_message([key], origin.get(key, "the configuration")))
+            continue
+        if not key:
+            lines.append(f"Invalid configuration: {msg}")
+            continue
+        src = f" (from {origin[key]})" if key in origin else ""
+        lines.append(f"Invalid {key} {err.get('input')!r}{src}: {msg}")
+    return "; ".join(lines)
 
 
-def _convert(key: str, value: Any) -> Any:
-    """Convert ``value`` (a string from the CLI/env or a YAML scalar) to the field's type."""
-    hint = _TYPE_HINTS[key]
-    optional = False
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(hint))
-        hint = args[0]
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise ValueError(f"option {key!r} cannot be empty")
-    try:
-        if typing.get_origin(hint) is tuple:
-            if isinstance(value, str):
-                value = [v for v in value.replace(",", " ").split() if v]
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return tuple(float(v) for v in value)
-        if hint is bool:
-            return value if isinstance(value, bool) else _parse_bool(str(value))
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{value} is not an integer")
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if hint is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"Invalid value for option {key!r}: {value!r} ({exc})") from None
-
-
-def _check_keys(keys: Sequence[str], origin: str) -> None:
-    unknown = [k for k in keys if k not in FIELDS]
-    if unknown:
-        raise ValueError(
-            f"Unknown option(s) {', '.join(map(repr, unknown))} in {origin}; "
-            f"valid options: {', '.join(sorted(FIELDS))}"
-        )
+def _unknown_message(keys: Sequence[str], origin: str) -> str:
+    hints = []
+    for k in keys:
+        close = difflib.get_close_matches(k, FIELDS, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"Unknown option(s) {', '.join(hints)} in {origin}; valid options: {', '.join(sorted(FIELDS))}"
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config (a mapping of option names to values). Raises ValueError on bad files."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"Config file {str(p)!r} does not exist; configs ship in experiments/*.yaml")
-    data = yaml.safe_load(p.read_text()) or {}
+    """Read a YAML config (a mapping of option names to values).
+
+    Raises:
+        ValueError: a missing file, invalid or unsafe YAML (one line: file, line, column, problem), a
+            document that is not a mapping, or unknown option names (with a "did you mean").
+    """
+    data = load_yaml_file(path, "config file")
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ValueError(f"Config file {str(p)!r} must hold a mapping of option: value, got {type(data).__name__}")
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    _check_keys(list(data), f"config file {str(p)!r}")
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        raise ValueError(_unknown_message(unknown, f"config file {str(path)!r}"))
     return data
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
-    """``FASTNET_<KEY>`` variables that name an option (others under the prefix are ignored)."""
-    out = {}
-    for name, value in environ.items():
-        if name.startswith(ENV_PREFIX):
-            key = name[len(ENV_PREFIX):].lower()
-            if key in FIELDS:
-                out[key] = value
-    return out
-
-
-def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
-    """Parse ``--key value`` / ``--key=value`` pairs (dashes or underscores) into a dict."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--"):
-            raise ValueError(f"Expected an option like --key value, got {tok!r}")
-        body = tok[2:]
-        if "=" in body:
-            key, value = body.split("=", 1)
-            i += 1
-        else:
-            key = body
-            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                # a bare flag means true for booleans
-                value = "true"
-                i += 1
-            else:
-                value = tokens[i + 1]
-                i += 2
-        key = key.replace("-", "_")
-        if key.startswith("no_") and key[3:] in FIELDS and _TYPE_HINTS[key[3:]] is bool:
-            key, value = key[3:], "false"
-        out[key] = value
-    _check_keys(list(out), "the command line")
-    return out
-
-
-def resolve(
-    config_path: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> TrainConfig:
-    """Build the frozen config: defaults < YAML < ``FASTNET_*`` env < ``overrides``.
+    """The ``FASTNET_<KEY>`` variables, as option values.
 
     Raises:
-        ValueError: unknown option names (the message lists the valid ones), values that do not
-            convert to the option's type, or values out of range (see :func:`validate`).
+        ValueError: a ``FASTNET_`` variable that names no option (nor one read elsewhere, such as
+            ``FASTNET_KERNELS``), with a "did you mean" — a misspelt variable is never ignored.
+    """
+    out, unknown = {}, []
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key in FIELDS:
+            out[key] = value
+        else:
+            unknown.append(name)
+    if unknown:
+        names = [f"{ENV_PREFIX}{k.upper()}" for k in FIELDS] + list(OTHER_ENV)
+        hints = [n + (f" (did you mean {c[0]}?)" if (c := difflib.get_close_matches(n, names, n=1)) else "")
+                 for n in sorted(unknown)]
+        raise ValueError(f"Unknown environment variable(s) {', '.join(hints)}: every {ENV_PREFIX}<KEY> must name an "
+                         f"option of fastnet-train (unset it, or see fastnet-train --help)")
+    return out
+
+
+def _normalise_tokens(tokens: Sequence[str]) -> list[str]:
+    """``--key_name`` → ``--key-name`` (underscores accepted as in the YAML names); values untouched."""
+    out = []
+    for tok in tokens:
+        if tok.startswith("--"):
+            name, sep, value = tok[2:].partition("=")
+            tok = "--" + name.replace("_", "-") + sep + value
+        out.append(tok)
+    return out
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for unknown options, raising instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(message)
+
+
+def build_arg_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """``fastnet-train``'s parser: ``--config`` and ``--print-config`` plus one option per field of
+    :class:`TrainConfig`, generated by pydantic-settings (types, choices, defaults, help)."""
+    from pydantic_settings import CliSettingsSource
+
+    parser = _ArgumentParser(
+        prog="fastnet-train", allow_abbrev=False, usage="fastnet-train [--config YAML] [--print-config] [--OPTION VALUE ...]",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=36, width=110),
+        description="Large-batch data-parallel training (one process, `torchrun --nproc_per_node=N -m "
+        "fastnet.train`, or `mpiexec -n N`). Every option can also be set in the --config YAML file (its name "
+        "with underscores) or as FASTNET_<NAME> in the environment; the command line wins over the environment, "
+        "which wins over the file.")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of options, e.g. experiments/digits.yaml")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved options and the derived numbers (world size, accumulation steps, "
+                        "peak LR, steps per epoch) as YAML and exit")
+    source = CliSettingsSource(TrainConfig, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
+                               cli_avoid_json=True, cli_enforce_required=False)
+    return parser, source
+
+
+@dataclasses.dataclass(frozen=True)
+class CliArgs:
+    """What the command line asked for besides the options: the YAML file and ``--print-config``."""
+
+    config: str | None
+    print_config: bool
+
+
+def _parse_tokens(tokens: Sequence[str]) -> tuple[CliArgs, dict[str, Any]]:
+    parser, source = build_arg_parser()
+    tokens = _normalise_tokens(tokens)
+    try:
+        ns, rest = parser.parse_known_args(tokens)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (see fastnet-train --help)") from None
+    if rest:
+        unknown = [t[2:].partition("=")[0].replace("-", "_") for t in rest if t.startswith("--")]
+        if unknown:
+            raise ValueError(_unknown_message(unknown, "the command line"))
+        raise ValueError(f"Expected an option like --key value, got {rest[0]!r}")
+    values = source(parsed_args=ns)()
+    return CliArgs(ns.config, ns.print_config), dict(values)
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--key value`` / ``--key=value`` / ``--flag`` / ``--no-flag`` tokens into option values.
+
+    Raises:
+        ValueError: an unknown option (with a "did you mean"), a stray positional token, or a value
+            argparse rejects (e.g. not one of a choice's values).
+    """
+    return _parse_tokens(tokens)[1]
+
+
+def resolve(config_path: str | None = None, overrides: Mapping[str, Any] | None = None,
+            environ: Mapping[str, str] | None = None) -> TrainConfig:
+    """Build the frozen config: defaults < YAML < ``FASTNET_*`` env < ``overrides``.
+
+    The result's ``model_fields_set`` holds the options that some source set (what a resumed run
+    takes over its checkpoint's config).
+
+    Raises:
+        ValueError: unknown option names or environment variables, YAML errors, and values of the
+            wrong type, outside their choices or range, NaN or infinite — one message naming every
+            offending option, its value and where it came from.
     """
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if config_path:
-        values.update(load_yaml(config_path))
-    values.update(env_overrides(os.environ if environ is None else environ))
+        data = load_yaml(config_path)
+        values.update(data)
+        origin.update({k: f"config file {config_path}" for k in data})
+    env = env_overrides(os.environ if environ is None else environ)
+    values.update(env)
+    origin.update({k: f"{ENV_PREFIX}{k.upper()}" for k in env})
     values.update(overrides or {})
-    _check_keys(list(values), "the configuration")
-    cfg = TrainConfig(**{k: _convert(k, v) for k, v in values.items()})
-    validate(cfg)
-    return cfg
+    origin.update({k: "the command line" for k in overrides or {}})
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ValueError(_error_lines(exc, origin)) from None
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Range checks that need no knowledge of the world size. Raises ValueError naming the value."""
-    positive = ("global_batch_size", "micro_batch_size", "eval_batch_size", "reference_batch_size", "log_interval",
-                "eval_interval", "synthetic_samples", "init_loss_scale", "loss_scale_growth_interval")
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ValueError(f"Invalid {key}: {getattr(cfg, key)} (must be > 0)")
-    for key in ("base_lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "workers",
-                "checkpoint_interval", "trust_coefficient", "lars_eps"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"Invalid {key}: {getattr(cfg, key)} (must be >= 0)")
-    if cfg.epochs <= 0:
-        raise ValueError(f"Invalid epochs: {cfg.epochs} (must be > 0)")
-    if cfg.val_samples < 0:
-        raise ValueError(f"Invalid val_samples: {cfg.val_samples} (must be >= 0; 0: evaluate on the test set)")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise ValueError(f"Invalid max_steps: {cfg.max_steps} (must be > 0, or none)")
-    if not 0 <= cfg.label_smoothing < 1:
-        raise ValueError(f"Invalid label_smoothing: {cfg.label_smoothing} (must be in [0, 1))")
-    if cfg.timeout_s <= 0:
-        raise ValueError(f"Invalid timeout_s: {cfg.timeout_s} (must be > 0 seconds)")
-    if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 100:
-        raise ValueError(f"Invalid target_accuracy: {cfg.target_accuracy} (a top-1 percentage in (0, 100])")
-    if cfg.fusion_mb <= 0:
-        raise ValueError(f"Invalid fusion_mb: {cfg.fusion_mb} (must be > 0 MiB)")
-    if cfg.cost_model is not None and not Path(cfg.cost_model).is_file():
-        raise ValueError(f"Invalid cost_model: {cfg.cost_model!r} is not a file (write one with "
-                         f"`fastnet-bench --calibrate FILE`, or leave it unset)")
-    if cfg.ranks_per_node is not None and cfg.ranks_per_node < 1:
-        raise ValueError(f"Invalid ranks_per_node: {cfg.ranks_per_node} (must be >= 1)")
-    if not (math.isfinite(cfg.min_loss_scale) and 0 < cfg.min_loss_scale <= cfg.init_loss_scale):
-        raise ValueError(f"Invalid min_loss_scale: {cfg.min_loss_scale} (must be in (0, init_loss_scale="
-                         f"{cfg.init_loss_scale}])")
-    if cfg.loss_scale_hysteresis < 1:
-        raise ValueError(f"Invalid loss_scale_hysteresis: {cfg.loss_scale_hysteresis} (must be >= 1)")
-    if cfg.grad_predivide_factor is not None and not (math.isfinite(cfg.grad_predivide_factor)
-                                                      and cfg.grad_predivide_factor > 0):
-        raise ValueError(f"Invalid grad_predivide_factor: {cfg.grad_predivide_factor} (must be finite and > 0, "
-                         f"or none for the world size)")
-    if cfg.batch_factor < 1:
-        raise ValueError(f"Invalid batch_factor: {cfg.batch_factor} (must be >= 1)")
-    for key, choices in (("device", ("auto", "cpu", "cuda")), ("backend", ("auto", "gloo", "nccl")),
-                         ("lars_exclude", ("1d", "bn_bias", "none")), ("batch_schedule", ("constant", "increase")),
-                         ("allreduce", ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")),
-                         ("wire_dtype", ("none", "fp16", "bf16")), ("buffer_sync", ("average", "broadcast", "none")),
-                         ("communicator", ("torch", "nccl", "mpi"))):
-        if getattr(cfg, key) not in choices:
-            raise ValueError(f"Invalid {key}: {getattr(cfg, key)!r}; valid choices: {', '.join(choices)}")
+def parse_cli(argv: Sequence[str] | None = None) -> tuple[TrainConfig, CliArgs]:
+    """Parse ``fastnet-train`` arguments (``--help`` prints and exits 0).
+
+    Raises:
+        ValueError: anything :func:`parse_overrides` or :func:`resolve` rejects.
+    """
+    args, values = _parse_tokens(sys.argv[1:] if argv is None else argv)
+    return resolve(args.config, values), args
+
+
+def merge_resumed(saved: Mapping[str, Any], cfg: TrainConfig) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's config ``saved``, overridden by the options
+    this invocation set (``cfg.model_fields_set``: YAML, env or command line). Keys of ``saved``
+    that are no longer options are dropped.
+
+    Raises:
+        ValueError: the merged values are invalid (e.g. a checkpoint written with other bounds).
+    """
+    values = {k: v for k, v in saved.items() if k in FIELDS}
+    values.update({k: getattr(cfg, k) for k in cfg.model_fields_set})
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        raise ValueError(_error_lines(exc, {})) from None
+
+
+# How each option may change when a run is resumed (README, "Resuming a run").
+# Re-planned: the LR schedule is rebuilt for the new values and continues at the checkpoint's step
+# (the LR of step s is the new plan's LR of step s: the run is extended as if it had been planned so).
+REPLANNED = ("epochs", "max_steps", "base_lr", "reference_batch_size", "lr_schedule", "lr_milestones", "lr_gamma",
+             "poly_power", "warmup_epochs")
+# Taken as given from the resumed step on: optimizer hyperparameters and everything about how the run
+# executes (world size and micro-batch: the accumulation steps are re-derived, the sampler keeps its place).
+# Refused: they change what is trained or the meaning of a step; the message lists every difference.
+REFUSED = ("model", "num_classes", "image_size", "dataset", "synthetic_samples", "val_samples", "global_batch_size",
+           "batch_schedule", "batch_milestones", "batch_factor", "max_global_batch_size", "optimizer", "lars_exclude",
+           "precision", "loss_scaling", "seed")
+
+
+def resume_conflicts(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """The refused options whose value in ``cfg`` differs from the checkpoint's config ``saved``,
+    as ``"name: saved -> new"`` strings (empty when the run may continue)."""
+    out = []
+    for key in REFUSED:
+        if key not in saved:
+            continue
+        old, new = saved[key], getattr(cfg, key)
+        if isinstance(new, tuple):
+            old = tuple(float(v) for v in old)
+        if old != new:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
 
 
 def accumulation_steps(global_batch_size: int, world_size: int, micro_batch_size: int) -> int:
@@ -312,37 +458,36 @@ def accumulation_steps(global_batch_size: int, world_size: int, micro_batch_size
     return global_batch_size // per_step
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fastnet-train",
-        description="Large-batch data-parallel training. Run single-process or under "
-        "`torchrun --nproc_per_node=N`. Any option below can be given as --key value "
-        "(dashes or underscores), set in the YAML file, or as FASTNET_<KEY> in the environment.",
-        epilog="options: " + ", ".join(f"--{k.replace('_', '-')} (default {f.default!r})" for k, f in FIELDS.items()),
-    )
-    p.add_argument("--config", help="YAML file of options, e.g. experiments/digits.yaml")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    return p
+def check_world(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Checks that need the world size. Returns notes on options that have no effect (e.g. the
+    all-reduce options of a single process).
 
-
-def parse_cli(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool]:
-    """Parse ``fastnet-train`` arguments. Returns (config, print_only)."""
-    parser = build_arg_parser()
-    known, rest = parser.parse_known_args(argv)
-    try:
-        cfg = resolve(known.config, parse_overrides(rest))
-    except ValueError as exc:
-        parser.error(str(exc))
-    return cfg, known.print_config
+    Raises:
+        ValueError: a ``ranks_per_node`` larger than the world size or not dividing it, naming both.
+    """
+    notes = []
+    if world_size == 1:
+        unused = [k for k in ("cost_model", "ranks_per_node", "grad_predivide_factor")
+                  if getattr(cfg, k) is not None] + [k for k in ("allreduce", "wire_dtype", "communicator")
+                                                     if getattr(cfg, k) != DEFAULTS[k]]
+        if unused:
+            notes.append(f"world size 1: no gradient all-reduce, so {', '.join(unused)} "
+                         f"{'has' if len(unused) == 1 else 'have'} no effect")
+    elif cfg.ranks_per_node is not None and (cfg.ranks_per_node > world_size or world_size % cfg.ranks_per_node):
+        raise ValueError(f"Invalid ranks_per_node {cfg.ranks_per_node}: the world size {world_size} must be a "
+                         f"multiple of it (nodes of ranks_per_node consecutive ranks)")
+    return notes
 
 
 @dataclasses.dataclass(frozen=True)
 class EpochBatch:
-    """One epoch of the run: its global batch, accumulation steps and optimizer steps."""
+    """One epoch of the run: its global batch, accumulation steps and optimizer steps (``steps``;
+    the last epoch of a fractional ``epochs`` is shortened; ``full_steps``: the epoch's whole length)."""
 
     global_batch_size: int
     accumulation_steps: int
     steps: int
+    full_steps: int
 
 
 def epoch_plan(cfg: TrainConfig, world_size: int, samples_per_rank: int) -> list[EpochBatch]:
@@ -363,17 +508,16 @@ def epoch_plan(cfg: TrainConfig, world_size: int, samples_per_rank: int) -> list
                                   cfg.max_global_batch_size)
     else:
         sched = BatchSizeSchedule(cfg.global_batch_size)
-    n_epochs = max(1, int(-(-cfg.epochs // 1)))
+    n_epochs = max(1, math.ceil(cfg.epochs))
     plan = []
     for e in range(n_epochs):
         b = sched.batch_size(e)
         accum = accumulation_steps(b, world_size, cfg.micro_batch_size)
-        steps = samples_per_rank // (cfg.micro_batch_size * accum)
-        if steps == 0:
+        full = samples_per_rank // (cfg.micro_batch_size * accum)
+        if full == 0:
             raise ValueError(f"global_batch_size {b} (epoch {e}) exceeds the {samples_per_rank * world_size} training "
                              f"samples that {world_size} rank(s) share: not one step per epoch; lower the batch")
         frac = cfg.epochs - e
-        if frac < 1:
-            steps = max(1, int(-(-frac * steps // 1)))
-        plan.append(EpochBatch(b, accum, steps))
+        steps = max(1, math.ceil(frac * full)) if frac < 1 else full
+        plan.append(EpochBatch(b, accum, steps, full))
     return plan

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets as tv_datasets
 from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
@@ -364,19 +364,45 @@ def build_datasets(name: str, data_dir: str | None = None, image_size: int | Non
     return builder(data_dir, image_size, synthetic_samples, num_classes)
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled per epoch by ``set_epoch``, equal shards, tail dropped) that
-    can start an epoch at an offset, skipping the samples a resumed run has already consumed."""
+class ResumableDistributedSampler(Sampler[int]):
+    """The training sampler: shuffled per epoch, sharded over ranks in blocks, resumable mid-epoch.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    Epoch ``e``'s permutation is ``torch.randperm(N)`` seeded with ``seed + e`` (as
+    ``DistributedSampler``), the same on every rank and for every world size. It is cut into blocks
+    of ``block_size`` indices (the trainer uses the micro-batch) and rank ``r`` of ``W`` takes
+    blocks ``r, r + W, r + 2W, ...``; the tail that does not fill ``W`` blocks is dropped, so every
+    rank has ``num_samples`` indices. Optimizer step ``k`` (``W × accumulation`` micro-batches)
+    therefore consumes permutation positions ``[kB, (k+1)B)`` — the same images, in the same
+    micro-batches, whatever the world size: a run resumed on another world size with the same
+    global batch and micro-batch continues exactly where it stopped (:meth:`set_start_index`).
+    With ``block_size=1`` the shards are ``DistributedSampler(drop_last=True)``'s.
+
+    Raises:
+        ValueError: ``rank`` not in ``[0, num_replicas)`` or ``block_size < 1``.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, block_size: int = 1) -> None:
+        if not 0 <= rank < num_replicas or block_size < 1:
+            raise ValueError(f"Invalid sampler shard: rank {rank} of {num_replicas}, block_size {block_size}")
+        self.n = len(dataset)  # type: ignore[arg-type]
+        self.num_replicas, self.rank, self.seed, self.block_size = num_replicas, rank, seed, block_size
+        self.num_samples = self.n // (num_replicas * block_size) * block_size
+        self.epoch = 0
         self.start_index = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def set_start_index(self, start: int) -> None:
+        """Skip the first ``start`` indices of this rank's shard (those a resumed run consumed)."""
         self.start_index = start
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start_index:])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.num_samples * self.num_replicas]
+        mine = perm.view(-1, self.block_size)[self.rank::self.num_replicas].reshape(-1)
+        return iter(mine[self.start_index:].tolist())
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start_index)

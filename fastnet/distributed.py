@@ -185,3 +185,13 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for the error a surviving rank sees when a peer died or a collective timed out (torch's
+    ``DistError`` family, a ``TimeoutError``, or gloo's "connection closed/reset by peer")."""
+    if isinstance(exc, (TimeoutError, getattr(dist, "DistError", TimeoutError))):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("closed by peer", "reset by peer", "connection reset", "broken pipe",
+                                   "timed out", "timeout"))

@@ -37,19 +37,23 @@ from tqdm import tqdm
 from fastnet import checkpoint as ckpt
 from fastnet.comm import CostModel, GradientSynchronizer
 from fastnet.comm.communicator import build_communicator
-from fastnet.config import TrainConfig, accumulation_steps, epoch_plan, parse_cli
+from fastnet.config import REPLANNED, TrainConfig, accumulation_steps, check_world, epoch_plan
 from fastnet.data import (EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, hold_out,
                           train_loader)
-from fastnet.distributed import (World, all_reduce_sum, broadcast_from_rank0, gather_objects, setup, sync_buffers,
-                                 teardown)
+from fastnet.distributed import World, all_reduce_sum, broadcast_from_rank0, gather_objects, sync_buffers
 from fastnet.metrics import MetricsWriter
 from fastnet.models import build_model
 from fastnet.optim import build_optimizer, build_schedule
+from fastnet.optim.schedules import position_schedule
 from fastnet.precision import Precision
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became inf/NaN in a run without loss scaling."""
+
+
+class NonFiniteParametersError(FloatingPointError):
+    """A parameter became inf/NaN: the run stops before writing a checkpoint (the last good one stays)."""
 
 
 @dataclasses.dataclass
@@ -109,16 +113,48 @@ def _checkpoint_state(cfg: TrainConfig, model, optimizer, scheduler, precision, 
     }
 
 
-def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
-    """Run the training job described by ``cfg`` on this rank. Returns the summary record.
+def parameters_finite(model: nn.Module, world: World) -> bool:
+    """Collective: True when every parameter on every rank is finite (one all-reduce)."""
+    bad = sum(int(not torch.isfinite(p.detach()).all()) for p in model.parameters())
+    return all_reduce_sum([float(bad)], world)[0] == 0
+
+
+def _load_checkpoint(state: dict[str, Any], model, optimizer, scheduler, precision, step: int) -> None:
+    """Restore a checkpoint into freshly built objects, re-planning the LR schedule: the optimizer's
+    hyperparameters (momentum, weight decay, peak LR, ...) are this run's, its state (momentum
+    buffers) the checkpoint's, and the schedule continues at ``step`` under this run's plan."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        precision.load_state_dict(state["precision"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ValueError(f"checkpoint {state.get('path')} ({ckpt.describe(state)}) does not fit this run's model or "
+                         f"optimizer: {first}") from None
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update(new)
+    position_schedule(scheduler, step)
+
+
+def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Run the training job described by ``cfg`` on this rank. Returns the summary record, or None
+    when ``state`` (a checkpoint to resume, see :func:`fastnet.cli.prepare`) is of a run that has
+    already reached its last step.
+
+    Resuming re-plans the run from the checkpoint's step (README, "Resuming a run"): the epoch plan
+    and the LR schedule are those of ``cfg``; on another world size or micro-batch the accumulation
+    steps are re-derived and the sampler continues at the same image of the epoch.
 
     Raises:
-        ValueError: bad configuration (unknown names, a global batch that does not divide, missing data).
-        FileNotFoundError: ``resume`` names no checkpoint.
+        ValueError: bad configuration (a global batch that does not divide, missing data, a
+            checkpoint of another model).
         NonFiniteLossError: the loss became inf/NaN in fp32 (the message names the step).
+        NonFiniteParametersError: a parameter became inf/NaN; no checkpoint is written.
         RuntimeError / DistBackendError: a peer rank died (raised within ``timeout_s``).
     """
     t_start = time.perf_counter()
+    check_world(cfg, world.size)
     accum = accumulation_steps(cfg.global_batch_size, world.size, cfg.micro_batch_size)
     precision = Precision(cfg.precision, world.device, loss_scaling=cfg.loss_scaling,  # validates the name early
                           init_scale=cfg.init_loss_scale, growth_interval=cfg.loss_scale_growth_interval,
@@ -128,8 +164,6 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     if cfg.sync_batchnorm and world.distributed and world.device.type != "cuda":
         raise ValueError("sync_batchnorm needs CUDA (torch.nn.SyncBatchNorm runs on GPU inputs only); on CPU keep "
                          "per-rank batch statistics and --buffer-sync average")
-    state = ckpt.load(cfg.resume, map_location="cpu") if cfg.resume else None
-
     splits = build_datasets(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.synthetic_samples, cfg.num_classes)
     val_set = None
     if cfg.val_samples:  # choices are made on held-out training images; the test set is read once, at the end
@@ -145,7 +179,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + world.rank)  # per-rank stream for dropout and the like
 
     train_set = EpochSeeded(splits.train, cfg.seed)
-    sampler = ResumableDistributedSampler(train_set, world.size, world.rank, cfg.seed)
+    sampler = ResumableDistributedSampler(train_set, world.size, world.rank, cfg.seed, block_size=cfg.micro_batch_size)
     pin = world.device.type == "cuda"
     loader = train_loader(train_set, sampler, cfg.micro_batch_size, cfg.workers, cfg.seed, pin)
     test_loader = eval_loader(splits.test, world.size, world.rank, cfg.eval_batch_size, cfg.workers, pin)
@@ -155,6 +189,9 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     steps_per_epoch = plan[0].steps  # of the first epoch: converts warm-up and milestone epochs to steps
     total_steps = sum(e.steps for e in plan)
     stop_step = min(total_steps, cfg.max_steps or total_steps)
+    progress = Progress(**state["progress"]) if state is not None else Progress()
+    if progress.global_step >= stop_step:
+        return None  # every rank holds the same checkpoint: all return here
 
     peak_lr = cfg.scaled_lr
     optimizer = build_optimizer(cfg.optimizer, model, lr=peak_lr, momentum=cfg.momentum,
@@ -178,13 +215,8 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
             timeout_s=cfg.timeout_s, find_unused_parameters=cfg.find_unused_parameters,
             predivide_factor=cfg.grad_predivide_factor, debug=cfg.distributed_debug)
 
-    progress = Progress()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        precision.load_state_dict(state["precision"])
-        progress = Progress(**state["progress"])
+        _load_checkpoint(state, model, optimizer, scheduler, precision, progress.global_step)
         ckpt.restore_rng(state["rng"], world.rank, world.size, cfg.seed, progress.global_step)
 
     out_dir = Path(cfg.out_dir)
@@ -200,7 +232,24 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
     def wall() -> float:
         return progress.elapsed_s + time.perf_counter() - session_start
 
+    if state is not None:
+        saved_cfg = state.get("config") or {}
+        changed = {k: [saved_cfg.get(k), v] for k, v in cfg.to_dict().items()
+                   if k in saved_cfg and saved_cfg[k] != v and k not in ("resume",)}
+        metrics.write("resume", step=progress.global_step, epoch=progress.epoch, world_size=world.size,
+                      accumulation_steps=accum, checkpoint=state.get("path"), changed=changed,
+                      replanned=sorted(k for k in changed if k in REPLANNED),
+                      lr=optimizer.param_groups[0]["lr"])
+    show = cfg.progress if cfg.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
+    show = show if world.is_main else "none"
+
     def save() -> None:  # collective: buffers agreed, every rank's RNG gathered to rank 0
+        if not parameters_finite(model, world):  # never replace a good checkpoint with a broken one
+            where = ckpt_dir / ckpt.LAST
+            raise NonFiniteParametersError(
+                f"parameters became inf/NaN by step {progress.global_step} (epoch {progress.epoch}); no checkpoint "
+                f"written" + (f", the last good one stays at {where}" if where.exists() else "") +
+                f". Lower base_lr ({cfg.base_lr}) or weight_decay, add warm-up, or use loss scaling")
         sync_buffers(model, world, cfg.buffer_sync)
         rng = gather_objects(ckpt.rng_state(), world)
         if world.is_main:
@@ -222,7 +271,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
         sampler.set_start_index(progress.step_in_epoch * accum * cfg.micro_batch_size)
         epoch_loss, epoch_steps, epoch_comm = 0.0, 0, 0.0
         bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch}", unit="step",
-                   disable=not (cfg.progress and world.is_main), dynamic_ncols=True, leave=False)
+                   disable=show != "bar", dynamic_ncols=True, leave=False)
         it = iter(loader)
         step_t0 = time.perf_counter()
         while progress.step_in_epoch < steps_per_epoch and progress.global_step < stop_step:
@@ -274,13 +323,17 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                               global_batch_size=batch, train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale, images_per_s=ips,
                               wall_s=wall(), comm_s=window["comm"], comm_busy_s=window["busy"])
                 bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
+                if show == "log":
+                    print(f"epoch {epoch} step {progress.step_in_epoch}/{steps_per_epoch} ({progress.global_step}/"
+                          f"{stop_step}) loss {global_loss:.4f} lr {lr:.4g} {ips:.0f} img/s", file=sys.stderr,
+                          flush=True)
                 window = {"t": now, "samples": 0, "comm": 0.0, "busy": 0.0}
             bar.update(1)
             if cfg.checkpoint_interval and progress.global_step % cfg.checkpoint_interval == 0:
                 save()
                 step_t0 = time.perf_counter()
         bar.close()
-        epoch_done = progress.step_in_epoch >= steps_per_epoch
+        epoch_done = progress.step_in_epoch >= plan[epoch].full_steps  # a shortened last epoch is not done
         if epoch_done:
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
         stopped = progress.global_step >= stop_step
@@ -297,7 +350,7 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
                           **ev,
                           images_per_s=progress.samples_seen / max(progress.train_s, 1e-9), wall_s=wall(),
                           comm_s=epoch_comm)
-            if world.is_main:
+            if show != "none":
                 tqdm.write(f"epoch {epoch} step {progress.global_step}: loss {epoch_loss / max(epoch_steps, 1):.4f} "
                            f"top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}% ({ev['eval_samples']} images) "
                            f"{progress.samples_seen / max(progress.train_s, 1e-9):.0f} img/s", file=sys.stderr)
@@ -333,28 +386,10 @@ def train(cfg: TrainConfig, world: World) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, print_only = parse_cli(argv)
-    if print_only:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        return 0
-    world = None
-    try:
-        world = setup(cfg.device, cfg.backend, cfg.timeout_s)
-        summary = train(cfg, world)
-        if world.is_main:
-            print(f"best top-1 {summary['best_top1']:.2f}%  mean {summary['mean_images_per_s']:.0f} img/s  "
-                  f"{summary['steps']} steps in {summary['wall_s']:.1f} s  -> {cfg.out_dir}/metrics.jsonl",
-                  file=sys.stderr)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as exc:
-        rank = world.rank if world else "?"
-        print(f"fastnet-train: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
-        if world is not None and world.distributed:
-            # A peer may be gone: leave without the collective teardown that could block on it.
-            sys.stdout.flush()
-            os._exit(1)
-        return 1
-    teardown()
-    return 0
+    """``fastnet-train``; see :func:`fastnet.cli.main` (kept here for ``python -m fastnet.train``)."""
+    from fastnet.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,27 @@ def build_schedule(name: str, optimizer: Optimizer, *, total_steps: int, warmup_
     return SCHEDULES[name](optimizer, **common)
 
 
+def position_schedule(scheduler: _WarmupDecayLR, step: int) -> None:
+    """Place ``scheduler`` at iteration ``step`` (iterations done) and set every group's LR to the
+    schedule's LR there, as if it had been stepped ``step`` times from the start.
+
+    This is how a resumed run is re-planned: the schedule is rebuilt for the (possibly changed)
+    options — more epochs, another base LR or warm-up — and continues at the checkpoint's step, so
+    the LR of step ``s`` is the new plan's LR of step ``s`` (never a finished schedule's 0).
+    Call it after ``optimizer.load_state_dict`` (which restores the checkpoint's LRs).
+
+    Raises:
+        ValueError: ``step < 0``.
+    """
+    if step < 0:
+        raise ValueError(f"Invalid step {step} (must be >= 0)")
+    scheduler.last_epoch = step
+    lrs = scheduler.get_lr()
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
+
+
 class BatchSizeSchedule:
     """Increase the global batch instead of decaying the LR (Smith, Kindermans, Ying & Le 2018,
     "Don't Decay the Learning Rate, Increase the Batch Size", §2–3).
