@@ -42,7 +42,7 @@ def run(nproc: int, precision: str, data_args: list[str], args, out: Path) -> di
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "fastnet.train", "--model", "resnet20", *data_args, "--global-batch-size", str(args.global_batch),
            "--micro-batch-size", str(args.global_batch // max(args.nprocs)), "--epochs", "1",
-           "--precision", precision, "--channels-last", "--workers", str(args.workers), "--no-progress",
+           "--precision", precision, "--channels-last", "--workers", str(args.workers), "--progress", "none",
            "--base-lr", "0.1", "--warmup-epochs", "0.2", "--out-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -194,6 +194,9 @@ class TrainConfig(BaseModel):
         if self.cost_model is not None and not Path(self.cost_model).is_file():
             raise ValueError(f"cost_model {self.cost_model!r} is not a file (write one with `fastnet-bench "
                              f"--calibrate FILE`, or leave it unset)")
+        if self.cost_model is not None and not isinstance(load_yaml_file(self.cost_model, "cost model"), dict):
+            raise ValueError(f"cost_model {self.cost_model!r} must hold a mapping of link levels (see "
+                             f"`fastnet-bench --calibrate`)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Small, fast trainer settings on the embedded digits dataset (real images).
-FAST = ["--dataset", "digits", "--model", "small_cnn", "--workers", "0", "--no-progress", "--timeout-s", "60"]
+FAST = ["--dataset", "digits", "--model", "small_cnn", "--workers", "0", "--progress", "none", "--timeout-s", "60"]
 
 
 def free_port() -> int:

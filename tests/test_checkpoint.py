@@ -72,3 +72,17 @@ def test_restore_rng_takes_this_ranks_state():
         ckpt.restore_rng(states, rank=rank, world_size=3, seed=0, step=5)
         draws.append(torch.rand(3))
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
+def test_resume_path_forms(tmp_path):
+    from fastnet.checkpoint import resolve_resume_path
+
+    ck = tmp_path / "run" / "checkpoints" / "last.pt"
+    ck.parent.mkdir(parents=True)
+    ck.write_bytes(b"x")
+    for form in (tmp_path / "run", ck.parent, ck):
+        assert resolve_resume_path(str(form)) == ck
+    with pytest.raises(FileNotFoundError, match="no checkpoint in that directory"):
+        resolve_resume_path(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file or run directory"):
+        resolve_resume_path(str(tmp_path / "nope"))

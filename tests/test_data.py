@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from fastnet.data import (CIFAR10_FILES, EpochSeeded, ResumableDistributedSampler, ShardSampler, SyntheticImages,
@@ -273,3 +275,46 @@ def test_hold_out_is_fixed_disjoint_and_unaugmented():
         hold_out(splits, 1438)
     with pytest.raises(ValueError, match="needs a dataset held in memory"):
         hold_out(build_datasets("synthetic", image_size=8, synthetic_samples=16), 4)
+
+
+def test_sampler_block_1_is_distributed_samplers_shard():
+    from torch.utils.data import DistributedSampler
+
+    from fastnet.data import ResumableDistributedSampler
+
+    data = list(range(103))
+    for world in (1, 2, 3):
+        for rank in range(world):
+            s = ResumableDistributedSampler(data, world, rank, seed=5)
+            s.set_epoch(2)
+            ref = DistributedSampler(data, world, rank, shuffle=True, seed=5, drop_last=True)
+            ref.set_epoch(2)
+            assert list(s) == list(ref)
+
+
+@given(n=st.integers(40, 300), micro=st.integers(1, 8), accum=st.integers(1, 3), world=st.integers(1, 4),
+       other=st.integers(1, 4), steps_done=st.integers(0, 3))
+@settings(max_examples=60, deadline=None)
+def test_sampler_steps_take_the_same_micro_batches_on_any_world_size(n, micro, accum, world, other, steps_done):
+    """Step k = the same micro-batches of the epoch's permutation whatever the world size (for one global
+    batch), also after resuming at step ``steps_done`` on another world size."""
+    from fastnet.data import ResumableDistributedSampler
+
+    data = list(range(n))
+    batch = world * micro * accum
+    assume(n >= batch and batch % (other * micro) == 0)  # the same global batch must divide on the other size
+
+    def micro_batches(w: int, skip_steps: int) -> list[list[tuple[int, ...]]]:
+        a = batch // (w * micro)
+        shards = []
+        for r in range(w):
+            s = ResumableDistributedSampler(data, w, r, seed=1, block_size=micro)
+            s.set_epoch(3)
+            s.set_start_index(skip_steps * a * micro)
+            shards.append(list(s))
+        steps = len(shards[0]) // (a * micro)
+        return [sorted(tuple(sh[(k * a + i) * micro:(k * a + i + 1) * micro]) for sh in shards for i in range(a))
+                for k in range(steps)]
+
+    assert micro_batches(world, steps_done) == micro_batches(other, steps_done)
+    assert micro_batches(world, 0)[steps_done:] == micro_batches(other, steps_done)

@@ -43,7 +43,7 @@ def test_paper_config_starts_on_synthetic_imagenet(path, tmp_path):
     # are emulated on this CPU, so 224 pixels would take minutes per config).
     res = run_trainer(["--config", str(path), "--dataset", "synthetic", "--image-size", "64", "--num-classes", "1000",
                        "--synthetic-samples", "16", "--global-batch-size", "8", "--micro-batch-size", "2",
-                       "--max-steps", "2", "--eval-batch-size", "4", "--workers", "0", "--no-progress",
+                       "--max-steps", "2", "--eval-batch-size", "4", "--workers", "0", "--progress", "none",
                        "--timeout-s", "120", "--out-dir", str(tmp_path)], nproc=2, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

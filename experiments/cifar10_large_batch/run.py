@@ -77,7 +77,7 @@ def run_one(cfg: dict, nproc: int, out: Path) -> dict:
         print(f"{out.name}: finished earlier, skipped", file=sys.stderr)
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**cfg, "out_dir": str(out), "progress": False}
+    cfg = {**cfg, "out_dir": str(out), "progress": "none"}
     if (out / "checkpoints" / "last.pt").is_file():
         cfg["resume"] = str(out / "checkpoints")
         print(f"{out.name}: resuming from its checkpoint", file=sys.stderr)

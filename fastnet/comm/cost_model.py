@@ -226,8 +226,10 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> "CostModel":
         """From a YAML file written by :meth:`save` / ``fastnet-bench --calibrate``. Raises
-        FileNotFoundError, or ValueError for malformed content."""
-        data = yaml.safe_load(Path(path).read_text())
+        ValueError for a missing file, invalid or unsafe YAML (file:line:column) or malformed content."""
+        from fastnet.yamlio import load_yaml_file
+
+        data = load_yaml_file(path, "cost model")  # one-line errors for bad or unsafe YAML
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of link levels, got {type(data).__name__}")
         return cls.from_dict(data)

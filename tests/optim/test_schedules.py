@@ -78,3 +78,31 @@ def test_batch_size_increase_schedule():
         BatchSizeSchedule(256, factor=0.5)
     with pytest.raises(ValueError, match="milestones"):
         BatchSizeSchedule(256, milestones=[3, 1])
+
+
+@pytest.mark.parametrize("name", ["cosine", "poly", "multistep", "constant"])
+def test_position_schedule_equals_stepping_from_the_start(name):
+    """Re-planning a resumed run: a schedule rebuilt for a longer plan and placed at step s gives the LR
+    the longer plan has at s (and then steps on as it would)."""
+    from fastnet.optim.schedules import position_schedule
+
+    def build(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.8)
+        return opt, build_schedule(name, opt, total_steps=total, warmup_steps=5, warmup_start_lr=0.1,
+                                   steps_per_epoch=10, milestones_epochs=[2, 4])
+
+    opt_a, straight = build(60)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt_a.param_groups[0]["lr"])
+        opt_a.step()
+        straight.step()
+    opt_b, replanned = build(60)  # e.g. after a 30-step run, resumed with twice the epochs
+    position_schedule(replanned, 30)
+    assert opt_b.param_groups[0]["lr"] == lrs[30]
+    for step in range(31, 40):
+        opt_b.step()
+        replanned.step()
+        assert opt_b.param_groups[0]["lr"] == pytest.approx(lrs[step], rel=1e-12)
+    with pytest.raises(ValueError, match="Invalid step -1"):
+        position_schedule(replanned, -1)
