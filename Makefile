@@ -4,7 +4,7 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 NPROC       ?= 2
 CONFIG      ?= experiments/digits.yaml
-ARGS        ?=
+ARGS        ?= --overwrite
 PYTEST_ARGS ?=
 # Pinned for this CPU machine; on a machine with its own torch (e.g. the GPU image's 2.11),
 # `make TORCH_SPEC= ...` keeps that one (the package accepts torch>=2.4).

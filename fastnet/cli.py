@@ -131,11 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = launch_rank()
     try:
         cfg, args = parse_cli(argv)
-        notes = check_world(cfg, launch_world_size())
         if args.print_config:
+            check_world(cfg, launch_world_size())
             print_config(cfg)
             return 0
         cfg, state, stale = prepare(cfg)
+        notes = check_world(cfg, launch_world_size())
     except (ValueError, FileNotFoundError) as exc:
         if rank == 0:
             _say(f"error: {exc}")

@@ -9,6 +9,9 @@ Records (one JSON object per line, ``"kind"`` says which):
     ``val_samples``, else ``test``), top1, top5 (percent), eval_loss, eval_samples (images
     evaluated, summed over ranks), images_per_s, wall_s, comm_s;
   * ``test`` (only with ``val_samples``): the test set evaluated once with the final model;
+  * ``resume``: step, epoch, world_size, accumulation_steps, checkpoint (path), changed (option:
+    [checkpoint's value, new value]), replanned (the changed options that re-planned the schedule),
+    lr (the LR the run continues at) — one per resumed session;
   * ``summary``: best_top1, final_top1 (on the eval set), test_top1, eval_set, time_to_target_s
     (None if not reached), target_accuracy, mean_images_per_s (training only), wall_s, steps,
     world_size, param_checksums and state_checksums (parameters + buffers), one per rank.

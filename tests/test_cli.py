@@ -72,16 +72,15 @@ def test_resume_refuses_plan_changes_and_reports_a_finished_run(tmp_path):
     assert len(_records(out, "summary")) == 1 and _sha(ckpt) == before  # nothing appended, nothing written
 
 
-@pytest.mark.parametrize("form", ["out_dir", "checkpoints", "file", "auto"])
-def test_resume_accepts_the_run_directory_the_checkpoints_directory_or_the_file(tmp_path, form):
+def test_resume_accepts_the_run_directory_the_checkpoints_directory_or_the_file(tmp_path):
     out = tmp_path / "run"
     assert run_trainer([*BASE, "--epochs", "1", "--max-steps", "2", "--out-dir", str(out)]).returncode == 0
-    target = {"out_dir": out, "checkpoints": out / "checkpoints", "file": out / "checkpoints" / "last.pt",
-              "auto": "auto"}[form]
-    extra = ["--out-dir", str(out)] if form == "auto" else []
-    res = run_trainer(["--resume", str(target), "--max-steps", "4", *extra])
-    assert res.returncode == 0, res.stderr
-    assert [r["step"] for r in _records(out, "step")] == [1, 2, 3, 4]
+    forms = [(out, []), (out / "checkpoints", []), (out / "checkpoints" / "last.pt", []), ("auto", ["--out-dir", str(out)])]
+    for stop, (target, extra) in enumerate(forms, start=3):  # each form resumes one more step
+        res = run_trainer(["--resume", str(target), "--max-steps", str(stop), *extra])
+        assert res.returncode == 0, (target, res.stderr)
+    assert [r["step"] for r in _records(out, "step")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in _records(out, "resume")] == [2, 3, 4, 5]
 
 
 def test_resume_auto_starts_a_new_run_when_there_is_no_checkpoint(tmp_path):

@@ -77,9 +77,10 @@ def run_one(cfg: dict, nproc: int, out: Path) -> dict:
         print(f"{out.name}: finished earlier, skipped", file=sys.stderr)
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**cfg, "out_dir": str(out), "progress": "none"}
+    # resume: auto continues from the run's checkpoint if it has one; a run that died before its first
+    # checkpoint starts afresh (overwrite removes its partial metrics)
+    cfg = {**cfg, "out_dir": str(out), "progress": "none", "resume": "auto", "overwrite": True}
     if (out / "checkpoints" / "last.pt").is_file():
-        cfg["resume"] = str(out / "checkpoints")
         print(f"{out.name}: resuming from its checkpoint", file=sys.stderr)
     (out / "study.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
