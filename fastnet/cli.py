@@ -1,7 +1,7 @@
 """``fastnet-train``'s entry point: parse, check the run directory and the checkpoint, then train.
 
 Everything up to the start of training imports no torch, so ``--help`` and a bad option answer at
-once (``--help`` ~0.3 s). Errors reach the user once, as one line ``fastnet-train: error: ...``:
+once (``--help`` ~0.4 s). Errors reach the user once, as one line ``fastnet-train: error: ...``:
 
 * argument and configuration errors (exit code 2) are the same on every rank, so only rank 0 (or
   the single process) prints them;
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fastnet.config import CliArgs, TrainConfig, check_world, parse_cli
+from fastnet.config import TrainConfig, check_world, parse_cli
 
 # Errors every rank raises together (configuration, data, a non-finite loss decided on all-reduced
 # values): rank 0 speaks for all of them.
@@ -49,9 +49,7 @@ def _say(message: str) -> None:
 
 def run_files(cfg: TrainConfig) -> list[Path]:
     """The files of an earlier run that a new run in ``cfg.out_dir`` would overwrite or append to."""
-    out = Path(cfg.out_dir)
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out / "checkpoints"
-    return [p for p in [*(out / f for f in RUN_FILES), ckpt_dir / "last.pt"] if p.exists()]
+    return [p for p in [*(Path(cfg.out_dir) / f for f in RUN_FILES), cfg.checkpoint_path] if p.exists()]
 
 
 def check_fresh_out_dir(cfg: TrainConfig) -> list[Path]:
@@ -83,10 +81,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, list[Path]]:
 
     resume = cfg.resume
     if resume == "auto":
-        from fastnet.checkpoint import LAST
-
-        ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(cfg.out_dir) / "checkpoints"
-        resume = str(ckpt_dir / LAST) if (ckpt_dir / LAST).is_file() else None
+        resume = str(cfg.checkpoint_path) if cfg.checkpoint_path.is_file() else None
     if resume is None:
         cfg = cfg.model_copy(update={"resume": None})
         return cfg, None, check_fresh_out_dir(cfg)
@@ -109,17 +104,16 @@ def print_config(cfg: TrainConfig) -> None:
     import yaml
 
     from fastnet.config import epoch_plan
-    from fastnet.data import build_datasets, hold_out
-    from fastnet.data import ResumableDistributedSampler
+    from fastnet.data import ResumableDistributedSampler, build_datasets, hold_out
 
     world_size = launch_world_size()
     splits = build_datasets(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.synthetic_samples, cfg.num_classes)
     train = hold_out(splits, cfg.val_samples)[0] if cfg.val_samples else splits.train
     per_rank = ResumableDistributedSampler(train, world_size, 0, cfg.seed, cfg.micro_batch_size).num_samples
     plan = epoch_plan(cfg, world_size, per_rank)
+    total = sum(e.steps for e in plan)
     derived = {"world_size": world_size, "train_samples": len(train), "accumulation_steps": plan[0].accumulation_steps,
-               "steps_per_epoch": plan[0].full_steps, "total_steps": sum(e.steps for e in plan),
-               "stop_step": min(sum(e.steps for e in plan), cfg.max_steps or sum(e.steps for e in plan)),
+               "steps_per_epoch": plan[0].full_steps, "total_steps": total, "stop_step": min(total, cfg.max_steps or total),
                "peak_lr": cfg.scaled_lr, "warmup_steps": round(cfg.warmup_epochs * plan[0].full_steps)}
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     print("# derived\n" + yaml.safe_dump({"derived": derived}, sort_keys=False), end="")
@@ -148,10 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             how = f"resuming {state['path']}" if state else "starting"
             _say(f"{how}: {cfg.model} on {cfg.dataset}, global batch {cfg.global_batch_size}, {cfg.epochs:g} epochs, "
                  f"{cfg.optimizer}, {cfg.precision} -> {cfg.out_dir}")
-    return _run(cfg, state, stale, rank, args)
+    return _run(cfg, state, stale, rank)
 
 
-def _run(cfg: TrainConfig, state: dict | None, stale: list[Path], rank: int, args: CliArgs) -> int:
+def _run(cfg: TrainConfig, state: dict | None, stale: list[Path], rank: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from fastnet.distributed import is_peer_failure, setup, teardown

@@ -207,6 +207,11 @@ class TrainConfig(BaseModel):
         return d
 
     @property
+    def checkpoint_path(self) -> Path:
+        """The run's checkpoint file: ``<checkpoint_dir or out_dir/checkpoints>/last.pt``."""
+        return (Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.out_dir) / "checkpoints") / "last.pt"
+
+    @property
     def scaled_lr(self) -> float:
         """Peak LR by the linear scaling rule: ``base_lr × B / reference_batch_size`` (Goyal et al. §2.1)."""
         return self.base_lr * self.global_batch_size / self.reference_batch_size
@@ -299,7 +304,7 @@ def _normalise_tokens(tokens: Sequence[str]) -> list[str]:
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse with a "did you mean" for unknown options, raising instead of exiting."""
+    """argparse raising ValueError instead of exiting, so every error takes the same one-line path."""
 
     def error(self, message: str):  # type: ignore[override]
         raise ValueError(message)
@@ -428,19 +433,19 @@ REFUSED = ("model", "num_classes", "image_size", "dataset", "synthetic_samples",
            "precision", "loss_scaling", "seed")
 
 
+def config_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The options (other than ``resume``) whose value in ``cfg`` differs from the checkpoint's
+    config ``saved``: ``{name: (saved value, new value)}``, in field order, plain values as in
+    :meth:`TrainConfig.to_dict`. Options ``saved`` lacks (older checkpoints) are not compared."""
+    new = cfg.to_dict()
+    return {k: (saved[k], v) for k, v in new.items() if k in saved and k != "resume" and saved[k] != v}
+
+
 def resume_conflicts(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
     """The refused options whose value in ``cfg`` differs from the checkpoint's config ``saved``,
     as ``"name: saved -> new"`` strings (empty when the run may continue)."""
-    out = []
-    for key in REFUSED:
-        if key not in saved:
-            continue
-        old, new = saved[key], getattr(cfg, key)
-        if isinstance(new, tuple):
-            old = tuple(float(v) for v in old)
-        if old != new:
-            out.append(f"{key}: {old!r} -> {new!r}")
-    return out
+    changes = config_changes(saved, cfg)
+    return [f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in REFUSED if k in changes]
 
 
 def accumulation_steps(global_batch_size: int, world_size: int, micro_batch_size: int) -> int:

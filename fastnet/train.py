@@ -37,7 +37,7 @@ from tqdm import tqdm
 from fastnet import checkpoint as ckpt
 from fastnet.comm import CostModel, GradientSynchronizer
 from fastnet.comm.communicator import build_communicator
-from fastnet.config import REPLANNED, TrainConfig, accumulation_steps, check_world, epoch_plan
+from fastnet.config import REPLANNED, TrainConfig, accumulation_steps, check_world, config_changes, epoch_plan
 from fastnet.data import (EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, hold_out,
                           train_loader)
 from fastnet.distributed import World, all_reduce_sum, broadcast_from_rank0, gather_objects, sync_buffers
@@ -220,7 +220,6 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         ckpt.restore_rng(state["rng"], world.rank, world.size, cfg.seed, progress.global_step)
 
     out_dir = Path(cfg.out_dir)
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out_dir / "checkpoints"
     metrics = MetricsWriter(out_dir, world.is_main)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,9 +232,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         return progress.elapsed_s + time.perf_counter() - session_start
 
     if state is not None:
-        saved_cfg = state.get("config") or {}
-        changed = {k: [saved_cfg.get(k), v] for k, v in cfg.to_dict().items()
-                   if k in saved_cfg and saved_cfg[k] != v and k not in ("resume",)}
+        changed = config_changes(state.get("config") or {}, cfg)
         metrics.write("resume", step=progress.global_step, epoch=progress.epoch, world_size=world.size,
                       accumulation_steps=accum, checkpoint=state.get("path"), changed=changed,
                       replanned=sorted(k for k in changed if k in REPLANNED),
@@ -245,7 +242,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
 
     def save() -> None:  # collective: buffers agreed, every rank's RNG gathered to rank 0
         if not parameters_finite(model, world):  # never replace a good checkpoint with a broken one
-            where = ckpt_dir / ckpt.LAST
+            where = cfg.checkpoint_path
             raise NonFiniteParametersError(
                 f"parameters became inf/NaN by step {progress.global_step} (epoch {progress.epoch}); no checkpoint "
                 f"written" + (f", the last good one stays at {where}" if where.exists() else "") +
@@ -255,7 +252,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         if world.is_main:
             saved = dataclasses.replace(progress, elapsed_s=wall())
             ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved, rng),
-                             ckpt_dir / ckpt.LAST)
+                             cfg.checkpoint_path)
 
     session_start = time.perf_counter()
     model.train()
