@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q $(TORCH_SPEC) 2>&1 | $(QUIET_PIP))
 	$(PY) -m pip install -q -e '.[dev,mpi]' 2>&1 | $(QUIET_PIP)
-	$(PY) -c "import torch, torchvision, fastnet, sklearn, yaml, tqdm, pytest, hypothesis, mpi4py"
+	$(PY) -c "import torch, torchvision, fastnet, sklearn, yaml, tqdm, pydantic_settings, pytest, hypothesis, mpi4py"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -31,11 +31,10 @@ from report import emit  # noqa: E402
 
 
 def find_cifar() -> str | None:
-    for cand in (REPO.parent / "shared" / "data" / "cifar10", REPO.parent / "shared" / "data" / "cifar-10",
-                 REPO.parent / "shared" / "data"):
-        if (cand / "cifar-10-batches-py" / "data_batch_1").is_file() or (cand / "cifar-10-python.tar.gz").is_file():
-            return str(cand)
-    return None
+    from fastnet.data import cifar10_present  # the trainer's own layouts, JPEG re-encodings included
+
+    shared = REPO.parent / "shared" / "data"
+    return str(shared) if shared.is_dir() and cifar10_present(shared) else None
 
 
 def run(nproc: int, precision: str, data_args: list[str], args, out: Path) -> dict:
@@ -70,6 +69,8 @@ def main() -> None:
     args = p.parse_args()
     data_dir = args.data_dir or find_cifar()
     real = data_dir is not None
+    official = real and any((Path(data_dir) / n).exists() for n in ("cifar-10-batches-py", "cifar-10-python.tar.gz"))
+    data_name = "CIFAR-10" if official else "CIFAR-10 (JPEG q≈75 re-encoding)"
     data_args = ["--dataset", "cifar10", "--data-dir", data_dir] if real else \
         ["--dataset", "synthetic", "--image-size", "32", "--synthetic-samples", str(args.synthetic_samples)]
     rows = []
@@ -84,7 +85,7 @@ def main() -> None:
         device, backend = f"{platform.machine()} CPU (capability {torch.backends.cpu.get_cpu_capability()})", "gloo"
     base = {r["precision"]: r["images_per_s"] for r in rows if r["nproc"] == min(args.nprocs)}
     lines = [
-        f"### ResNet-20, one epoch of {'CIFAR-10 (real)' if real else 'synthetic CIFAR-shaped data'}, "
+        f"### ResNet-20, one epoch of {data_name if real else 'synthetic CIFAR-shaped data'}, "
         f"global batch {args.global_batch} — {datetime.date.today()}",
         "",
         f"Command: `.venv/bin/python benchmarks/train_epoch.py {' '.join(sys.argv[1:])}`".rstrip(),

@@ -242,6 +242,14 @@ def _cifar_jpeg_layout(root: Path) -> tuple[str, Path] | None:
     return None
 
 
+def cifar10_present(data_dir: str | os.PathLike) -> bool:
+    """Whether ``data_dir`` holds CIFAR-10 in a layout ``cifar10`` reads (official batches or tarball,
+    or a JPEG layout), without reading or extracting anything."""
+    root = Path(data_dir)
+    batches = any(all((c / f).is_file() for f in CIFAR10_FILES) for c in (root / "cifar-10-batches-py", root))
+    return batches or (root / "cifar-10-python.tar.gz").is_file() or _cifar_jpeg_layout(root) is not None
+
+
 def _cifar10(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
     jpeg = _cifar_jpeg_layout(Path(data_dir)) if data_dir else None
     has_batches = data_dir and any((c / "data_batch_1").is_file() or (c / "cifar-10-python.tar.gz").is_file()

@@ -318,3 +318,18 @@ def test_sampler_steps_take_the_same_micro_batches_on_any_world_size(n, micro, a
 
     assert micro_batches(world, steps_done) == micro_batches(other, steps_done)
     assert micro_batches(world, 0)[steps_done:] == micro_batches(other, steps_done)
+
+
+def test_cifar10_present_knows_every_layout(tmp_path):
+    from fastnet.data import cifar10_present
+
+    assert not cifar10_present(tmp_path)
+    packed = tmp_path / "p" / "cifar-10-jpeg-packed"
+    packed.mkdir(parents=True)
+    (packed / "train.npz").touch()
+    assert not cifar10_present(tmp_path / "p")  # test.npz missing
+    (packed / "test.npz").touch()
+    assert cifar10_present(tmp_path / "p") and cifar10_present(packed)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "cifar-10-python.tar.gz").touch()
+    assert cifar10_present(tmp_path / "t")
