@@ -104,10 +104,14 @@ def steps(algorithm: str, world_size: int, ranks_per_node: int | None = None) ->
 
 
 def coefficients(algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None,
-                 inter_links_per_node: int = 1) -> dict[str, tuple[float, float]]:
+                 inter_links_per_node: int = 1, segment_bytes: int = 0) -> dict[str, tuple[float, float]]:
     """Per link level, ``(latency steps, bytes)`` such that time = Σ steps·α + bytes·β (the model is
     linear in the link parameters; :func:`calibrate` fits them from these). Bytes are per rank on
-    the critical path. Raises ValueError for an unknown algorithm."""
+    the critical path. ``segment_bytes`` > 0: ``ring`` sends each step's chunk (n / N bytes) in
+    G = ⌈n / N / segment⌉ pipelined segments (:func:`fastnet.comm.algorithms.ring_all_reduce`):
+    the link terms are unchanged (the addition overlaps the transfer; it is folded into the
+    calibrated β) and the software cost counts 2(N−1)·G exchanges. Raises ValueError for an
+    unknown algorithm."""
     n, k, m = _shape(world_size, ranks_per_node)
     steps(algorithm, n, k)  # validates the name
     if n == 1:
@@ -115,7 +119,8 @@ def coefficients(algorithm: str, nbytes: float, world_size: int, ranks_per_node:
     out = _link_coefficients(algorithm.removesuffix("_p2p"), nbytes, n, k, m, inter_links_per_node)
     p2p_steps = {"ring": 2 * (n - 1), "hierarchical_p2p": 2 * (k - 1) + 2 * (m - 1), "leader_p2p": 2 * (m - 1)}
     if p2p_steps.get(algorithm):
-        out["p2p"] = (float(p2p_steps[algorithm]), 0.0)
+        segments = math.ceil(nbytes / n / segment_bytes) if algorithm == "ring" and segment_bytes > 0 else 1
+        out["p2p"] = (float(p2p_steps[algorithm] * max(1, segments)), 0.0)
     return out
 
 
@@ -162,13 +167,15 @@ class CostModel:
     inter_links_per_node: int = 1
 
     def level_times(self, algorithm: str, nbytes: float, world_size: int,
-                    ranks_per_node: int | None = None) -> dict[str, float]:
+                    ranks_per_node: int | None = None, segment_bytes: int = 0) -> dict[str, float]:
         """Predicted seconds per level (``intra``, ``inter``, ``native``, and ``p2p``: fastnet's
         per-step software overhead of its point-to-point schedules) of one SUM all-reduce of
-        ``nbytes`` bytes, without pipelining."""
+        ``nbytes`` bytes, without the hierarchical pipeline (``segment_bytes``: the ring's
+        segments, :func:`coefficients`)."""
         links = {"intra": self.intra, "inter": self.inter, "native": self.native, "p2p": self.p2p}
         return {lv: s * links[lv].alpha_s + b * links[lv].beta_s_per_byte for lv, (s, b) in
-                coefficients(algorithm, nbytes, world_size, ranks_per_node, self.inter_links_per_node).items()}
+                coefficients(algorithm, nbytes, world_size, ranks_per_node, self.inter_links_per_node,
+                             segment_bytes).items()}
 
     def time(self, algorithm: str, nbytes: float, world_size: int, ranks_per_node: int | None = None,
              segment_bytes: int = 0) -> float:
@@ -178,7 +185,8 @@ class CostModel:
         of that size (:mod:`fastnet.comm.algorithms`): with S = ⌈n / segment⌉ segments
         of s steps and per-segment link times t_l, the first segment passes every level and each
         further one costs the slowest level, ``Σ_l t_l + (S − 1)·max_l t_l`` (the pipeline
-        formula), plus the software overhead of S + s − 1 lockstep rounds, ``(S + s − 1)·α_p2p``."""
+        formula), plus the software overhead of S + s − 1 lockstep rounds, ``(S + s − 1)·α_p2p``.
+        ``ring`` sends each step's chunk in pipelined segments (:func:`coefficients`)."""
         if algorithm.startswith("hierarchical") and 0 < segment_bytes < nbytes:
             per = self.level_times(algorithm, segment_bytes, world_size, ranks_per_node)
             overhead = per.pop("p2p", 0.0)
@@ -187,7 +195,7 @@ class CostModel:
             segments = math.ceil(nbytes / segment_bytes)
             rounds = segments + steps(algorithm, world_size, ranks_per_node) - 1
             return sum(per.values()) + (segments - 1) * max(per.values()) + rounds * self.p2p.alpha_s * bool(overhead)
-        return sum(self.level_times(algorithm, nbytes, world_size, ranks_per_node).values())
+        return sum(self.level_times(algorithm, nbytes, world_size, ranks_per_node, segment_bytes).values())
 
     def choose(self, nbytes: float, world_size: int, ranks_per_node: int | None = None,
                candidates: Sequence[str] = RUNNABLE, segment_bytes: int = 0) -> str:
@@ -245,7 +253,7 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
     levels the rows exercise, subject to α, β ≥ 0 (``scipy.optimize.nnls``); levels no row
     exercises keep ``base``'s values. ``segment_bytes`` > 0: the rows were measured with a
     pipelined ``hierarchical`` (:meth:`CostModel.time`), whose rows longer than a segment are not
-    linear in α, β and are left out. ``levels``: fit only these (default: every level the rows
+    linear in α, β and are left out, and a segmented ``ring`` (counted in its exchanges). ``levels``: fit only these (default: every level the rows
     exercise); the others are held at ``base``'s values, e.g. ``levels=("intra",)`` with
     ``base.p2p`` zero folds fastnet's per-step software cost into the link's α. Raises ValueError
     if no row is usable or ``levels`` names an unknown level.
@@ -262,7 +270,8 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
             continue
         if r["algorithm"].startswith("hierarchical") and 0 < segment_bytes < r["size"]:
             continue
-        coef = coefficients(r["algorithm"], r["size"], world_size, ranks_per_node, base.inter_links_per_node)
+        coef = coefficients(r["algorithm"], r["size"], world_size, ranks_per_node, base.inter_links_per_node,
+                            segment_bytes)
         if not coef:
             continue
         t = r["time_us"] * 1e-6

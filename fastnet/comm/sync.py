@@ -109,7 +109,7 @@ class BucketReducer:
     Construction is collective (the hierarchical algorithms split ``comm``). Nodes come from the
     hosts unless ``ranks_per_node`` gives blocks of consecutive ranks
     (:class:`fastnet.comm.topology.Hierarchy`; ``host_id`` overrides this rank's host identity).
-    ``segment_bytes``: pipeline segment of ``hierarchical`` (0: none).
+    ``segment_bytes``: pipeline segment of ``ring`` and ``hierarchical``, bytes (0: none).
 
     Raises:
         ValueError: unknown algorithm or wire dtype (valid ones listed), ``hierarchical`` with
@@ -197,7 +197,7 @@ class BucketReducer:
         if alg == "native":
             self.comm.all_reduce(x)
         elif alg == "ring":
-            ring_all_reduce(self.comm, x)
+            ring_all_reduce(self.comm, x, self.segment_bytes // x.element_size() if self.segment_bytes else 0)
         else:
             self.hierarchy.all_reduce(x, alg)
 
@@ -215,7 +215,7 @@ class AlgorithmAllReduce:
         ranks_per_node: emulated node size for the hierarchical algorithms (default: nodes from
             the hosts, :class:`fastnet.comm.topology.Hierarchy`).
         cost_model: link parameters for ``hybrid`` (default :class:`CostModel`'s placeholders).
-        segment_bytes: pipeline segment of ``hierarchical``, bytes (0: no pipelining).
+        segment_bytes: pipeline segment of ``ring`` and ``hierarchical``, bytes (0: no pipelining).
         predivide_factor: divide by this before the sum and by world size / it after
             (:class:`BucketReducer`; default: the world size, all before).
 

@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         hierarchies = {rpn: Hierarchy(comm, rpn) for rpn in sorted({1, 2, 3, world}) if rpn <= world}
         for dtype in DTYPES:
             for length in LENGTHS:
-                cases = [("ring", None)] + [(alg, rpn) for rpn in hierarchies
+                cases = [("ring", None), ("ring-seg-2", None), ("ring-seg-1000", None)] + [(alg, rpn) for rpn in hierarchies
                                             for alg in ("hierarchical", "hierarchical_p2p", "leader", "leader_p2p",
                                                         "pipelined-5", "pipelined-1000", "collective-5",
                                                         "collective-1000")
@@ -52,6 +52,8 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
                     x = _input(rank, length, dtype)
                     if alg == "ring":
                         ring_all_reduce(comm, x)
+                    elif alg.startswith("ring-seg"):  # pipelined in segments of 2 / 1000 elements per chunk
+                        ring_all_reduce(comm, x, segment_elems=int(alg.split("-")[2]))
                     elif alg.startswith("pipelined"):  # segments of 5 / 1000 elements, odd tails
                         h = hierarchies[rpn]
                         hierarchical_all_reduce(h.intra, h.inter, x, segment_elems=int(alg.split("-")[1]))
@@ -82,6 +84,10 @@ def test_algorithms_sum_exactly_and_agree_bitwise(world):
     out = {r: (res, err, sp) for r, res, err, sp in spawn_ranks(_worker, world)}
     keys = out[0][0].keys()
     assert len(keys) >= 3 * len(LENGTHS) * 3
+    for dtype in DTYPES:  # the segmented ring adds in the same order: bitwise the unsegmented ring's result
+        for length in LENGTHS:
+            plain = out[0][0][("ring", None, str(dtype), length)][1]
+            assert all(out[0][0][(f"ring-seg-{g}", None, str(dtype), length)][1] == plain for g in (2, 1000))
     for key in keys:
         assert all(out[r][0][key][0] for r in range(world)), (key, [out[r][0][key][0] for r in range(world)])
         assert len({out[r][0][key][1] for r in range(world)}) == 1, key  # bitwise identical on every rank
@@ -124,6 +130,38 @@ def test_run_pipelined_staggers_schedules_one_round_apart():
     assert groups == [(k, k) for k in (1, 2, 3, 4, 4, 4, 3, 2, 1)]
     with pytest.raises(ValueError, match="pipeline depth: 0"):
         run_pipelined([], 0)
+
+
+def test_segmented_ring_pipelines_steps_per_segment():
+    """Each segment moves on to the next ring step as soon as it has arrived: step t + 1 of segment
+    0 is posted before step t's last segment is waited on; every exchange pairs one send to the
+    right with one receive from the left, posted in (step, segment) order."""
+    events = []
+
+    class Work:
+        def __init__(self, k):
+            self.k = k
+
+        def wait(self):
+            events.append(("wait", self.k))
+
+    class Comm:
+        rank, size = 1, 3
+
+        def exchange(self, sends, recvs):
+            assert [d for _, d in sends] == [2] and [s for _, s in recvs] == [0]
+            k = sum(e[0] == "post" for e in events)
+            events.append(("post", k, sends[0][0].numel(), recvs[0][0].numel()))
+            return Work(k)
+
+    ring_all_reduce(Comm(), torch.zeros(3 * 10), segment_elems=4)  # chunks of 10 -> 3 segments (4, 3, 3)
+    posts = [e for e in events if e[0] == "post"]
+    assert len(posts) == 2 * (3 - 1) * 3 and [p[2] for p in posts[:3]] == [4, 3, 3]
+    first_wait_of_last_segment = events.index(("wait", 2))
+    second_step_first_segment = events.index(posts[3])
+    assert second_step_first_segment < first_wait_of_last_segment  # pipelined, not step by step
+    with pytest.raises(ValueError, match="segment_elems: -1"):
+        ring_all_reduce(Comm(), torch.zeros(6), segment_elems=-1)
 
 
 def test_topology_layout():

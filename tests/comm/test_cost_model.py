@@ -68,6 +68,19 @@ def test_pipelined_hierarchical_by_hand():
     assert slow_intra.choose(n, 4, 2, ("ring", "hierarchical_p2p"), segment_bytes=seg) == "hierarchical_p2p"
 
 
+def test_segmented_ring_counts_its_exchanges():
+    m = CostModel(intra=Link(1e-4, 1e-9), p2p=Link(1e-3, 0.0))
+    n, seg = 64 << 20, 4 << 20  # 4 ranks: chunks of 16 MiB, 4 segments each
+    assert m.time("ring", n, 4, 4, seg) == pytest.approx(m.time("ring", n, 4, 4) + 6 * 3 * 1e-3)
+    assert m.time("ring", 16 << 20, 4, 4, seg) == m.time("ring", 16 << 20, 4, 4)  # one segment per chunk
+    assert coefficients("ring", n, 4, 4, segment_bytes=seg)["p2p"] == (24.0, 0.0)
+    truth = CostModel(intra=Link.of(50.0, 2.0), p2p=Link(300e-6, 0.0))
+    rows = [{"algorithm": alg, "size": s, "time_us": truth.time(alg, s, 4, 4, seg) * 1e6}
+            for alg in ("ring", "native") for s in (1 << 12, 1 << 20, 1 << 24, 1 << 26, 1 << 28)]
+    fit = calibrate(rows, 4, 4, base=CostModel(native=truth.native), segment_bytes=seg, levels=("intra", "p2p"))
+    assert fit.p2p.alpha_s == pytest.approx(truth.p2p.alpha_s, rel=1e-3)
+
+
 def test_calibrate_leaves_out_pipelined_rows():
     truth = CostModel(intra=Link.of(50.0, 2.0), inter=Link.of(80.0, 0.1))
     seg = 1 << 20
