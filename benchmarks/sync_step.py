@@ -1,20 +1,34 @@
-"""A data-parallel training step: GradientSynchronizer vs DistributedDataParallel, 2 ranks, same batch.
+"""A data-parallel training step: GradientSynchronizer vs DistributedDataParallel, and how much of
+the step's communication is hidden behind backward.
 
     .venv/bin/python benchmarks/sync_step.py --append docs/BENCHMARKS.md
+    python benchmarks/topology/cluster.py run --nodes 2 --ranks-per-node 2 --rate 1gbit -- \\
+        benchmarks/sync_step.py --suite overlap --append docs/BENCHMARKS.md
 
-Model ResNet-18-CIFAR (11.2 M parameters), local batch ``--batch`` of 32×32 images, SGD momentum,
-fp32, gloo on loopback. Each configuration runs ``--steps`` steps after ``--warmup``; the step time
-is the median over steps (max over ranks: a step ends when the slowest rank has its gradients).
-Baseline: ``DistributedDataParallel`` (its C++ reducer, 25 MiB buckets, overlap) configured for the
+Without torchrun it runs itself under ``torchrun --standalone --nproc_per_node=2`` (gloo on
+loopback); under torchrun (e.g. the emulated cluster of
+``benchmarks/topology/cluster.py``) it runs on the launched ranks. Each configuration runs
+``--steps`` steps after ``--warmup`` (≥ 2, so the synchronizer's bucket rebuild after step 2 is
+done); every reported time is the median over steps of the maximum over ranks.
+
+**Suite ``ddp``** (default): ResNet-18-CIFAR fp32, local batch ``--batch``, SGD momentum. Baseline:
+``DistributedDataParallel`` (its C++ reducer, ``--fusion-mb`` buckets, overlap) configured for the
 same work as the synchronizer: ``broadcast_buffers=False`` (the trainer syncs BN statistics only
 before evaluation and checkpoints) and ``gradient_as_bucket_view=True`` (gradients live in the
-buckets); also DDP with ``find_unused_parameters=True`` (its used-map and graph walk every step).
-Goal: the synchronizer ≤ 1.0× DDP's step time. Both runs start from the same weights and data; the
-table also reports the largest parameter difference after the timed steps (must be ~0: same maths).
+buckets); also DDP with ``find_unused_parameters=True``. Goal: the synchronizer ≤ 1.0× DDP's step
+time. Both start from the same weights and data; the table reports the largest parameter
+difference after the timed steps (must be ~0: same maths). Also measured, on rank 0: the used-map
+all-reduce (every step) and ``prepare_for_backward``'s graph walk.
 
-The cost of fastnet's cross-rank agreement per step is measured directly, as medians over the timed
-steps on rank 0: the used-map all-reduce (one int32 per parameter, every step: issue #13's checks
-must cost ≤ 3% of the step) and ``prepare_for_backward``'s graph walk (``find_unused_parameters``).
+**Suite ``overlap``** (issue #16's goal): ResNet-50 with FP16 master weights (FP16 gradients, FP32
+BN/bias bucket), ``--image-size`` images (the gradients do not depend on it; it sets how long
+backward runs), ``--algorithm`` (default hierarchical) at each ``--fusion-mb`` in ``--overlap-mb``:
+no overlap (every bucket reduced after backward: the step's whole communication, C), overlap with
+the fixed-threshold buckets (``rebuild_buckets=False``), and overlap with the buckets rebuilt from
+measured ready times (the default). Per step: exposed = the time ``synchronize()`` blocked (host
+wall clock; CUDA events on GPU), busy = the communication thread's time. Hidden = 1 − exposed / C,
+C from the no-overlap row of the same threshold. Forward, backward and synchronize only (no
+optimizer step).
 """
 
 from __future__ import annotations
@@ -24,13 +38,13 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -40,26 +54,30 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm import GradientSynchronizer  # noqa: E402
 from fastnet.comm.communicator import TorchCommunicator  # noqa: E402
 from fastnet.models import build_model  # noqa: E402
+from fastnet.precision import Precision  # noqa: E402
 from report import emit  # noqa: E402
 
-CONFIGS = [("DDP", None), ("DDP find_unused_parameters", "find_unused"),
-           ("sync native overlap", ("native", True, False)), ("sync native no-overlap", ("native", False, False)),
-           ("sync native overlap find_unused_parameters", ("native", True, True)),
-           ("sync ring overlap", ("ring", True, False))]
+DDP_CONFIGS = [("DDP", None), ("DDP find_unused_parameters", "find_unused"),
+               ("sync native overlap", ("native", True, False)), ("sync native no-overlap", ("native", False, False)),
+               ("sync native overlap find_unused_parameters", ("native", True, True)),
+               ("sync ring overlap", ("ring", True, False))]
+OVERLAP_MODES = [("no overlap", False, False), ("overlap, fixed buckets", True, False),
+                 ("overlap, rebuilt buckets", True, True)]
 
 
-def worker(rank: int, world: int, port: int, args, queue) -> None:
-    torch.set_num_threads(args.threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _max_over_ranks(*values: float) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def ddp_suite(rank: int, args) -> dict | None:
     comm = TorchCommunicator()
     g = torch.Generator().manual_seed(rank)
     data = [(torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
             for _ in range(4)]
-    results = {}
-    finals = {}
-    probes: dict[str, list[float]] = {}
-    for name, cfg in CONFIGS:
+    results, finals, probes = {}, {}, {}
+    for name, cfg in DDP_CONFIGS:
         torch.manual_seed(0)
         model = build_model("resnet18_cifar", 10, 32)
         sync = None
@@ -91,10 +109,9 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                 sync.zero_grad()
             else:
                 opt.zero_grad(set_to_none=True)
-            t = torch.tensor([time.perf_counter() - t0])
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            (t,) = _max_over_ranks(time.perf_counter() - t0)
             if step >= args.warmup:
-                times.append(t.item())
+                times.append(t)
         results[name] = statistics.median(times)
         finals[name] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         if sync is not None and cfg == ("native", True, False):
@@ -106,47 +123,104 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
         if sync is not None:
             sync.close()
     diffs = {name: (finals[name] - finals["DDP"]).abs().max().item() for name in finals}
-    if rank == 0:
-        queue.put((results, diffs, {k: statistics.median(v) for k, v in probes.items()}))
-    dist.destroy_process_group()
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=32, help="local batch per rank")
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
-    p.add_argument("--fusion-mb", type=float, default=25.0)
-    p.add_argument("--append")
-    args = p.parse_args()
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, args, queue)) for r in range(2)]
-    for pr in procs:
-        pr.start()
-    results, diffs, probes = queue.get(timeout=3600)
-    for pr in procs:
-        pr.join()
+    if rank != 0:
+        return None
     base = results["DDP"]
-    lines = [f"### Training step: GradientSynchronizer vs DDP — {datetime.date.today()}", "",
-             f"Command: `python benchmarks/sync_step.py{' --append docs/BENCHMARKS.md' if args.append else ''}`",
-             f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; 2 ranks gloo, "
-             f"{args.threads} thread(s) each; ResNet-18-CIFAR fp32, local batch {args.batch}, fusion "
-             f"{args.fusion_mb:g} MiB; median of {args.steps} steps after {args.warmup} (max over ranks).", "",
-             "| configuration | step (ms) | vs DDP | max param diff vs DDP |", "|---|---:|---:|---:|"]
-    for name, _ in CONFIGS:
+    lines = ["| configuration | step (ms) | vs DDP | max param diff vs DDP |", "|---|---:|---:|---:|"]
+    for name, _ in DDP_CONFIGS:
         lines.append(f"| {name} | {results[name] * 1e3:.1f} | {results[name] / base:.2f}x | {diffs[name]:.1e} |")
     step = results["sync native overlap"]
     lines += ["", "| per-step agreement (rank 0) | time (ms) | share of the sync native overlap step |",
               "|---|---:|---:|"]
     for name, t in probes.items():
-        lines.append(f"| {name} | {t * 1e3:.2f} | {100 * t / step:.2f}% |")
+        lines.append(f"| {name} | {statistics.median(t) * 1e3:.2f} | {100 * statistics.median(t) / step:.2f}% |")
+    return {"lines": lines, "what": f"ResNet-18-CIFAR fp32, local batch {args.batch}, fusion {args.fusion_mb:g} MiB"}
+
+
+def overlap_suite(rank: int, args) -> dict | None:
+    comm = TorchCommunicator()
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
+    y = torch.randint(0, 1000, (args.batch,), generator=g)
+    rows = []
+    for mb in args.overlap_mb:
+        for mode, overlap, rebuild in OVERLAP_MODES:
+            torch.manual_seed(0)
+            precision = Precision("fp16", torch.device("cpu"), loss_scaling=False)
+            model = precision.prepare(build_model("resnet50", 1000, args.image_size))
+            sync = GradientSynchronizer(comm, model.parameters(), algorithm=args.algorithm, overlap=overlap,
+                                        fusion_threshold_bytes=int(mb * (1 << 20)), rebuild_buckets=rebuild,
+                                        storage=precision.masters.grad_location, ranks_per_node=args.ranks_per_node)
+            per = []
+            for step in range(args.warmup + args.steps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                loss = nn.functional.cross_entropy(model(x.half()).float(), y)
+                precision.backward(loss)
+                sync.synchronize()
+                measured = _max_over_ranks(time.perf_counter() - t0, sync.exposed_seconds(), sync.busy_seconds())
+                precision.masters.zero_grad()
+                if step >= args.warmup:
+                    per.append(measured)
+            sizes = [round(b["bytes"] / (1 << 20), 1) for b in sync.describe()]
+            rows.append({"fusion_mb": mb, "mode": mode, "step": statistics.median(p[0] for p in per),
+                         "exposed": statistics.median(p[1] for p in per), "busy": statistics.median(p[2] for p in per),
+                         "buckets": sizes})
+            sync.close()
+    if rank != 0:
+        return None
+    lines = ["| fusion threshold | mode | buckets (MiB, wire) | step (s) | exposed comm (s) | comm busy (s) | "
+             "hidden (1 − exposed / C) |", "|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        c = next(q["exposed"] for q in rows if q["fusion_mb"] == r["fusion_mb"] and q["mode"] == "no overlap")
+        shown = r["buckets"] if len(r["buckets"]) <= 8 else r["buckets"][:7] + [f"… {len(r['buckets'])} buckets"]
+        lines.append(f"| {r['fusion_mb']:g} MiB | {r['mode']} | {', '.join(map(str, shown))} | {r['step']:.2f} | "
+                     f"{r['exposed']:.3f} | {r['busy']:.3f} | {max(0.0, 1 - r['exposed'] / c):.0%} |")
+    return {"lines": lines, "what": f"ResNet-50, FP16 master weights, {args.algorithm}, local batch {args.batch} of "
+            f"{args.image_size}x{args.image_size}; C = the no-overlap row's exposed time"}
+
+
+def run(rank: int, world: int, args) -> dict | None:
+    torch.set_num_threads(args.threads)
+    return (ddp_suite if args.suite == "ddp" else overlap_suite)(rank, args)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", choices=("ddp", "overlap"), default="ddp")
+    p.add_argument("--batch", type=int, default=None, help="local batch per rank (default: 32 ddp, 2 overlap)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 15 ddp, 4 overlap)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 2: the rebuild is after step 2)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    p.add_argument("--fusion-mb", type=float, default=25.0, help="ddp suite: bucket size, MiB")
+    p.add_argument("--overlap-mb", type=float, nargs="+", default=[25.0, 64.0], help="overlap suite: thresholds, MiB")
+    p.add_argument("--algorithm", default="hierarchical", help="overlap suite: all-reduce algorithm")
+    p.add_argument("--image-size", type=int, default=64, help="overlap suite: image side, pixels")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="overlap suite: node size (default: from hosts)")
+    p.add_argument("--append")
+    args = p.parse_args()
+    args.batch = args.batch or (32 if args.suite == "ddp" else 2)
+    args.steps = args.steps or (15 if args.suite == "ddp" else 4)
+    if args.warmup < 2:
+        p.error(f"--warmup {args.warmup}: must be >= 2 (the synchronizer rebuilds its buckets after step 2)")
+    if "RANK" not in os.environ:  # run ourselves under torchrun: 2 ranks on loopback
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               *sys.argv[1:]]
+        raise SystemExit(subprocess.run(cmd, env={**os.environ, "FASTNET_BENCH_LAUNCHER": "2 ranks on loopback"},
+                                        timeout=7200).returncode)
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    out = run(dist.get_rank(), world, args)
+    dist.destroy_process_group()
+    if out is None:
+        return
+    title = "Training step: GradientSynchronizer vs DDP" if args.suite == "ddp" else "Overlap: communication hidden behind backward"
+    launcher = os.environ.get("FASTNET_BENCH_LAUNCHER", "torchrun")
+    lines = [f"### {title} — {datetime.date.today()}", "",
+             f"Command: `python benchmarks/sync_step.py {' '.join(sys.argv[1:])}` ({launcher})",
+             f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {world} ranks gloo, "
+             f"{args.threads} thread(s) each; {out['what']}; median of {args.steps} steps after {args.warmup} "
+             f"(max over ranks).", "", *out["lines"]]
     emit(lines, args.append)
 
 

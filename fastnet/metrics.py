@@ -4,7 +4,10 @@ Records (one JSON object per line, ``"kind"`` says which):
   * ``step``: epoch, step (optimizer steps done), samples_seen, train_loss, lr, loss_scale,
     images_per_s (global, over the steps since the last record), wall_s (since the start),
     comm_s (gradient communication not hidden behind backward, seconds, since the last record),
-    comm_busy_s (seconds the communication thread worked, since the last record);
+    comm_busy_s (seconds the communication worked: host time of the communication thread on CPU,
+    CUDA-event time of the communication stream on GPU, since the last record), comm_hidden_s
+    (the part of each step's busy time not exposed, max(0, busy − exposed) summed, since the
+    last record);
   * ``epoch``: epoch, step, samples_seen, train_loss (mean of the epoch), eval_set (``val`` with
     ``val_samples``, else ``test``), top1, top5 (percent), eval_loss, eval_samples (images
     evaluated, summed over ranks), images_per_s, wall_s, comm_s;

@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
 
     session_start = time.perf_counter()
     model.train()
-    window = {"t": time.perf_counter(), "samples": 0, "comm": 0.0, "busy": 0.0}
+    window = {"t": time.perf_counter(), "samples": 0, "comm": 0.0, "busy": 0.0, "hidden": 0.0}
     epoch_comm = 0.0
     stopped = progress.global_step >= stop_step
     for epoch in range(progress.epoch, len(plan)):
@@ -290,7 +290,9 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                 grad_sync.synchronize()
             global_loss = all_reduce_sum([loss_sum.item()], world)[0] / world.size  # the step's one host sync
             comm_s = grad_sync.exposed_seconds() if grad_sync else 0.0  # not hidden behind backward
-            window["busy"] += grad_sync.busy_seconds() if grad_sync else 0.0
+            busy_s = grad_sync.busy_seconds() if grad_sync else 0.0
+            window["busy"] += busy_s
+            window["hidden"] += max(0.0, busy_s - comm_s)  # communication that ran behind backward
             if not math.isfinite(global_loss) and not precision.loss_scaling:
                 raise NonFiniteLossError(
                     f"non-finite loss {global_loss} at step {progress.global_step + 1} (epoch {epoch}); "
@@ -318,13 +320,14 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                 ips = window["samples"] / max(now - window["t"], 1e-9)
                 metrics.write("step", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
                               global_batch_size=batch, train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale, images_per_s=ips,
-                              wall_s=wall(), comm_s=window["comm"], comm_busy_s=window["busy"])
+                              wall_s=wall(), comm_s=window["comm"], comm_busy_s=window["busy"],
+                              comm_hidden_s=window["hidden"])
                 bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                 if show == "log":
                     print(f"epoch {epoch} step {progress.step_in_epoch}/{steps_per_epoch} ({progress.global_step}/"
                           f"{stop_step}) loss {global_loss:.4f} lr {lr:.4g} {ips:.0f} img/s", file=sys.stderr,
                           flush=True)
-                window = {"t": now, "samples": 0, "comm": 0.0, "busy": 0.0}
+                window = {"t": now, "samples": 0, "comm": 0.0, "busy": 0.0, "hidden": 0.0}
             bar.update(1)
             if cfg.checkpoint_interval and progress.global_step % cfg.checkpoint_interval == 0:
                 save()

@@ -126,6 +126,53 @@ def simulate(layers: Sequence[tuple[int, float]], compute_s: float, world_size: 
                      buckets if world_size > 1 else [])
 
 
+def simulate_plan(buckets: Sequence[tuple[int, float, str]], backward_s: float, world_size: int,
+                  ranks_per_node: int, model: CostModel, launch_order: Sequence[int] | None = None,
+                  overlap: bool = True, forward_s: float = 0.0, optimizer_s: float = 0.0,
+                  segment_bytes: int = 0) -> SimResult:
+    """One step of :class:`fastnet.comm.GradientSynchronizer` with a measured bucket plan (its
+    :meth:`~fastnet.comm.GradientSynchronizer.measured_plan`), instead of a FLOP-split profile.
+
+    Args:
+        buckets: per bucket, (bytes on the wire, ready time in seconds from the start of backward,
+            resolved algorithm); any dtypes: each bucket is timed by its own bytes.
+        backward_s: backward's duration, seconds (the last gradient's ready time, at least).
+        world_size, ranks_per_node: the cluster; model: calibrated α-β (``p2p`` included).
+        launch_order: the agreed order (default: index order). The synchronizer's rule: bucket
+            ``k`` launches once it and every bucket before it in the order are ready
+            (``launch_k = max(ready_k, launch_{k−1})``), and one communication thread runs them
+            first in, first out (``start_k = max(launch_k, end_{k−1})``).
+        overlap: False launches everything at the end of backward (``overlap=False``).
+        forward_s, optimizer_s: seconds before backward / after the last all-reduce.
+        segment_bytes: the ring / hierarchical pipeline segment (:meth:`CostModel.time`).
+
+    Returns:
+        :class:`SimResult` (``scaling_efficiency``: the step without communication ÷ the step;
+        ``buckets`` in launch order).
+
+    Raises:
+        ValueError: a negative ``backward_s``, or ``launch_order`` not a permutation of the buckets.
+    """
+    order = list(range(len(buckets))) if launch_order is None else list(launch_order)
+    if sorted(order) != list(range(len(buckets))) or backward_s < 0:
+        raise ValueError(f"simulate_plan: launch_order {order} must be a permutation of 0..{len(buckets) - 1} and "
+                         f"backward_s {backward_s} >= 0")
+    launch = end = float("-inf")
+    timeline, total = [], 0.0
+    for k in order:
+        nbytes, ready, alg = buckets[k]
+        launch = max(ready if overlap else backward_s, launch)
+        start = max(launch, end)
+        dur = model.time(alg, nbytes, world_size, ranks_per_node, segment_bytes) if world_size > 1 else 0.0
+        end = start + dur
+        total += dur
+        timeline.append((nbytes, ready, start, end))
+    finish = max(backward_s, end) if buckets and world_size > 1 else backward_s
+    step = forward_s + finish + optimizer_s
+    return SimResult(step, forward_s + backward_s, total, finish - backward_s,
+                     (forward_s + backward_s + optimizer_s) / step if step > 0 else 1.0, timeline)
+
+
 def parse_link(text: str) -> Link:
     """``"10us,12.5GB/s"`` → Link (latency µs, bandwidth GB/s; also ``Gbit/s``)."""
     m = re.fullmatch(r"\s*([\d.]+)\s*us\s*,\s*([\d.]+)\s*(GB/s|Gbit/s)\s*", text)

@@ -19,6 +19,18 @@ parameters and the globally agreed used-map):
    DDP rebuilds its buckets from rank 0's order after the first iteration), so a bucket that
    completes late — e.g. the FP32 BatchNorm/bias bucket beside the FP16 ones, complete only when
    backward reaches the first layer — no longer holds back the buckets that complete before it.
+2b. **Buckets rebuilt from measured ready times** (``rebuild_buckets``, with overlap). In step
+   :data:`REBUILD_STEP` every gradient's ready time (host clock, seconds from the first gradient
+   of backward) and the achieved all-reduce throughput (bytes on the wire / communication-thread
+   seconds) are recorded; rank 0's values are broadcast with the used-map, and every rank cuts
+   the same new buckets with :func:`fastnet.comm.buckets.plan_buckets` (MG-WFBP's merge rule:
+   merge while the link is busy anyway; the fusion threshold becomes the largest bucket and
+   ``min_bucket_bytes`` the smallest). Without ``storage`` the members are also reordered by
+   rank 0's ready order (DDP's rebuild); with it, buckets stay slices of the flat buffers in
+   their layout order (planned in the direction backward fills them). The new plan is checked across ranks; gradients are kept. This is what
+   makes the paper's 64 MiB threshold overlap at all: ResNet-50's FP16 gradients (49 MiB) would
+   otherwise be one bucket, ready only when backward ends. On CUDA the hooks' host times run
+   ahead of the device, so the plan merges less than it could (measured on CPU only).
 3. **Unused parameters never block.** A parameter whose hook did not fire in this backward is
    marked ready at the end of backward (an autograd final callback, as DDP's reducer does), or,
    with ``find_unused_parameters=True``, before backward by :meth:`prepare_for_backward`'s graph
@@ -64,23 +76,29 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from fastnet.comm.buckets import plan_buckets
 from fastnet.comm.communicator import Communicator
 from fastnet.comm.cost_model import CostModel
 from fastnet.comm.sync import WIRE_DTYPES, BucketReducer, check_consistency
 from fastnet.precision import flat_view
 
 
+REBUILD_STEP = 2
+"""The synchronized step whose measured ready times re-cut the buckets (the first one's backward
+also pays one-time costs: allocation, lazy initialisation, autotuning)."""
+
+
 class Bucket:
     """One fusion bucket: ``tensor`` (1-D, the members' gradients), the ``params`` in it (reverse
     registration order) and the ``algorithm`` that reduces it."""
 
-    __slots__ = ("index", "tensor", "params", "algorithm", "pending", "future", "done_event", "busy_s")
+    __slots__ = ("index", "tensor", "params", "algorithm", "pending", "future", "done_event", "start_event", "busy_s")
 
     def __init__(self, index: int, tensor: torch.Tensor, params: list[nn.Parameter], algorithm: str) -> None:
         self.index, self.tensor, self.params, self.algorithm = index, tensor, params, algorithm
         self.pending = len(params)
         self.future: concurrent.futures.Future | None = None
-        self.done_event = None
+        self.done_event = self.start_event = None
         self.busy_s = 0.0  # seconds the communication thread spent on it this step
 
     @property
@@ -142,6 +160,10 @@ class GradientSynchronizer:
         predivide_factor: divide gradients by this before the sum, by world size / it after
             (default: the world size; :class:`fastnet.comm.sync.BucketReducer`).
         debug: check every bucket launch across ranks (one all-gather per bucket).
+        rebuild_buckets: re-cut the buckets once from step :data:`REBUILD_STEP`'s measured ready
+            times (module docstring, 2b; only with ``overlap`` and more than one rank).
+        min_bucket_bytes: the smallest rebuilt bucket on the wire, bytes (DDP's first bucket is
+            1 MiB); the last bucket of a dtype may be smaller.
 
     Raises:
         ValueError: bad algorithm / wire dtype / threshold (valid values listed), parameters,
@@ -154,7 +176,8 @@ class GradientSynchronizer:
                  ranks_per_node: int | None = None, cost_model: CostModel | None = None, overlap: bool = True,
                  storage: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
                  timeout_s: float | None = None, find_unused_parameters: bool = False,
-                 predivide_factor: float | None = None, host_id: str | None = None, debug: bool = False) -> None:
+                 predivide_factor: float | None = None, host_id: str | None = None, debug: bool = False,
+                 rebuild_buckets: bool = True, min_bucket_bytes: int = 1 << 20) -> None:
         if fusion_threshold_bytes <= 0:
             raise ValueError(f"Invalid fusion threshold: {fusion_threshold_bytes} bytes (must be > 0)")
         if wire_dtype not in WIRE_DTYPES:
@@ -165,16 +188,20 @@ class GradientSynchronizer:
         self.comm = comm.split(0, comm.rank) if comm.size > 1 else comm  # dedicated: never interleaves
         self.reducer = BucketReducer(self.comm, algorithm, wire_dtype, ranks_per_node, cost_model,
                                      predivide_factor=predivide_factor, host_id=host_id)
-        self.buckets = self._build_buckets(fusion_threshold_bytes, WIRE_DTYPES[wire_dtype], storage)
+        self._threshold, self._wire, self._storage_fn = fusion_threshold_bytes, WIRE_DTYPES[wire_dtype], storage
         self._storage = storage is not None
         self._index = {id(p): i for i, p in enumerate(self.params)}
-        self._slot: list[tuple[Bucket, torch.Tensor]] = [None] * len(self.params)  # type: ignore[list-item]
-        for b in self.buckets:
-            for p, off in zip(b.params, self._offsets(b)):
-                self._slot[self._index[id(p)]] = (b, flat_view(b.tensor, off, p))
+        self._set_buckets(self._make_buckets(self._threshold_groups()))
         check_consistency(self.comm, self._plan_items(fusion_threshold_bytes), "GradientSynchronizer",
                           "Every rank must build the same model and pass the same settings and cost-model file.")
         n = len(self.params)
+        self.min_bucket_bytes = min_bucket_bytes
+        self._rebuild_pending = rebuild_buckets and overlap and self.comm.size > 1
+        self.rebuilt = False  # the buckets were re-cut from measured ready times
+        self._steps = 0  # synchronized steps so far
+        self._t0: float | None = None  # host time of this backward's first gradient
+        self._ready_s = [0.0] * n  # ... and of each gradient, seconds after it
+        self._plan_input: list[float] | None = None
         self._used = bytearray(n)  # gradient accumulated on this rank this step (no_sync micro-steps too)
         self._ready = bytearray(n)  # counted towards its bucket this step
         self._was_none = bytearray(n)  # p.grad was None when marked ready without a gradient
@@ -192,6 +219,7 @@ class GradientSynchronizer:
         self.last_step: dict[str, int] = {}
         self._exposed: float | tuple = 0.0
         self._busy = 0.0
+        self._busy_events: list[tuple] = []
         self._cuda = bool(self.params) and self.params[0].device.type == "cuda"
         self._stream = torch.cuda.Stream(self.params[0].device) if self._cuda else None
         self._thread = CommThread() if overlap and self.comm.size > 1 else None
@@ -215,8 +243,12 @@ class GradientSynchronizer:
                    f"{len(b.params)} parameters, {b.algorithm}") for b in self.buckets]
         return items
 
-    def _build_buckets(self, threshold: int, wire: torch.dtype | None,
-                       storage: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None) -> list[Bucket]:
+    def _wire_bytes(self, p: torch.Tensor) -> int:
+        return p.numel() * (self._wire or p.dtype).itemsize
+
+    def _threshold_groups(self) -> list[list[nn.Parameter]]:
+        """The initial plan: reverse registration order, one dtype per bucket, each at least the
+        fusion threshold (the last parameter may overshoot)."""
         groups: list[list[nn.Parameter]] = []
         open_by_dtype: dict[torch.dtype, tuple[list[nn.Parameter], list[int]]] = {}
         for p in reversed(self.params):
@@ -224,9 +256,24 @@ class GradientSynchronizer:
             if not members:
                 groups.append(members)
             members.append(p)
-            size[0] += p.numel() * (wire or p.dtype).itemsize
-            if size[0] >= threshold:
+            size[0] += self._wire_bytes(p)
+            if size[0] >= self._threshold:
                 del open_by_dtype[p.dtype]
+        return groups
+
+    def _set_buckets(self, buckets: list[Bucket]) -> None:
+        self.buckets = buckets
+        self._slot: list[tuple[Bucket, torch.Tensor]] = [None] * len(self.params)  # type: ignore[list-item]
+        for b in self.buckets:
+            for p, off in zip(b.params, self._offsets(b)):
+                self._slot[self._index[id(p)]] = (b, flat_view(b.tensor, off, p))
+
+    def _make_buckets(self, groups: list[list[nn.Parameter]], keep_none: bool = False) -> list[Bucket]:
+        """Buckets of ``groups`` (each one dtype, in production order). Without storage: fresh
+        buffers, current gradients copied in and ``p.grad`` pointed at the views (``keep_none``:
+        a ``p.grad`` of None stays None, e.g. a parameter skipped in this step)."""
+        wire, storage = self._wire, self._storage_fn
+        groups = [list(g) for g in groups]
         buckets = []
         for i, members in enumerate(groups):
             numel = sum(p.numel() for p in members)
@@ -237,7 +284,9 @@ class GradientSynchronizer:
                     view = flat_view(tensor, off, p)
                     if p.grad is not None:
                         view.copy_(p.grad)
-                    p.grad = view
+                        p.grad = view
+                    elif not keep_none:
+                        p.grad = view
                     off += p.numel()
             else:
                 # Reverse registration order: each member sits just before the previous one.
@@ -252,6 +301,41 @@ class GradientSynchronizer:
             algorithm = self.reducer.algorithm_for(numel * (wire or members[0].dtype).itemsize)
             buckets.append(Bucket(i, tensor, members, algorithm))
         return buckets
+
+    def _rebuild(self, measured: list[float]) -> None:
+        """Re-cut the buckets from rank 0's measured ready times and throughput (module
+        docstring, 2b). Same input on every rank, so the same plan; then checked across ranks."""
+        n = len(self.params)
+        ready, bytes_per_s = measured[:n], measured[n]
+        if not bytes_per_s > 0:
+            return  # nothing was measured (no bucket took time): keep the plan
+        groups: list[list[nn.Parameter]] = []
+        for dtype in dict.fromkeys(p.dtype for p in reversed(self.params)):
+            seq = [i for i in reversed(range(n)) if self.params[i].dtype == dtype]  # reverse registration
+            flipped = False
+            if not self._storage:  # members may move: take rank 0's ready order (DDP's rebuild)
+                seq.sort(key=lambda i: ready[i])
+            elif ready[seq[0]] > ready[seq[-1]]:  # fixed layout, produced the other way round: plan that way
+                seq.reverse()
+                flipped = True
+            sizes = [self._wire_bytes(self.params[i]) for i in seq]
+            alg = self.reducer.algorithm_for(self._threshold)
+            latency = self.reducer.cost_model.time(alg, 1, self.comm.size, self.reducer.ranks_per_node)
+            cuts = plan_buckets([ready[i] for i in seq], sizes, max_bytes=self._threshold, latency_s=latency,
+                                bytes_per_s=bytes_per_s, min_bytes=self.min_bucket_bytes)
+            for a, b in cuts:  # storage buckets take their members in reverse registration order
+                members = [self.params[i] for i in seq[a:b]]
+                groups.append(members[::-1] if flipped else members)
+        self._set_buckets(self._make_buckets(groups, keep_none=True))
+        ready_of = [max(ready[self._index[id(p)]] for p in b.params) for b in self.buckets]
+        self.launch_order = sorted(range(len(self.buckets)), key=lambda b: (ready_of[b], b))
+        self._completed_at = [0] * len(self.buckets)
+        self._launched_at = [0] * len(self.buckets)
+        self.rebuilt = True
+        check_consistency(self.comm, self._plan_items(self._threshold)
+                          + [("launch order", " ".join(map(str, self.launch_order)))],
+                          "GradientSynchronizer (rebuilt buckets)",
+                          "The rebuilt plan comes from rank 0's broadcast measurements; a difference is a bug.")
 
     @staticmethod
     def _offsets_reversed(members: list[nn.Parameter], start: int) -> list[int]:
@@ -303,6 +387,10 @@ class GradientSynchronizer:
         if not self._callback_queued:  # the first hook of this backward: mark the rest at its end
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = now
+        self._ready_s[i] = now - self._t0
         self._ready[i] = 1
         self._arrived += 1
         bucket.pending -= 1
@@ -322,6 +410,7 @@ class GradientSynchronizer:
         elif p.grad.data_ptr() != view.data_ptr():
             view.copy_(p.grad)
             p.grad = view
+        self._ready_s[i] = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
         self._ready[i] = 1
         bucket.pending -= 1
         if bucket.pending == 0:
@@ -364,9 +453,12 @@ class GradientSynchronizer:
             else:
                 with torch.cuda.stream(self._stream):
                     self._stream.wait_event(ready)
+                    start = torch.cuda.Event(enable_timing=True)
+                    start.record(self._stream)
                     self.reducer(bucket.tensor, bucket.algorithm)
-                    bucket.done_event = torch.cuda.Event()
+                    bucket.done_event = torch.cuda.Event(enable_timing=True)
                     bucket.done_event.record(self._stream)
+                    bucket.start_event = start
             bucket.busy_s = time.perf_counter() - t0
 
         bucket.future = self._thread.submit(reduce)
@@ -390,6 +482,20 @@ class GradientSynchronizer:
                 self.comm.broadcast(order, 0)
                 self.launch_order = order.tolist()
                 self._order_agreed = True
+            if self._rebuild_pending and self._steps + 1 == REBUILD_STEP:
+                # after the buckets (FIFO): rank 0's busy times are final. Ready times + throughput.
+                busy = 0.0
+                for b in self.buckets:  # CUDA: the stream's time from events (host time only queues)
+                    if b.start_event is not None and b.done_event is not None:
+                        b.done_event.synchronize()
+                        busy += b.start_event.elapsed_time(b.done_event) / 1e3
+                    else:
+                        busy += b.busy_s
+                wire = sum(b.tensor.numel() * (self._wire or b.tensor.dtype).itemsize for b in self.buckets)
+                measured = torch.tensor(self._ready_s + [wire / busy if busy > 0 else 0.0], dtype=torch.float64)
+                measured = measured.to(device)
+                self.comm.broadcast(measured, 0)
+                self._plan_input = measured.cpu().tolist()
         return used.tolist()
 
     def synchronize(self) -> float:
@@ -440,6 +546,13 @@ class GradientSynchronizer:
                           "unused_parameters": len(self.unused_parameters), "completed_at": list(self._completed_at),
                           "launched_at": list(self._launched_at)}
         self._busy = sum(b.busy_s for b in self.buckets)
+        self._busy_events = [(b.start_event, b.done_event) for b in self.buckets
+                             if b.start_event is not None and b.done_event is not None]
+        self._steps += 1
+        if self._plan_input is not None:
+            self._rebuild(self._plan_input)
+            self._plan_input, self._rebuild_pending = None, False
+            self.last_step["rebuilt_buckets"] = len(self.buckets)
         self._reset()
         self._exposed = time.perf_counter() - start
         if begin is not None:
@@ -468,15 +581,23 @@ class GradientSynchronizer:
             raise RuntimeError(f"{what} failed: {exc}") from exc
 
     def busy_seconds(self) -> float:
-        """Seconds the communication thread spent on the last step's buckets (host time; on CUDA the
-        time to queue them). With :meth:`exposed_seconds`: hidden = busy − exposed."""
+        """Seconds the last step's buckets took: on CPU the communication thread's host time; on
+        CUDA the communication stream's time from CUDA events, bucket by bucket (waits for them,
+        like :meth:`exposed_seconds`). With :meth:`exposed_seconds`: hidden = busy − exposed."""
+        if self._busy_events:
+            total = 0.0
+            for start, end in self._busy_events:
+                end.synchronize()
+                total += start.elapsed_time(end) / 1e3
+            return total
         return self._busy
 
     def _reset(self) -> None:
         for b in self.buckets:
-            b.pending, b.future, b.done_event, b.busy_s = len(b.params), None, None, 0.0
+            b.pending, b.future, b.done_event, b.start_event, b.busy_s = len(b.params), None, None, None, 0.0
         self._next = self._launched_early = self._arrived = 0
         self._completed = []
+        self._t0 = None
         n = len(self.params)
         self._used, self._ready, self._was_none = bytearray(n), bytearray(n), bytearray(n)
 
@@ -494,6 +615,16 @@ class GradientSynchronizer:
         ``p.grad = None`` until they get a gradient again)."""
         for b in self.buckets:
             b.tensor.zero_()
+
+    def measured_plan(self) -> dict[str, object]:
+        """The last synchronized step as :func:`fastnet.comm.simulate.simulate_plan` takes it:
+        ``buckets`` = per bucket (bytes on the wire, ready time: its last gradient's, seconds from
+        the first gradient of backward, algorithm), ``launch_order``, and ``backward_s`` (the last
+        gradient's ready time). Host clock (on CUDA: when the hooks ran)."""
+        buckets = [(b.tensor.numel() * (self._wire or b.tensor.dtype).itemsize,
+                    max(self._ready_s[self._index[id(p)]] for p in b.params), b.algorithm) for b in self.buckets]
+        return {"buckets": buckets, "launch_order": list(self.launch_order),
+                "backward_s": max((r for _, r, _ in buckets), default=0.0)}
 
     def describe(self) -> list[dict[str, object]]:
         """Per bucket: index, dtype, elements, bytes (in the gradient dtype), parameters, algorithm."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastnet.comm.cost_model import CostModel, Link
-from fastnet.comm.simulate import layer_profile, main, parse_link, simulate
+from fastnet.comm.simulate import layer_profile, main, parse_link, simulate, simulate_plan
 
 LINK = CostModel(intra=Link(1e-3, 1e-6), inter=Link(1e-3, 1e-6), native=Link(1e-3, 1e-6), p2p=Link(0.0, 0.0))
 
@@ -61,3 +61,22 @@ def test_cli_and_bad_input(capsys):
     assert "not a multiple of the 24 GPUs" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Invalid compute_s 0"):
         simulate([(1, 1.0)], 0, 2, 1, LINK)
+
+
+def test_simulate_plan_follows_the_synchronizers_launch_rule_by_hand():
+    # 1 byte/s links, no latency: a bucket of b bytes takes 2(N-1)/N * b = b seconds on 2 ranks
+    m = CostModel(intra=Link(0.0, 1.0), inter=Link(0.0, 1.0), native=Link(0.0, 1.0), p2p=Link(0.0, 0.0))
+    buckets = [(2, 1.0, "native"), (1, 4.0, "native"), (3, 2.0, "native")]  # ready at 1, 4, 2 s
+    # index order: bucket 1 (ready at 4) holds bucket 2 back: 1-3, 4-5, 5-8
+    r = simulate_plan(buckets, 4.0, 2, 2, m)
+    assert [t[2:] for t in r.buckets] == [(1.0, 3.0), (4.0, 5.0), (5.0, 8.0)]
+    assert (r.step_s, r.exposed_comm_s, r.comm_s) == (8.0, 4.0, 6.0)
+    # rank 0's completion order (0, 2, 1): 1-3, 3-6, 6-7
+    r = simulate_plan(buckets, 4.0, 2, 2, m, launch_order=[0, 2, 1], forward_s=0.5)
+    assert [t[2:] for t in r.buckets] == [(1.0, 3.0), (3.0, 6.0), (6.0, 7.0)] and r.step_s == 7.5
+    # no overlap: everything after backward
+    r = simulate_plan(buckets, 4.0, 2, 2, m, overlap=False)
+    assert r.exposed_comm_s == 6.0 and r.scaling_efficiency == pytest.approx(4.0 / 10.0)
+    assert simulate_plan(buckets, 4.0, 1, 1, m).step_s == 4.0  # one rank: no communication
+    with pytest.raises(ValueError, match="permutation"):
+        simulate_plan(buckets, 4.0, 2, 2, m, launch_order=[0, 0, 1])

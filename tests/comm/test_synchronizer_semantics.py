@@ -341,7 +341,7 @@ def _order_worker(rank: int, world: int, port: int, queue) -> None:
         model = precision.prepare(model)
         sync = GradientSynchronizer(TorchCommunicator(), model.parameters(), algorithm="ring", wire_dtype="fp16",
                                     fusion_threshold_bytes=600, storage=precision.masters.grad_location,
-                                    timeout_s=60)
+                                    timeout_s=60, rebuild_buckets=False)  # the order alone (rebuild: below)
         fp32 = [b.index for b in sync.buckets if b.tensor.dtype == torch.float32]
         steps = []
         g = torch.Generator().manual_seed(rank)
