@@ -144,6 +144,8 @@ class TrainConfig(BaseModel):
                                        "(default: nodes from the hosts)")
     cost_model: str | None = Field(None, description="YAML from `fastnet-bench --calibrate` for hybrid")
     overlap: bool = Field(True, description="all-reduce buckets during backward (off: all after backward)")
+    rebuild_buckets: bool = Field(True, description="with overlap: re-cut the buckets once, after step 2, from "
+                                  "rank 0's measured gradient ready times (fusion threshold = largest bucket)")
     grad_predivide_factor: float | None = Field(None, gt=0, description="divide by f before the sum and by world "
                                                 "size / f after (default: f = world size)")
     find_unused_parameters: bool = Field(False, description="walk the graph each step so unused parameters never "

@@ -15,6 +15,8 @@ Records (one JSON object per line, ``"kind"`` says which):
   * ``resume``: step, epoch, world_size, accumulation_steps, checkpoint (path), changed (option:
     [checkpoint's value, new value]), replanned (the changed options that re-planned the schedule),
     lr (the LR the run continues at) — one per resumed session;
+  * ``buckets`` (once, when the synchronizer re-cut its buckets from measured ready times): step,
+    buckets (as in config.yaml's ``buckets``), launch_order;
   * ``summary``: best_top1, final_top1 (on the eval set), test_top1, eval_set, time_to_target_s
     (None if not reached), target_accuracy, mean_images_per_s (training only), wall_s, steps,
     world_size, param_checksums and state_checksums (parameters + buffers), one per rank.

@@ -211,6 +211,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             fusion_threshold_bytes=int(cfg.fusion_mb * (1 << 20)), wire_dtype=cfg.wire_dtype,
             ranks_per_node=cfg.ranks_per_node,  # None: nodes from the hosts
             cost_model=CostModel.load(cfg.cost_model) if cfg.cost_model else None, overlap=cfg.overlap,
+            rebuild_buckets=cfg.rebuild_buckets,
             storage=precision.masters.grad_location if precision.masters is not None else None,
             timeout_s=cfg.timeout_s, find_unused_parameters=cfg.find_unused_parameters,
             predivide_factor=cfg.grad_predivide_factor, debug=cfg.distributed_debug)
@@ -293,6 +294,9 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             busy_s = grad_sync.busy_seconds() if grad_sync else 0.0
             window["busy"] += busy_s
             window["hidden"] += max(0.0, busy_s - comm_s)  # communication that ran behind backward
+            if grad_sync is not None and "rebuilt_buckets" in grad_sync.last_step:  # once, after step 2
+                metrics.write("buckets", step=progress.global_step + 1, buckets=grad_sync.describe(),
+                              launch_order=list(grad_sync.launch_order))
             if not math.isfinite(global_loss) and not precision.loss_scaling:
                 raise NonFiniteLossError(
                     f"non-finite loss {global_loss} at step {progress.global_step + 1} (epoch {epoch}); "

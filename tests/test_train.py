@@ -210,6 +210,9 @@ def test_two_process_fp16_masters_with_lars_learn(tmp_path):
     # (FP16 kernels differ by CPU); a run that does not learn stays near 10%
     assert summary["best_top1"] > 88.0, summary
     assert summary["loss_scale"] > 1.0  # scaling stayed on and sane
+    (rebuilt,) = _records(out, "buckets")  # FP16-master slices re-cut once from measured ready times
+    assert rebuilt["step"] == 2 and sum(b["elements"] for b in rebuilt["buckets"]) == sum(
+        b["elements"] for b in yaml.safe_load((out / "config.yaml").read_text())["buckets"])
 
 
 @pytest.mark.parametrize("extra", [["--allreduce", "ring", "--wire-dtype", "fp16", "--fusion-mb", "0.05"],
