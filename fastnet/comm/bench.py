@@ -348,12 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-d", "--dtype", default="float32", help=f"element type(s), comma-separated: {', '.join(DTYPES)}")
     p.add_argument("--wire-dtype", default="none", help="model mode: gradients on the wire (none, fp16, bf16)")
     p.add_argument("-a", "--algorithm", default="native",
-                   help=f"all-reduce algorithm: {', '.join(ALGORITHMS)}, or all")
+                   help=f"all-reduce algorithm(s), comma-separated: {', '.join(ALGORITHMS)}, or all")
     p.add_argument("--backend", default="torch", help=f"communicator: {', '.join(BACKENDS)} (default torch)")
     p.add_argument("--ranks-per-node", type=int, default=None, help="node size for hierarchical/leader/hybrid "
                    "(default: LOCAL_WORLD_SIZE, or MPI's shared-memory split)")
     p.add_argument("--segment-mb", type=float, default=DEFAULT_SEGMENT_BYTES / (1 << 20),
-                   help="hierarchical_p2p: pipeline segment, MiB (0: no pipelining); default %(default)g")
+                   help="ring and hierarchical: pipeline segment, MiB (0: no pipelining); default %(default)g")
     p.add_argument("--cost-model", help="YAML cost model for hybrid (from --calibrate); default: placeholders")
     p.add_argument("--model", help="model mode: all-reduce this model's gradient list (e.g. resnet50, alexnet)")
     p.add_argument("--fusion-mb", default="1,4,16,64", help="model mode: fusion thresholds, MiB, comma-separated")
@@ -373,8 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"Unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
         if args.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"Unknown wire dtype {args.wire_dtype!r}; valid wire dtypes: {', '.join(WIRE_DTYPES)}")
-        if args.algorithm not in ALGORITHMS + ("all",):
-            raise ValueError(f"Unknown algorithm {args.algorithm!r}; valid algorithms: {', '.join(ALGORITHMS)}, all")
+        for a in ([] if args.algorithm == "all" else args.algorithm.split(",")):
+            if a.strip() not in ALGORITHMS:
+                raise ValueError(f"Unknown algorithm {a.strip()!r}; valid algorithms: {', '.join(ALGORITHMS)}, all")
         if args.backend not in BACKENDS:
             raise ValueError(f"Unknown backend {args.backend!r}; valid backends: {', '.join(BACKENDS)}")
         if args.iters < 1 or args.warmup < 0:
@@ -395,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.algorithm == "all":
         algorithms = ALGORITHMS
     else:
-        algorithms = (args.algorithm,)
+        algorithms = tuple(a.strip() for a in args.algorithm.split(","))
     if args.model:
         rows = [r for d in dtypes for a in algorithms for r in
                 run_model(bench, args.model, DTYPES[d], a, fusion, args.iters, args.warmup, args.wire_dtype)]
