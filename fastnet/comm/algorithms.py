@@ -120,6 +120,15 @@ def run_pipelined(schedules: Sequence[Steps], depth: int) -> None:
             w.wait()
 
 
+def _ring_chunks(r: int, n: int, t: int) -> tuple[int, int]:
+    """The (sent, received) chunk of rank ``r`` of ``n`` in ring step ``t``: steps 0..n−2 are the
+    reduce-scatter, n−1..2n−3 the all-gather (rank r ends the reduce-scatter owning chunk r+1)."""
+    if t < n - 1:
+        return (r - t) % n, (r - t - 1) % n
+    s = t - (n - 1)
+    return (r + 1 - s) % n, (r - s) % n
+
+
 def ring_reduce_scatter_steps(comm: Communicator, x: torch.Tensor) -> Steps:
     """:func:`ring_reduce_scatter` as a step schedule (n−1 steps; returns ``(offset, length)``)."""
     _check(x)
@@ -129,7 +138,7 @@ def ring_reduce_scatter_steps(comm: Communicator, x: torch.Tensor) -> Steps:
     if n > 1:
         tmp = torch.empty(max(sizes), dtype=x.dtype, device=x.device)
         for s in range(n - 1):
-            send_c, recv_c = (r - s) % n, (r - s - 1) % n
+            send_c, recv_c = _ring_chunks(r, n, s)
             buf = tmp[:sizes[recv_c]]
             yield [RingStep(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]], buf)]
             x[offs[recv_c]:offs[recv_c] + sizes[recv_c]].add_(buf)
@@ -144,7 +153,7 @@ def ring_all_gather_steps(comm: Communicator, x: torch.Tensor) -> Steps:
     sizes = split_sizes(x.numel(), n)
     offs = _offsets(sizes)
     for s in range(n - 1):
-        send_c, recv_c = (r + 1 - s) % n, (r - s) % n
+        send_c, recv_c = _ring_chunks(r, n, n - 1 + s)
         yield [RingStep(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]],
                         x[offs[recv_c]:offs[recv_c] + sizes[recv_c]])]
 
@@ -204,17 +213,11 @@ def _segmented_ring(comm: Communicator, x: torch.Tensor, sizes: list[int], g: in
     steps = 2 * (n - 1)
     tmp = [torch.empty(max(sizes), dtype=x.dtype, device=x.device) for _ in range(2)]
 
-    def chunks(t: int) -> tuple[int, int]:  # (sent, received) chunk of step t
-        if t < n - 1:
-            return (r - t) % n, (r - t - 1) % n
-        s = t - (n - 1)
-        return (r + 1 - s) % n, (r - s) % n
-
     def piece(c: int, j: int) -> tuple[int, int]:  # (offset within the chunk, length)
         return seg_offs[c][j], seg_sizes[c][j]
 
     def post(t: int, j: int) -> Work:
-        sc, rc = chunks(t)
+        sc, rc = _ring_chunks(r, n, t)
         so, sl = piece(sc, j)
         ro, rl = piece(rc, j)
         send = x[offs[sc] + so:offs[sc] + so + sl]
@@ -223,7 +226,7 @@ def _segmented_ring(comm: Communicator, x: torch.Tensor, sizes: list[int], g: in
 
     works = [post(0, j) for j in range(g)]
     for t in range(steps):
-        _, rc = chunks(t)
+        _, rc = _ring_chunks(r, n, t)
         for j in range(g):
             works[j].wait()
             if t < n - 1:

@@ -27,10 +27,11 @@ parameters and the globally agreed used-map):
    merge while the link is busy anyway; the fusion threshold becomes the largest bucket and
    ``min_bucket_bytes`` the smallest). Without ``storage`` the members are also reordered by
    rank 0's ready order (DDP's rebuild); with it, buckets stay slices of the flat buffers in
-   their layout order (planned in the direction backward fills them). The new plan is checked across ranks; gradients are kept. This is what
-   makes the paper's 64 MiB threshold overlap at all: ResNet-50's FP16 gradients (49 MiB) would
-   otherwise be one bucket, ready only when backward ends. On CUDA the hooks' host times run
-   ahead of the device, so the plan merges less than it could (measured on CPU only).
+   their layout order (planned in the direction backward fills them). The new plan is checked
+   across ranks; gradients are kept. This is what makes the paper's 64 MiB threshold overlap at
+   all: ResNet-50's FP16 gradients (49 MiB) would otherwise be one bucket, ready only when
+   backward ends. On CUDA the throughput comes from CUDA events on the communication stream, but
+   the ready times are the hooks' host times, which run ahead of the device (unverified on a GPU).
 3. **Unused parameters never block.** A parameter whose hook did not fire in this backward is
    marked ready at the end of backward (an autograd final callback, as DDP's reducer does), or,
    with ``find_unused_parameters=True``, before backward by :meth:`prepare_for_backward`'s graph
@@ -88,6 +89,12 @@ REBUILD_STEP = 2
 also pays one-time costs: allocation, lazy initialisation, autotuning)."""
 
 
+def _elapsed_s(start, end) -> float:
+    """Seconds between two recorded CUDA events (waits for ``end``)."""
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 class Bucket:
     """One fusion bucket: ``tensor`` (1-D, the members' gradients), the ``params`` in it (reverse
     registration order) and the ``algorithm`` that reduces it."""
@@ -104,6 +111,16 @@ class Bucket:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
+
+    def wire_bytes(self, wire: torch.dtype | None) -> int:
+        """Bytes on the wire with wire dtype ``wire`` (None: the gradients' own)."""
+        return self.tensor.numel() * (wire or self.tensor.dtype).itemsize
+
+    def device_busy_s(self) -> float:
+        """This step's communication time: CUDA events when recorded, else the host time."""
+        if self.start_event is not None and self.done_event is not None:
+            return _elapsed_s(self.start_event, self.done_event)
+        return self.busy_s
 
 
 class CommThread:
@@ -484,14 +501,8 @@ class GradientSynchronizer:
                 self._order_agreed = True
             if self._rebuild_pending and self._steps + 1 == REBUILD_STEP:
                 # after the buckets (FIFO): rank 0's busy times are final. Ready times + throughput.
-                busy = 0.0
-                for b in self.buckets:  # CUDA: the stream's time from events (host time only queues)
-                    if b.start_event is not None and b.done_event is not None:
-                        b.done_event.synchronize()
-                        busy += b.start_event.elapsed_time(b.done_event) / 1e3
-                    else:
-                        busy += b.busy_s
-                wire = sum(b.tensor.numel() * (self._wire or b.tensor.dtype).itemsize for b in self.buckets)
+                busy = sum(b.device_busy_s() for b in self.buckets)  # CUDA: events (host time only queues)
+                wire = sum(b.wire_bytes(self._wire) for b in self.buckets)
                 measured = torch.tensor(self._ready_s + [wire / busy if busy > 0 else 0.0], dtype=torch.float64)
                 measured = measured.to(device)
                 self.comm.broadcast(measured, 0)
@@ -585,11 +596,7 @@ class GradientSynchronizer:
         CUDA the communication stream's time from CUDA events, bucket by bucket (waits for them,
         like :meth:`exposed_seconds`). With :meth:`exposed_seconds`: hidden = busy − exposed."""
         if self._busy_events:
-            total = 0.0
-            for start, end in self._busy_events:
-                end.synchronize()
-                total += start.elapsed_time(end) / 1e3
-            return total
+            return sum(_elapsed_s(start, end) for start, end in self._busy_events)
         return self._busy
 
     def _reset(self) -> None:
@@ -621,8 +628,8 @@ class GradientSynchronizer:
         ``buckets`` = per bucket (bytes on the wire, ready time: its last gradient's, seconds from
         the first gradient of backward, algorithm), ``launch_order``, and ``backward_s`` (the last
         gradient's ready time). Host clock (on CUDA: when the hooks ran)."""
-        buckets = [(b.tensor.numel() * (self._wire or b.tensor.dtype).itemsize,
-                    max(self._ready_s[self._index[id(p)]] for p in b.params), b.algorithm) for b in self.buckets]
+        buckets = [(b.wire_bytes(self._wire), max(self._ready_s[self._index[id(p)]] for p in b.params), b.algorithm)
+                   for b in self.buckets]
         return {"buckets": buckets, "launch_order": list(self.launch_order),
                 "backward_s": max((r for _, r, _ in buckets), default=0.0)}
 
