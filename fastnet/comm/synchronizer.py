@@ -72,7 +72,7 @@ import contextlib
 import queue
 import threading
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -623,15 +623,28 @@ class GradientSynchronizer:
         for b in self.buckets:
             b.tensor.zero_()
 
-    def measured_plan(self) -> dict[str, object]:
+    def measured_plan(self, ready_s: Sequence[float] | None = None) -> dict[str, object]:
         """The last synchronized step as :func:`fastnet.comm.simulate.simulate_plan` takes it:
         ``buckets`` = per bucket (bytes on the wire, ready time: its last gradient's, seconds from
-        the first gradient of backward, algorithm), ``launch_order``, and ``backward_s`` (the last
-        gradient's ready time). Host clock (on CUDA: when the hooks ran)."""
-        buckets = [(b.wire_bytes(self._wire), max(self._ready_s[self._index[id(p)]] for p in b.params), b.algorithm)
+        the first gradient of backward, algorithm), ``launch_order``, ``backward_s`` (the last
+        gradient's ready time) and ``ready_s`` (each parameter's ready time, constructor order).
+        Host clock (on CUDA: when the hooks ran).
+
+        ``ready_s``: per-parameter ready times to use instead of this step's (e.g. another run's
+        ``ready_s``, profiled without communication running), so that this plan is timed on a
+        backward that communication did not slow down.
+
+        Raises:
+            ValueError: ``ready_s`` does not have one entry per parameter.
+        """
+        ready = list(self._ready_s) if ready_s is None else [float(r) for r in ready_s]
+        if len(ready) != len(self.params):
+            raise ValueError(f"measured_plan: ready_s has {len(ready)} entries, expected {len(self.params)} "
+                             "(one per parameter, constructor order)")
+        buckets = [(b.wire_bytes(self._wire), max(ready[self._index[id(p)]] for p in b.params), b.algorithm)
                    for b in self.buckets]
         return {"buckets": buckets, "launch_order": list(self.launch_order),
-                "backward_s": max((r for _, r, _ in buckets), default=0.0)}
+                "backward_s": max((r for _, r, _ in buckets), default=0.0), "ready_s": ready}
 
     def describe(self) -> list[dict[str, object]]:
         """Per bucket: index, dtype, elements, bytes (in the gradient dtype), parameters, algorithm."""

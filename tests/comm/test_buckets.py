@@ -124,7 +124,17 @@ def _rebuild_worker(rank: int, world: int, port: int, queue) -> None:
             plans.append([[_name(model, p) for p in b.params] for b in sync.buckets])
             rebuilt.append(sync.rebuilt)
         diff = max((p - q).abs().max().item() for p, q in zip(model.parameters(), oracle.module.parameters()))
-        queue.put((rank, plans, rebuilt, list(sync.launch_order), diff))
+        params = list(model.parameters())
+        own = sync.measured_plan()
+        other = sync.measured_plan(ready_s=[float(i) for i in range(len(params))])  # another profile's times
+        index = {id(p): i for i, p in enumerate(params)}
+        members = [[index[id(p)] for p in b.params] for b in sync.buckets]
+        try:
+            sync.measured_plan(ready_s=[0.0])
+            bad = "accepted"
+        except ValueError as exc:
+            bad = str(exc)
+        queue.put((rank, plans, rebuilt, list(sync.launch_order), diff, own, other, members, [p.numel() for p in params], bad))
         sync.close()
     finally:
         dist.destroy_process_group()
@@ -140,7 +150,7 @@ def test_rebuild_adopts_rank0s_ready_times_and_matches_ddp():
     first: registered first but used last in forward); every rank holds the same plan, and the
     parameters stay DDP's through the rebuild, with accumulation."""
     out = {r[0]: r[1:] for r in spawn_ranks(_rebuild_worker, 2)}
-    plans, rebuilt, order, diff = out[0]
+    plans, rebuilt, order, diff, own, other, members, numels, bad = out[0]
     assert rebuilt == [False, True, True, True]
     assert out[1][0] == plans and out[1][2] == order  # the same plan on every rank
     assert len(plans[0]) == 1  # 1 MiB threshold: one bucket before the rebuild
@@ -152,6 +162,14 @@ def test_rebuild_adopts_rank0s_ready_times_and_matches_ddp():
         assert bucket_of[f"stages.{paused - 1}.weight"] != bucket_of[f"stages.{paused}.weight"], after
     assert order == list(range(len(after))) and len(after) >= 3
     assert diff <= 1e-6 and out[1][3] <= 1e-6
+    # measured_plan: a bucket is ready with its last gradient; another profile's times replace this step's
+    assert len(own["ready_s"]) == sum(map(len, members)) and own["launch_order"] == order
+    assert [r for _, r, _ in own["buckets"]] == [max(own["ready_s"][i] for i in m) for m in members]
+    assert own["backward_s"] == max(own["ready_s"]) > 0  # the pauses of rank 0's backward are in it
+    assert [(n, r, a) for n, r, a in other["buckets"]] == [(n, float(max(m)), a)
+                                                           for (n, _, a), m in zip(own["buckets"], members)]
+    assert [n for n, _, _ in own["buckets"]] == [4 * sum(numels[i] for i in m) for m in members]  # fp32 wire
+    assert "ready_s has 1 entries" in bad
 
 
 def _storage_worker(rank: int, world: int, port: int, queue) -> None:
