@@ -129,7 +129,7 @@ def simulate(layers: Sequence[tuple[int, float]], compute_s: float, world_size: 
 def simulate_plan(buckets: Sequence[tuple[int, float, str]], backward_s: float, world_size: int,
                   ranks_per_node: int, model: CostModel, launch_order: Sequence[int] | None = None,
                   overlap: bool = True, forward_s: float = 0.0, optimizer_s: float = 0.0,
-                  segment_bytes: int = 0) -> SimResult:
+                  segment_bytes: int = 0, comm_cpu_s: float = 0.0, cpu_share: float = 0.0) -> SimResult:
     """One step of :class:`fastnet.comm.GradientSynchronizer` with a measured bucket plan (its
     :meth:`~fastnet.comm.GradientSynchronizer.measured_plan`), instead of a FLOP-split profile.
 
@@ -145,32 +145,67 @@ def simulate_plan(buckets: Sequence[tuple[int, float, str]], backward_s: float, 
         overlap: False launches everything at the end of backward (``overlap=False``).
         forward_s, optimizer_s: seconds before backward / after the last all-reduce.
         segment_bytes: the ring / hierarchical pipeline segment (:meth:`CostModel.time`).
+        comm_cpu_s, cpu_share: CPU contention on hosts whose cores the ranks' compute saturates
+            (CPU training; 0 on GPUs). ``comm_cpu_s``: CPU seconds one step's communication costs a
+            rank (measured, e.g. the CPU time of a step's ``synchronize()`` without overlap),
+            spread over the buckets by bytes and over each all-reduce's duration. ``cpu_share``:
+            seconds of compute lost per CPU second of communication that runs while compute does —
+            W ranks sharing P busy cores: W / P (work conservation: the host's P cores must do the
+            W ranks' communication work too). The compute after the first launch is stretched by
+            the lost time, found as a fixed point: E' = E + cpu_share · Σ_k u_k · |[start_k,
+            end_k] ∩ [first launch, E']| / (end_k − start_k).
 
     Returns:
-        :class:`SimResult` (``scaling_efficiency``: the step without communication ÷ the step;
-        ``buckets`` in launch order).
+        :class:`SimResult` (``compute_s`` includes the contention's delay; ``scaling_efficiency``:
+        the step without communication ÷ the step; ``buckets`` in launch order).
 
     Raises:
-        ValueError: a negative ``backward_s``, or ``launch_order`` not a permutation of the buckets.
+        ValueError: a negative ``backward_s``, ``comm_cpu_s`` or ``cpu_share``, or ``launch_order``
+            not a permutation of the buckets.
     """
     order = list(range(len(buckets))) if launch_order is None else list(launch_order)
     if sorted(order) != list(range(len(buckets))) or backward_s < 0:
         raise ValueError(f"simulate_plan: launch_order {order} must be a permutation of 0..{len(buckets) - 1} and "
                          f"backward_s {backward_s} >= 0")
-    launch = end = float("-inf")
-    timeline, total = [], 0.0
-    for k in order:
-        nbytes, ready, alg = buckets[k]
-        launch = max(ready if overlap else backward_s, launch)
-        start = max(launch, end)
-        dur = model.time(alg, nbytes, world_size, ranks_per_node, segment_bytes) if world_size > 1 else 0.0
-        end = start + dur
-        total += dur
-        timeline.append((nbytes, ready, start, end))
-    finish = max(backward_s, end) if buckets and world_size > 1 else backward_s
+    if not (comm_cpu_s >= 0 and cpu_share >= 0):
+        raise ValueError(f"simulate_plan: comm_cpu_s {comm_cpu_s} and cpu_share {cpu_share} must be >= 0")
+    comm = world_size > 1 and bool(buckets)
+    durations = [model.time(alg, nbytes, world_size, ranks_per_node, segment_bytes) if comm else 0.0
+                 for nbytes, _, alg in buckets]
+    total_bytes = sum(b[0] for b in buckets) or 1
+    first = min((r for _, r, _ in buckets), default=0.0) if overlap else backward_s
+    end_compute = backward_s
+    for _ in range(100):  # the fixed point of the contention's delay (one pass without contention)
+        stretch = (end_compute - first) / (backward_s - first) if backward_s > first else 1.0
+        timeline = _schedule(buckets, order, durations, overlap, first, stretch, end_compute)
+        lost = sum(comm_cpu_s * nbytes / total_bytes * max(0.0, min(end, end_compute) - max(start, first)) / (end - start)
+                   for nbytes, _, start, end in timeline if end > start)
+        new_end = backward_s + cpu_share * lost
+        if abs(new_end - end_compute) <= 1e-12:
+            break
+        end_compute = new_end
+    total = sum(durations) if comm else 0.0
+    last_end = max((t[3] for t in timeline), default=float("-inf"))
+    finish = max(end_compute, last_end) if comm else end_compute
     step = forward_s + finish + optimizer_s
-    return SimResult(step, forward_s + backward_s, total, finish - backward_s,
-                     (forward_s + backward_s + optimizer_s) / step if step > 0 else 1.0, timeline)
+    return SimResult(step, forward_s + end_compute, total, finish - end_compute,
+                     (forward_s + backward_s + optimizer_s) / step if step > 0 else 1.0, timeline if comm else [])
+
+
+def _schedule(buckets: Sequence[tuple[int, float, str]], order: Sequence[int], durations: Sequence[float],
+              overlap: bool, first: float, stretch: float, end_compute: float) -> list[tuple[int, float, float, float]]:
+    """The synchronizer's launch rule (:func:`simulate_plan`) with ready times after ``first``
+    stretched by ``stretch``; per bucket in launch order (bytes, ready, start, end)."""
+    launch = end = float("-inf")
+    timeline = []
+    for k in order:
+        nbytes, ready, _ = buckets[k]
+        ready = first + (ready - first) * stretch if ready > first else ready
+        launch = max(ready if overlap else end_compute, launch)
+        start = max(launch, end)
+        end = start + durations[k]
+        timeline.append((nbytes, ready, start, end))
+    return timeline
 
 
 def parse_link(text: str) -> Link:
@@ -193,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "local batch, no communication (images/s)")
     p.add_argument("--intra", default="10us,10GB/s", help="intra-node link: latency,bandwidth")
     p.add_argument("--inter", default="5us,100Gbit/s", help="inter-node link: latency,bandwidth")
+    p.add_argument("--p2p-us", type=float, default=0.0,
+                   help="software cost per step of fastnet's point-to-point schedules, µs, added to the link's "
+                        "α (default 0: on GPUs NCCL runs the steps in its kernels and --intra/--inter's α holds "
+                        "them; gloo on a CPU measured 250-800 µs)")
     p.add_argument("--algorithm", default="hybrid")
     p.add_argument("--wire", default="fp16", choices=("fp16", "fp32"))
     p.add_argument("--fusion-mb", type=float, default=64.0)
@@ -207,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.global_batch % world:
         p.error(f"global batch {args.global_batch} is not a multiple of the {world} GPUs")
     local = args.global_batch // world
-    cm = CostModel(intra=intra, inter=inter, native=inter)
+    if not math.isfinite(args.p2p_us) or args.p2p_us < 0:
+        p.error(f"--p2p-us {args.p2p_us}: must be a finite number of microseconds >= 0")
+    cm = CostModel(intra=intra, inter=inter, native=inter, p2p=Link(args.p2p_us * 1e-6, 0.0))
     layers = layer_profile(args.model)
     compute = local / args.gpu_images_per_s
     res = simulate(layers, compute, world, args.gpus_per_node, cm, args.algorithm, int(args.fusion_mb * 2**20),

@@ -59,6 +59,16 @@ def test_cli_and_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["--nodes", "3", "--global-batch", "100", "--gpu-images-per-s", "1"])
     assert "not a multiple of the 24 GPUs" in capsys.readouterr().err
+    base = ["--model", "resnet20", "--nodes", "4", "--gpus-per-node", "1", "--global-batch", "512",
+            "--gpu-images-per-s", "1000", "--algorithm", "ring"]
+    capsys.readouterr()
+    assert main(base) == 0 and main([*base, "--p2p-us", "500"]) == 0  # one bucket: 6 ring steps, 0.5 ms more each
+    free, costly = (float(line.split("all-reduce total ")[1].split(" ms")[0])
+                    for line in capsys.readouterr().out.splitlines() if line.startswith("step "))
+    assert costly == pytest.approx(free + 6 * 0.5, abs=0.15)
+    with pytest.raises(SystemExit):
+        main([*base, "--p2p-us", "nan"])
+    assert "--p2p-us nan: must be a finite number" in capsys.readouterr().err
     with pytest.raises(ValueError, match="Invalid compute_s 0"):
         simulate([(1, 1.0)], 0, 2, 1, LINK)
 
@@ -80,3 +90,37 @@ def test_simulate_plan_follows_the_synchronizers_launch_rule_by_hand():
     assert simulate_plan(buckets, 4.0, 1, 1, m).step_s == 4.0  # one rank: no communication
     with pytest.raises(ValueError, match="permutation"):
         simulate_plan(buckets, 4.0, 2, 2, m, launch_order=[0, 0, 1])
+
+
+class _Fixed:
+    """A cost model whose every all-reduce takes ``t`` seconds."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def time(self, *args) -> float:
+        return self.t
+
+
+def test_simulate_plan_cpu_contention_by_hand():
+    # one 0.5 s all-reduce from t = 0, backward ends at 1.0; the bucket costs 0.2 CPU s, 2 s of compute lost per CPU s
+    res = simulate_plan([(100, 0.0, "ring")], 1.0, 4, 2, _Fixed(0.5), comm_cpu_s=0.2, cpu_share=2.0)
+    assert res.compute_s == pytest.approx(1.4) and res.step_s == pytest.approx(1.4) and res.exposed_comm_s == 0
+    # without contention (the default) the same plan is the plain launch rule
+    assert simulate_plan([(100, 0.0, "ring")], 1.0, 4, 2, _Fixed(0.5)).step_s == pytest.approx(1.0)
+    # launched at 0.8: [0.8, 1.3] overlaps compute wholly (the delay moves compute's end to 1.4)
+    res = simulate_plan([(100, 0.8, "ring")], 1.0, 4, 2, _Fixed(0.5), comm_cpu_s=0.2, cpu_share=2.0)
+    assert res.compute_s == pytest.approx(1.4) and res.step_s == pytest.approx(1.4)
+    # two buckets, CPU split by bytes: the second (ready 0.9 -> stretched) runs after the first
+    res = simulate_plan([(300, 0.0, "ring"), (100, 0.9, "ring")], 1.0, 4, 2, _Fixed(0.5), comm_cpu_s=0.4,
+                        cpu_share=1.0)
+    # fixed point: E = 1 + 0.3 + 0.1 * (E - 0.9 s') / 0.5 with the second bucket at [max(0.5, 0.9 E), +0.5]
+    e = res.compute_s
+    start2 = max(0.5, 0.9 * e)
+    assert e == pytest.approx(1.0 + 0.3 + 0.1 * (min(start2 + 0.5, e) - start2) / 0.5, abs=1e-9)
+    assert res.buckets[1][1] == pytest.approx(0.9 * e) and res.step_s == pytest.approx(max(e, start2 + 0.5))
+    # without overlap nothing runs during compute: no delay
+    assert simulate_plan([(100, 0.0, "ring")], 1.0, 4, 2, _Fixed(0.5), overlap=False, comm_cpu_s=0.2,
+                         cpu_share=2.0).step_s == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="cpu_share -1"):
+        simulate_plan([(100, 0.0, "ring")], 1.0, 4, 2, _Fixed(0.5), cpu_share=-1)
