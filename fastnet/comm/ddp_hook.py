@@ -19,6 +19,7 @@ waits for an event recorded on the backward stream and is synchronised before th
 """
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations as live types.
+import time
 from typing import Callable
 
 import torch
@@ -32,13 +33,25 @@ from fastnet.comm.synchronizer import CommThread
 
 class HookState:
     """State of :func:`fastnet_allreduce_hook`: the :class:`AlgorithmAllReduce` it calls, the
-    communication thread it runs on, and (CUDA) that thread's stream. ``close()`` stops the thread."""
+    communication thread it runs on, and (CUDA) that thread's stream. ``close()`` stops the thread.
 
-    __slots__ = ("sync", "thread", "stream")
+    ``records``: per bucket reduced since the last :meth:`take_records`, ``(bytes, submitted,
+    started, ended)`` — the bucket's bytes and host ``time.perf_counter()`` seconds when DDP
+    handed it over, when the communication thread began it and when it ended (on CUDA: after the
+    stream's sync). ``started − submitted`` is the wait behind earlier buckets, ``ended − started``
+    the reduction's own time (cast, algorithm, cast back)."""
+
+    __slots__ = ("sync", "thread", "stream", "records")
 
     def __init__(self, sync: AlgorithmAllReduce) -> None:
         self.sync, self.thread = sync, CommThread()
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.records: list[tuple[int, float, float, float]] = []
+
+    def take_records(self) -> list[tuple[int, float, float, float]]:
+        """The records so far (see the class docstring), and clear them."""
+        out, self.records = self.records, []
+        return out
 
     def close(self) -> None:
         self.thread.close()
@@ -53,8 +66,10 @@ def fastnet_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.f
     if buffer.is_cuda:
         ready = torch.cuda.Event()
         ready.record()
+    submitted = time.perf_counter()
 
     def reduce() -> None:
+        started = time.perf_counter()
         try:
             if ready is None:
                 state.sync([buffer])
@@ -66,6 +81,7 @@ def fastnet_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.f
         except Exception as exc:  # DDP re-raises it from fut.wait()
             fut.set_exception(exc)
             return
+        state.records.append((buffer.numel() * buffer.element_size(), submitted, started, time.perf_counter()))
         fut.set_result(buffer)
 
     state.thread.submit(reduce)

@@ -11,12 +11,14 @@ from fastnet.comm import ddp_hook
 from tests.conftest import init_gloo, spawn_ranks
 
 
-def _train(rank: int, hook_args: dict | None) -> list[torch.Tensor]:
+def _train(rank: int, hook_args: dict | None) -> tuple[list[torch.Tensor], tuple | None]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     ddp = DDP(model, bucket_cap_mb=0.001)  # tiny buckets: several hook calls per step
+    state = None
     if hook_args is not None:
-        ddp.register_comm_hook(*ddp_hook(**hook_args))
+        state, hook = ddp_hook(**hook_args)
+        ddp.register_comm_hook(state, hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     for _ in range(5):
@@ -24,18 +26,24 @@ def _train(rank: int, hook_args: dict | None) -> list[torch.Tensor]:
         torch.nn.functional.cross_entropy(ddp(x), y).backward()
         opt.step()
         opt.zero_grad()
-    return [p.detach().clone() for p in model.parameters()]
+    records = None
+    if state is not None:  # every bucket of every step, in order of time
+        recs = state.take_records()
+        records = (len(recs), sum(r[0] for r in recs), all(r[1] <= r[2] <= r[3] for r in recs), state.take_records())
+        state.close()
+    return [p.detach().clone() for p in model.parameters()], records
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
     init_gloo(rank, world, port)
     try:
-        plain = _train(rank, None)
+        plain, _ = _train(rank, None)
         out = {}
         for args in ({"algorithm": "ring"}, {"algorithm": "leader", "ranks_per_node": 1},
                      {"algorithm": "ring", "wire_dtype": "fp16", "fusion_mb": 0.0005}):
-            params = _train(rank, args)
-            out[str(args)] = (max((a - b).abs().max().item() for a, b in zip(params, plain)), [p.tolist() for p in params])
+            params, records = _train(rank, args)
+            out[str(args)] = (max((a - b).abs().max().item() for a, b in zip(params, plain)), [p.tolist() for p in params],
+                              records)
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -47,3 +55,5 @@ def test_ddp_with_fastnet_hook_matches_plain_ddp():
         tol = 5e-3 if "fp16" in key else 1e-5
         assert res[0][key][0] < tol and res[1][key][0] < tol, (key, res[0][key][0])
         assert res[0][key][1] == res[1][key][1]  # ranks bitwise identical
+        count, nbytes, ordered, left = res[0][key][2]
+        assert count >= 5 and nbytes == 5 * 4 * (10 * 32 + 32 + 32 * 4 + 4) and ordered and left == []

@@ -1,0 +1,217 @@
+"""DDP communication hooks side by side: plain DDP vs PyTorch's own hooks vs fastnet's (issue #19).
+
+    python benchmarks/topology/cluster.py run --nodes 2 --ranks-per-node 2 --rate 1gbit -- \\
+        benchmarks/ddp_hooks.py --cost-model CM.yaml --wire-cost-model fp16=CM16.yaml --append docs/BENCHMARKS.md
+
+Without torchrun it runs itself under ``torchrun --standalone --nproc_per_node=2`` (gloo on
+loopback). The cost models (for fastnet's ``hybrid``) come from ``cluster.py study
+--calibrate-only --save-cost-model`` on the same cluster (``--dtype float16`` for the FP16 one);
+without them hybrid uses :class:`fastnet.comm.cost_model.CostModel`'s placeholders.
+
+Models: ``mlp`` — 4 × Linear(2048, 2048), 67 MB of FP32 gradients, local batch ``--batch``
+(communication-bound: issue #19's model); ``resnet18_cifar`` (32 × 32 inputs). Every row is
+``DistributedDataParallel`` with 25 MiB buckets (``--bucket-mb``), ``gradient_as_bucket_view``,
+SGD with momentum, the same weights and data, and a communication hook:
+
+* none (DDP's own gloo all-reduce), torch's ``allreduce_hook``, ``fp16_compress_hook``,
+  ``bf16_compress_hook``, and PowerSGD rank 4 (``powerSGD_hook``, compression from step 2 — a
+  lossy reference: its parameters drift from the others', the last column shows by how much);
+* fastnet's hook (:func:`fastnet.comm.ddp_hook`) per algorithm × wire dtype (``--fastnet``).
+
+Per row: the step (forward, backward with DDP's all-reduce, optimizer), median over ``--steps``
+after ``--warmup`` of the max over ranks; compute = the same step under ``no_sync()`` (no
+all-reduce; measured once per model); exposed communication = step − compute; for fastnet's
+hook, from its records (:class:`fastnet.comm.ddp_hook.HookState`): the communication thread's busy
+time per step and the wait of buckets queued behind earlier ones; and the largest parameter
+difference from plain DDP after the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from fastnet.comm import ddp_hook  # noqa: E402
+from fastnet.comm.cost_model import CostModel  # noqa: E402
+from fastnet.models import build_model  # noqa: E402
+from report import emit  # noqa: E402
+
+TORCH_HOOKS = ["none", "allreduce_hook", "fp16_compress_hook", "bf16_compress_hook", "powersgd_rank4"]
+
+
+def _max_over_ranks(*values: float) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _model_and_data(name: str, rank: int, batch: int):
+    g = torch.Generator().manual_seed(rank)
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(4)])
+        x, y = torch.randn(batch, 2048, generator=g), torch.randn(batch, 2048, generator=g)
+        return model, x, y, nn.functional.mse_loss
+    model = build_model(name, 10, 32)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return model, x, y, nn.functional.cross_entropy
+
+
+def _register(net: DDP, hook: str, args, cost_models: dict[str, CostModel]):
+    """Register ``hook`` on ``net``; returns fastnet's HookState (else None)."""
+    if hook == "none":
+        return None
+    if hook in ("allreduce_hook", "fp16_compress_hook", "bf16_compress_hook"):
+        net.register_comm_hook(None, getattr(default_hooks, hook))
+        return None
+    if hook == "powersgd_rank4":
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
+        net.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        return None
+    alg, wire = hook.split(":")
+    state, fn = ddp_hook(algorithm=alg, wire_dtype=wire, fusion_mb=args.bucket_mb, ranks_per_node=args.ranks_per_node,
+                         cost_model=cost_models.get(wire, cost_models.get("none")))
+    net.register_comm_hook(state, fn)
+    return state
+
+
+def _steps(net: DDP, opt, x, y, loss_fn, args, state=None, no_sync: bool = False) -> dict:
+    per = []
+    for step in range(args.warmup + args.steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if no_sync:
+            with net.no_sync():
+                loss_fn(net(x), y).backward()
+        else:
+            loss_fn(net(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        t = time.perf_counter() - t0
+        recs = state.take_records() if state is not None else []
+        busy = sum(r[3] - r[2] for r in recs)
+        wait = sum(r[2] - r[1] for r in recs)
+        m = _max_over_ranks(t, busy, wait)
+        if step >= args.warmup:
+            per.append(m)
+    return {k: statistics.median(p[i] for p in per) for i, k in enumerate(("step", "busy", "wait"))}
+
+
+def measure(rank: int, args) -> list[dict]:
+    cost_models: dict[str, CostModel] = {}
+    if args.cost_model:
+        cost_models["none"] = CostModel.load(args.cost_model)
+    for item in args.wire_cost_model:
+        wire, _, path = item.partition("=")
+        cost_models[wire] = CostModel.load(path)
+    rows = []
+    for name in args.models:
+        finals = {}
+        for hook in ["compute"] + args.hooks:
+            model, x, y, loss_fn = _model_and_data(name, rank, args.batch)
+            net = DDP(model, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True, broadcast_buffers=False)
+            state = _register(net, hook, args, cost_models) if hook != "compute" else None
+            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+            got = _steps(net, opt, x, y, loss_fn, args, state, no_sync=hook == "compute")
+            finals[hook] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            rows.append({"model": name, "hook": hook, **got})
+            if state is not None:
+                state.close()
+        for r in rows:
+            if r["model"] == name:
+                r["diff"] = (finals[r["hook"]] - finals["none"]).abs().max().item()
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| model | hook | step (ms) | vs plain DDP | vs torch fp16_compress_hook | exposed comm (ms) | "
+             "fastnet comm busy (ms) | fastnet queue wait (ms) | max param diff vs plain DDP |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = {r["hook"]: r for r in rows if r["model"] == name}
+        compute, plain = mine["compute"]["step"], mine["none"]["step"]
+        fp16 = mine.get("fp16_compress_hook", {}).get("step")
+        lines.append(f"| {name} | compute only (no_sync) | {compute * 1e3:.0f} | - | - | - | - | - | - |")
+        for hook, r in mine.items():
+            if hook == "compute":
+                continue
+            label = {"none": "plain DDP (gloo all-reduce)", "powersgd_rank4": "torch PowerSGD rank 4 (lossy)"}.get(
+                hook, f"torch {hook}" if ":" not in hook else "fastnet " + hook.replace(":", ", wire "))
+            fastnet = ":" in hook
+            lines.append(f"| {name} | {label} | {r['step'] * 1e3:.0f} | {plain / r['step']:.2f}x | "
+                         + (f"{fp16 / r['step']:.2f}x" if fp16 else "-")
+                         + f" | {max(0.0, r['step'] - compute) * 1e3:.0f} | "
+                         + (f"{r['busy'] * 1e3:.0f} | {r['wait'] * 1e3:.0f}" if fastnet else "- | -")
+                         + f" | {r['diff']:.1e} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["mlp", "resnet18_cifar"], choices=["mlp", "resnet18_cifar"])
+    p.add_argument("--batch", type=int, default=8, help="local batch per rank")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb (and fastnet's fusion_mb)")
+    p.add_argument("--fastnet", nargs="*", default=["ring:fp16", "hierarchical:none", "hierarchical:fp16",
+                                                    "hierarchical_p2p:fp16", "leader:fp16", "hybrid:none",
+                                                    "hybrid:fp16"],
+                   metavar="ALGORITHM:WIRE", help="fastnet hook rows (wire: none, fp16, bf16)")
+    p.add_argument("--no-torch-hooks", action="store_true", help="only plain DDP of torch's rows")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="node size for fastnet's hierarchical algorithms (default: torchrun's LOCAL_WORLD_SIZE)")
+    p.add_argument("--cost-model", default=None, metavar="PATH", help="calibrated cost model (hybrid)")
+    p.add_argument("--wire-cost-model", nargs="*", default=[], metavar="WIRE=PATH",
+                   help="a cost model calibrated with that wire dtype, e.g. fp16=PATH")
+    p.add_argument("--append")
+    args = p.parse_args()
+    for spec in args.fastnet:
+        alg, _, wire = spec.partition(":")
+        if wire not in ("none", "fp16", "bf16"):
+            p.error(f"--fastnet {spec!r}: expected ALGORITHM:WIRE with WIRE one of none, fp16, bf16")
+    for item in args.wire_cost_model:
+        if item.partition("=")[0] not in ("fp16", "bf16") or not item.partition("=")[2]:
+            p.error(f"--wire-cost-model {item!r}: expected fp16=PATH or bf16=PATH")
+    args.hooks = (["none"] if args.no_torch_hooks else TORCH_HOOKS) + args.fastnet
+    if "RANK" not in os.environ:  # run ourselves under torchrun: 2 ranks on loopback
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               *sys.argv[1:]]
+        env = {**os.environ, "FASTNET_BENCH_LAUNCHER": "2 ranks on loopback", "OMP_NUM_THREADS": "1"}
+        raise SystemExit(subprocess.run(cmd, env=env, timeout=7200).returncode)
+    args.ranks_per_node = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    rows = measure(dist.get_rank(), args)
+    dist.destroy_process_group()
+    if int(os.environ["RANK"]) != 0:
+        return
+    launcher = os.environ.get("FASTNET_BENCH_LAUNCHER", "torchrun")
+    lines = [f"### DDP communication hooks: torch's vs fastnet's (issue 19) — {datetime.date.today()}", "",
+             f"Command: `python benchmarks/ddp_hooks.py {' '.join(sys.argv[1:])}` ({launcher})",
+             f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {world} ranks gloo "
+             f"({args.ranks_per_node} per node), {args.threads} thread(s) each; local batch {args.batch}; DDP "
+             f"buckets {args.bucket_mb:g} MiB; median of {args.steps} steps after {args.warmup} (max over ranks).",
+             "", *table(rows)]
+    emit(lines, args.append)
+
+
+if __name__ == "__main__":
+    main()
