@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -190,14 +192,135 @@ def overlap_suite(rank: int, args) -> dict | None:
             f"C = the no-overlap row's exposed time"}
 
 
+VALIDATE_MODELS = {"resnet18_cifar": (10, 32), "resnet50": (1000, None)}  # classes, image side (None: --image-size)
+
+
+def _timed_steps(model: nn.Module, sync: GradientSynchronizer, x: torch.Tensor, y: torch.Tensor, args) -> dict:
+    """``--warmup`` + ``--steps`` steps of forward, backward, synchronize after a barrier; medians
+    over the timed steps of the max over ranks: ``fwd``, ``bwd`` (backward's wall time), ``step``,
+    ``busy``, ``sync_cpu`` (this process's CPU seconds in ``synchronize()``), ``compute_end``
+    (seconds from the barrier to the end of backward) and per parameter ``ready`` (seconds from
+    the barrier: the end of backward less the time from the gradient to the last one; a bucket's
+    all-reduce can start once the last rank has it, hence the max over ranks)."""
+    per, ready = [], []
+    for step in range(args.warmup + args.steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2, c2 = time.perf_counter(), _cpu_seconds()
+        sync.synchronize()
+        t3, c3 = time.perf_counter(), _cpu_seconds()
+        own = sync.measured_plan()["ready_s"]
+        last = max(own)
+        m = _max_over_ranks(t1 - t0, t2 - t1, t3 - t0, sync.busy_seconds(), c3 - c2, t2 - t0,
+                            *[(t2 - t0) - (last - r) for r in own])
+        sync.zero_grad()
+        if step >= args.warmup:
+            per.append(m[:6])
+            ready.append(m[6:])
+    med = [statistics.median(col) for col in zip(*per)]
+    return {"fwd": med[0], "bwd": med[1], "step": med[2], "busy": med[3], "sync_cpu": med[4],
+            "compute_end": med[5], "ready": [statistics.median(col) for col in zip(*ready)]}
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time (user + system, all threads: the communication thread, gloo's, and
+    the kernel's TCP work done on their behalf), seconds."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def validate_suite(rank: int, args) -> dict | None:
+    """Measured step time vs :func:`fastnet.comm.simulate.simulate_plan` per configuration."""
+    from fastnet.comm.cost_model import CostModel
+    from fastnet.comm.simulate import simulate_plan
+
+    cost_models = {"none": CostModel.load(args.cost_model)}
+    for item in args.wire_cost_model:
+        wire, _, path = item.partition("=")
+        cost_models[wire] = CostModel.load(path)
+    from fastnet.comm.topology import gather_hosts
+
+    comm = TorchCommunicator()
+    world = dist.get_world_size()
+    hosts = gather_hosts(comm)
+    on_host = hosts.count(hosts[comm.rank])  # the emulated cluster's nodes share this machine's cores
+    cores = len(os.sched_getaffinity(0))
+    cpu_share = on_host / cores if on_host * args.threads >= cores else 0.0  # compute saturates the cores
+    rows = []
+    for name in args.models:
+        classes, side = VALIDATE_MODELS[name]
+        side = side or args.image_size
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(args.batch, 3, side, side, generator=g)
+        y = torch.randint(0, classes, (args.batch,), generator=g)
+        for wire in args.wires:
+            cost_model = cost_models.get(wire, cost_models["none"])
+            for alg in args.algorithms:
+                profile = None
+                for overlap in (False, True):  # the no-overlap run first: its backward is the profile
+                    torch.manual_seed(0)
+                    model = build_model(name, classes, side)
+                    sync = GradientSynchronizer(comm, model.parameters(), algorithm=alg, overlap=overlap,
+                                                fusion_threshold_bytes=int(args.fusion_mb * (1 << 20)),
+                                                wire_dtype=wire, cost_model=cost_model,
+                                                ranks_per_node=args.ranks_per_node)
+                    got = _timed_steps(model, sync, x, y, args)
+                    if profile is None:
+                        profile = got
+                    # this run's buckets and launch order, the profile's ready times (from the barrier)
+                    plan = sync.measured_plan(ready_s=profile["ready"])
+                    common = (plan["buckets"], profile["compute_end"], world, sync.reducer.ranks_per_node,
+                              cost_model, plan["launch_order"], overlap)
+                    sim = simulate_plan(*common, segment_bytes=sync.reducer.segment_bytes)
+                    contended = simulate_plan(*common, segment_bytes=sync.reducer.segment_bytes,
+                                              comm_cpu_s=profile["sync_cpu"], cpu_share=cpu_share)
+                    rows.append({"model": name, "wire": wire, "algorithm": alg, "overlap": overlap,
+                                 "buckets": len(plan["buckets"]),
+                                 "picked": sorted({b[2] for b in plan["buckets"]}), **got,
+                                 "predicted": sim.step_s, "pred_comm": sim.comm_s, "pred_exposed": sim.exposed_comm_s,
+                                 "contended": contended.step_s, "plan": plan["buckets"],
+                                 "launch_order": plan["launch_order"]})
+                    sync.close()
+    if rank != 0:
+        return None
+    lines = ["| model | wire | algorithm | overlap | buckets | compute end (s) | comm busy (s) | comm CPU (s) | "
+             "model comm (s) | step (s) | model: independent channels (s) | error | model: CPU contention (s) | "
+             "error |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        alg = r["algorithm"] + (f" → {', '.join(r['picked'])}" if r["algorithm"] == "hybrid" else "")
+        lines.append(f"| {r['model']} | {r['wire']} | {alg} | {'on' if r['overlap'] else 'off'} | {r['buckets']} | "
+                     f"{r['compute_end']:.3f} | {r['busy']:.3f} | {r['sync_cpu']:.3f} | {r['pred_comm']:.3f} | "
+                     f"{r['step']:.3f} | {r['predicted']:.3f} | {(r['predicted'] - r['step']) / r['step']:+.0%} | "
+                     f"{r['contended']:.3f} | {(r['contended'] - r['step']) / r['step']:+.0%} |")
+    lines.append("")
+    for key, label in (("predicted", "independent channels"), ("contended", "with CPU contention")):
+        errors = [abs(r[key] - r["step"]) / r["step"] for r in rows]
+        lines.append(f"Model, {label}: within 15% in {sum(e <= 0.15 for e in errors)} of {len(rows)} "
+                     f"configurations; largest error {max(errors):.0%}, median {statistics.median(errors):.0%}.")
+    lines.append(f"CPU contention: {on_host} ranks on {cores} cores, cpu_share = {cpu_share:g} "
+                 "(simulate_plan; comm CPU from each configuration's no-overlap run).")
+    return {"lines": lines, "rows": rows,
+            "what": f"fp32 models, local batch {args.batch} (ResNet-50 at {args.image_size}x{args.image_size}), "
+                    f"fusion threshold {args.fusion_mb:g} MiB, buckets rebuilt after step 2; cost model "
+                    f"{args.cost_model}" + "".join(f", {w}" for w in args.wire_cost_model)
+                    + "; model = simulate_plan on this run's buckets and launch order with the ready times "
+                      "and end of backward profiled in the no-overlap run of the same configuration (from the "
+                      "step's barrier, max over ranks); comm busy = the communication thread's time per step "
+                      "(it includes waiting for the slowest rank), comm CPU = CPU seconds in synchronize() "
+                      "(max over ranks)"}
+
+
 def run(rank: int, world: int, args) -> dict | None:
     torch.set_num_threads(args.threads)
-    return (ddp_suite if args.suite == "ddp" else overlap_suite)(rank, args)
+    return {"ddp": ddp_suite, "overlap": overlap_suite, "validate": validate_suite}[args.suite](rank, args)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=("ddp", "overlap"), default="ddp")
+    p.add_argument("--suite", choices=("ddp", "overlap", "validate"), default="ddp")
     p.add_argument("--batch", type=int, default=None, help="local batch per rank (default: 32 ddp, 2 overlap)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 15 ddp, 4 overlap)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 2: the rebuild is after step 2)")
@@ -206,13 +329,34 @@ def main() -> None:
     p.add_argument("--overlap-mb", type=float, nargs="+", default=[25.0, 64.0], help="overlap suite: thresholds, MiB")
     p.add_argument("--algorithm", default="hierarchical", help="overlap suite: all-reduce algorithm")
     p.add_argument("--image-size", type=int, default=64, help="overlap suite: image side, pixels")
-    p.add_argument("--ranks-per-node", type=int, default=None, help="overlap suite: node size (default: from hosts)")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="overlap and validate suites: node size (default: torchrun's LOCAL_WORLD_SIZE, which "
+                        "is right on the emulated cluster, whose nodes share one host name)")
     p.add_argument("--compute-nice", type=int, default=0,
                    help="overlap suite: nice value of the compute thread, set after the synchronizer (and its "
                         "gloo and communication threads) exist, so communication preempts compute on a "
                         "saturated CPU (restoring it needs root)")
+    p.add_argument("--cost-model", default=None, metavar="PATH",
+                   help="validate suite (required): the calibrated cost model (YAML), e.g. from "
+                        "benchmarks/topology/cluster.py study --calibrate-only --save-cost-model PATH")
+    p.add_argument("--wire-cost-model", nargs="*", default=[], metavar="WIRE=PATH",
+                   help="validate suite: a cost model calibrated with that wire dtype (e.g. fp16=PATH from "
+                        "cluster.py study --calibrate-only --dtype float16) for the configurations with it; "
+                        "others use --cost-model")
+    p.add_argument("--models", nargs="+", default=list(VALIDATE_MODELS), choices=list(VALIDATE_MODELS),
+                   help="validate suite: models")
+    p.add_argument("--wires", nargs="+", default=["none", "fp16"], choices=["none", "fp16", "bf16"],
+                   help="validate suite: wire dtypes")
+    p.add_argument("--algorithms", nargs="+", default=["native", "ring", "hierarchical", "hybrid"],
+                   help="validate suite: all-reduce algorithms")
+    p.add_argument("--json", default=None, metavar="PATH", help="validate suite: also write the rows as JSON")
     p.add_argument("--append")
     args = p.parse_args()
+    if args.suite == "validate" and not args.cost_model:
+        p.error("--suite validate needs --cost-model PATH (a calibrated cost model; see --help)")
+    for item in args.wire_cost_model:
+        if item.partition("=")[0] not in ("fp16", "bf16") or not item.partition("=")[2]:
+            p.error(f"--wire-cost-model {item!r}: expected fp16=PATH or bf16=PATH")
     args.batch = args.batch or (32 if args.suite == "ddp" else 2)
     args.steps = args.steps or (15 if args.suite == "ddp" else 4)
     if args.warmup < 2:
@@ -222,13 +366,17 @@ def main() -> None:
                *sys.argv[1:]]
         raise SystemExit(subprocess.run(cmd, env={**os.environ, "FASTNET_BENCH_LAUNCHER": "2 ranks on loopback"},
                                         timeout=7200).returncode)
+    args.ranks_per_node = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     out = run(dist.get_rank(), world, args)
     dist.destroy_process_group()
     if out is None:
         return
-    title = "Training step: GradientSynchronizer vs DDP" if args.suite == "ddp" else "Overlap: communication hidden behind backward"
+    if args.json and "rows" in out:
+        Path(args.json).write_text(json.dumps(out["rows"], indent=1))
+    title = {"ddp": "Training step: GradientSynchronizer vs DDP", "overlap": "Overlap: communication hidden behind backward",
+             "validate": "Step-time model vs measured steps"}[args.suite]
     launcher = os.environ.get("FASTNET_BENCH_LAUNCHER", "torchrun")
     lines = [f"### {title} — {datetime.date.today()}", "",
              f"Command: `python benchmarks/sync_step.py {' '.join(sys.argv[1:])}` ({launcher})",

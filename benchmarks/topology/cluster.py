@@ -184,19 +184,32 @@ def study(a: argparse.Namespace) -> None:
     # from launch to launch. The shaped links are fitted from -b up: tbf's 256 KB burst lets
     # smaller messages leave at veth speed, where the α-β line does not hold.
     calib = ["-b", str(min(parse_size(a.minbytes), parse_size(a.calibration_minbytes))), *sweep[2:]]
+    if a.dtype != "float32":  # the links then carry that wire dtype's reduction cost in their β (sizes: its bytes)
+        if not a.calibrate_only:
+            raise SystemExit(f"--dtype {a.dtype} needs --calibrate-only (the comparison table is fitted in float32)")
+        sweep, calib = [*sweep, "-d", a.dtype], [*calib, "-d", a.dtype]
     with cluster(n, a.rate) as c:
         one_node = dataclasses.replace(c, addrs=c.addrs[:1])
-        intra = median_rows(one_node, k, [*calib, "-a", "ring"], a.calibration_runs)  # the intra-node link
+        # the intra-node link (none with one rank per node: the default's values stay, unused)
+        intra = median_rows(one_node, k, [*calib, "-a", "ring"], a.calibration_runs) if k > 1 else []
         inter = median_rows(c, 1, [*sweep, "-a", "ring"], a.calibration_runs)  # one rank per node: inter-node
         native = median_rows(c, k, [*sweep, "-a", "native"], a.calibration_runs)
         # Links fitted to ring rows carry fastnet's per-step software cost in their α (p2p level 0):
         # exact for ring / *_p2p, an over-estimate of α for the collective-composed variants.
         no_p2p = CostModel(p2p=Link(0.0, 0.0))
-        model = CostModel(intra=calibrate(intra, k, base=no_p2p, levels=("intra",)).intra,
+        model = CostModel(intra=calibrate(intra, k, base=no_p2p, levels=("intra",)).intra if intra else no_p2p.intra,
                           inter=calibrate(inter, n, 1, base=no_p2p, levels=("inter",)).inter,
                           native=calibrate(native, n * k, k).native, p2p=Link(0.0, 0.0))
         cm_path = str(c.workdir / "cost_model.yaml")  # in the run's private directory
         model.save(cm_path)
+        if a.save_cost_model:
+            model.save(a.save_cost_model)
+        links = ", ".join(f"{lv} α={getattr(model, lv).alpha_s * 1e6:.0f} µs, {getattr(model, lv).bandwidth_gbps:.3f} GB/s"
+                          for lv in (("intra",) if k > 1 else ()) + ("inter", "native"))
+        if a.calibrate_only:
+            print(f"calibrated ({n} nodes × {k} ranks, {a.rate}, {a.dtype}): {links}"
+                  + (f"; saved to {a.save_cost_model}" if a.save_cost_model else ""))
+            return
         segment = ["--segment-mb", f"{a.segment_mb:g}"]
         fp32 = bench(c, k, [*sweep, "-a", "all", "--cost-model", cm_path, *segment])
         one_segment = [{**r, "segment_bytes": 0}
@@ -216,9 +229,7 @@ def study(a: argparse.Namespace) -> None:
              f"warm-up 5; gloo; {fp32['header']}.",
              f"Links calibrated from separate runs (medians of {a.calibration_runs} launches; ring on one node,"
              f" {a.calibration_minbytes}–{a.maxbytes} → intra; ring, 1 rank per node → inter; native on the cluster"
-             " → native): " + ", ".join(
-                 f"{lv} α={getattr(model, lv).alpha_s * 1e6:.0f} µs, {getattr(model, lv).bandwidth_gbps:.3f} GB/s"
-                 for lv in ("intra", "inter", "native")) + ".", "",
+             " → native): " + links + ".", "",
              "| size (MiB) | algorithm | wire | time (ms) | busbw (GB/s) | vs flat ring | model (ms) | model error "
              "| #wrong |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     pipelined = (f"hierarchical_p2p is pipelined in {a.segment_mb:g} MiB segments; 'hierarchical_p2p, 1 segment' "
@@ -255,6 +266,14 @@ def main() -> None:
                            help="launches per calibration sweep; the fit uses each size's median")
             s.add_argument("--calibration-minbytes", default="64K",
                            help="smallest size of the intra-node calibration sweep")
+            s.add_argument("--save-cost-model", default=None, metavar="PATH",
+                           help="also write the calibrated cost model (YAML) here, e.g. for "
+                                "benchmarks/sync_step.py --suite validate --cost-model PATH")
+            s.add_argument("--calibrate-only", action="store_true",
+                           help="stop after the calibration (print the links; no comparison table)")
+            s.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                           help="with --calibrate-only: the wire dtype of the calibration sweeps, so the links' "
+                                "β include its reduction cost (on a CPU, FP16 sums cost more than the bytes)")
             s.add_argument("--append")
         else:
             s.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run's processes are "
