@@ -48,7 +48,7 @@ def _timed(fn) -> float:
     return t.item()
 
 
-def measure(sizes_mib: list[int], iters: int) -> list[dict]:
+def measure(sizes_mib: list[int], iters: int, segments: list[float]) -> list[dict]:
     comm = TorchCommunicator()
     peer = 1 - comm.rank
     rows = []
@@ -57,7 +57,7 @@ def measure(sizes_mib: list[int], iters: int) -> list[dict]:
         x = torch.full((n,), float(comm.rank + 1))
         half_out, half_in = x[: n // 2].clone(), torch.empty(n // 2)
         kinds = {"native": lambda: dist.all_reduce(x),
-                 "ring": lambda: ring_all_reduce(comm, x, DEFAULT_SEGMENT_BYTES // 4),
+                 **{f"ring {mb:g}": (lambda e=int(mb * (1 << 20)) // 4: ring_all_reduce(comm, x, e)) for mb in segments},
                  "exchange": lambda: comm.exchange([(half_out, peer)], [(half_in, peer)]).wait()}
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for it in range(2 + iters):
@@ -66,8 +66,10 @@ def measure(sizes_mib: list[int], iters: int) -> list[dict]:
                 t = _timed(fn)
                 if it >= 2:
                     times[kind].append(t)
-            if x[0].item() != 3.0:  # 1 + 2: the last kind that wrote x was the ring
-                raise SystemExit(f"wrong sum {x[0].item()} at {mib} MiB")
+                if kind != "exchange" and not bool((x == 3.0).all()):  # 1 + 2 everywhere (native, rings)
+                    raise SystemExit(f"{kind}: wrong sum at {mib} MiB")
+                if kind == "exchange" and not bool((half_in == float(peer + 1)).all()):
+                    raise SystemExit(f"exchange: wrong data at {mib} MiB")
         rows.append({"mib": mib, **{k: statistics.median(v) for k, v in times.items()}})
     return rows
 
@@ -76,6 +78,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--iters", type=int, default=7)
+    p.add_argument("--segment-mb", type=float, nargs="+", default=[DEFAULT_SEGMENT_BYTES / (1 << 20)],
+                   help="the ring's pipeline segments to measure, MiB (0: one piece); default: fastnet's")
     p.add_argument("--append")
     args = p.parse_args()
     if "RANK" not in os.environ:
@@ -86,7 +90,7 @@ def main() -> None:
     if dist.get_world_size() != 2:
         raise SystemExit(f"p2p_floor needs exactly 2 ranks, got {dist.get_world_size()}")
     torch.set_num_threads(1)
-    rows = measure(args.sizes_mib, args.iters)
+    rows = measure(args.sizes_mib, args.iters, args.segment_mb)
     dist.destroy_process_group()
     if int(os.environ["RANK"]) != 0:
         return
@@ -95,14 +99,14 @@ def main() -> None:
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; 2 ranks gloo on "
              f"loopback, 1 thread each; fp32; median of {args.iters} iterations after 2 (max over ranks), the "
              "three kinds alternating.", "",
-             "| size (MiB) | native busbw (GB/s) | ring busbw (GB/s) | ring ÷ native | exchange of S/2 each way (ms) "
-             "| floor busbw, S / (2 × exchange) (GB/s) | floor ÷ native | ring ÷ floor |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| size (MiB) | native busbw (GB/s) | exchange of S/2 each way (ms) | floor busbw, S / (2 × exchange) "
+             "(GB/s) | floor ÷ native | " + " | ".join(f"ring, {f'{mb:g} MiB segments' if mb else 'one piece'} ÷ native" for mb in args.segment_mb)
+             + " |", "|---:|---:|---:|---:|---:|" + "---:|" * len(args.segment_mb)]
     for r in rows:
         s = r["mib"] * (1 << 20) / 1e9
-        native, ring, floor = s / r["native"], s / r["ring"], s / (2 * r["exchange"])
-        lines.append(f"| {r['mib']} | {native:.2f} | {ring:.2f} | {ring / native:.2f}x | {r['exchange'] * 1e3:.1f} | "
-                     f"{floor:.2f} | {floor / native:.2f}x | {ring / floor:.2f}x |")
+        native, floor = s / r["native"], s / (2 * r["exchange"])
+        lines.append(f"| {r['mib']} | {native:.2f} | {r['exchange'] * 1e3:.1f} | {floor:.2f} | {floor / native:.2f}x | "
+                     + " | ".join(f"{r['native'] / r[f'ring {mb:g}']:.2f}x" for mb in args.segment_mb) + " |")
     emit(lines, args.append)
 
 

@@ -195,7 +195,8 @@ def overlap_suite(rank: int, args) -> dict | None:
 VALIDATE_MODELS = {"resnet18_cifar": (10, 32), "resnet50": (1000, None)}  # classes, image side (None: --image-size)
 
 
-def _timed_steps(model: nn.Module, sync: GradientSynchronizer, x: torch.Tensor, y: torch.Tensor, args) -> dict:
+def _timed_steps(model: nn.Module, sync: GradientSynchronizer, x: torch.Tensor, y: torch.Tensor, args,
+                 steps: int | None = None) -> dict:
     """``--warmup`` + ``--steps`` steps of forward, backward, synchronize after a barrier; medians
     over the timed steps of the max over ranks: ``fwd``, ``bwd`` (backward's wall time), ``step``,
     ``busy``, ``sync_cpu`` (this process's CPU seconds in ``synchronize()``), ``compute_end``
@@ -203,7 +204,7 @@ def _timed_steps(model: nn.Module, sync: GradientSynchronizer, x: torch.Tensor, 
     the barrier: the end of backward less the time from the gradient to the last one; a bucket's
     all-reduce can start once the last rank has it, hence the max over ranks)."""
     per, ready = [], []
-    for step in range(args.warmup + args.steps):
+    for step in range(args.warmup + (steps or args.steps)):
         dist.barrier()
         t0 = time.perf_counter()
         loss = nn.functional.cross_entropy(model(x), y)
@@ -256,11 +257,12 @@ def validate_suite(rank: int, args) -> dict | None:
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(args.batch, 3, side, side, generator=g)
         y = torch.randint(0, classes, (args.batch,), generator=g)
+        runs = []
         for wire in args.wires:
             cost_model = cost_models.get(wire, cost_models["none"])
             for alg in args.algorithms:
-                profile = None
-                for overlap in (False, True):  # the no-overlap run first: its backward is the profile
+                comm_cpu = None
+                for overlap in (False, True):  # the no-overlap run first: its synchronize() gives comm CPU
                     torch.manual_seed(0)
                     model = build_model(name, classes, side)
                     sync = GradientSynchronizer(comm, model.parameters(), algorithm=alg, overlap=overlap,
@@ -268,31 +270,44 @@ def validate_suite(rank: int, args) -> dict | None:
                                                 wire_dtype=wire, cost_model=cost_model,
                                                 ranks_per_node=args.ranks_per_node)
                     got = _timed_steps(model, sync, x, y, args)
-                    if profile is None:
-                        profile = got
-                    # this run's buckets and launch order, the profile's ready times (from the barrier)
-                    plan = sync.measured_plan(ready_s=profile["ready"])
-                    common = (plan["buckets"], profile["compute_end"], world, sync.reducer.ranks_per_node,
-                              cost_model, plan["launch_order"], overlap)
-                    sim = simulate_plan(*common, segment_bytes=sync.reducer.segment_bytes)
-                    contended = simulate_plan(*common, segment_bytes=sync.reducer.segment_bytes,
-                                              comm_cpu_s=profile["sync_cpu"], cpu_share=cpu_share)
-                    rows.append({"model": name, "wire": wire, "algorithm": alg, "overlap": overlap,
-                                 "buckets": len(plan["buckets"]),
-                                 "picked": sorted({b[2] for b in plan["buckets"]}), **got,
-                                 "predicted": sim.step_s, "pred_comm": sim.comm_s, "pred_exposed": sim.exposed_comm_s,
-                                 "contended": contended.step_s, "plan": plan["buckets"],
-                                 "launch_order": plan["launch_order"]})
+                    if comm_cpu is None:
+                        comm_cpu = got["sync_cpu"]
+                    index = {id(p): i for i, p in enumerate(sync.params)}
+                    plan = sync.measured_plan()  # this run's buckets and launch order
+                    runs.append({"model": name, "wire": wire, "algorithm": alg, "overlap": overlap, "got": got,
+                                 "plan": plan, "members": [[index[id(p)] for p in b.params] for b in sync.buckets],
+                                 "comm_cpu": comm_cpu, "cost_model": cost_model, "rpn": sync.reducer.ranks_per_node,
+                                 "segment": sync.reducer.segment_bytes})
                     sync.close()
+        # The profiled backward: per parameter, the median over the model's other no-overlap runs (their
+        # backward has no communication running; leaving the predicted run out keeps its own times out).
+        profiles = [r for r in runs if not r["overlap"]]
+        for run in runs:
+            others = [r["got"] for r in profiles if r is not run] or [run["got"]]  # one run: its own
+            ready = [statistics.median(o["ready"][i] for o in others) for i in range(len(others[0]["ready"]))]
+            compute_end = statistics.median(o["compute_end"] for o in others)
+            plan = run["plan"]
+            buckets = [(nbytes, max(ready[i] for i in m), alg) for (nbytes, _, alg), m in zip(plan["buckets"],
+                                                                                           run["members"])]
+            common = (buckets, compute_end, world, run["rpn"], run["cost_model"], plan["launch_order"], run["overlap"])
+            sim = simulate_plan(*common, segment_bytes=run["segment"])
+            contended = simulate_plan(*common, segment_bytes=run["segment"], comm_cpu_s=run["comm_cpu"],
+                                      cpu_share=cpu_share)
+            rows.append({**{k: run[k] for k in ("model", "wire", "algorithm", "overlap")},
+                         "buckets": len(buckets), "picked": sorted({b[2] for b in buckets}), **run["got"],
+                         "profile_compute_end": compute_end, "predicted": sim.step_s, "pred_comm": sim.comm_s,
+                         "pred_exposed": sim.exposed_comm_s, "contended": contended.step_s, "plan": buckets,
+                         "launch_order": plan["launch_order"]})
     if rank != 0:
         return None
-    lines = ["| model | wire | algorithm | overlap | buckets | compute end (s) | comm busy (s) | comm CPU (s) | "
-             "model comm (s) | step (s) | model: independent channels (s) | error | model: CPU contention (s) | "
-             "error |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | wire | algorithm | overlap | buckets | compute end (s) | profiled (s) | comm busy (s) | "
+             "comm CPU (s) | model comm (s) | step (s) | model: independent channels (s) | error | "
+             "model: CPU contention (s) | error |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         alg = r["algorithm"] + (f" → {', '.join(r['picked'])}" if r["algorithm"] == "hybrid" else "")
         lines.append(f"| {r['model']} | {r['wire']} | {alg} | {'on' if r['overlap'] else 'off'} | {r['buckets']} | "
-                     f"{r['compute_end']:.3f} | {r['busy']:.3f} | {r['sync_cpu']:.3f} | {r['pred_comm']:.3f} | "
+                     f"{r['compute_end']:.3f} | {r['profile_compute_end']:.3f} | {r['busy']:.3f} | "
+                     f"{r['sync_cpu']:.3f} | {r['pred_comm']:.3f} | "
                      f"{r['step']:.3f} | {r['predicted']:.3f} | {(r['predicted'] - r['step']) / r['step']:+.0%} | "
                      f"{r['contended']:.3f} | {(r['contended'] - r['step']) / r['step']:+.0%} |")
     lines.append("")
@@ -301,14 +316,14 @@ def validate_suite(rank: int, args) -> dict | None:
         lines.append(f"Model, {label}: within 15% in {sum(e <= 0.15 for e in errors)} of {len(rows)} "
                      f"configurations; largest error {max(errors):.0%}, median {statistics.median(errors):.0%}.")
     lines.append(f"CPU contention: {on_host} ranks on {cores} cores, cpu_share = {cpu_share:g} "
-                 "(simulate_plan; comm CPU from each configuration's no-overlap run).")
+                 "(simulate_plan; comm CPU: the CPU seconds of synchronize() in each configuration's no-overlap run).")
     return {"lines": lines, "rows": rows,
             "what": f"fp32 models, local batch {args.batch} (ResNet-50 at {args.image_size}x{args.image_size}), "
                     f"fusion threshold {args.fusion_mb:g} MiB, buckets rebuilt after step 2; cost model "
                     f"{args.cost_model}" + "".join(f", {w}" for w in args.wire_cost_model)
                     + "; model = simulate_plan on this run's buckets and launch order with the ready times "
-                      "and end of backward profiled in the no-overlap run of the same configuration (from the "
-                      "step's barrier, max over ranks); comm busy = the communication thread's time per step "
+                      "and end of backward profiled in the model's other no-overlap runs (per parameter, the "
+                      "median over them; from the step's barrier, max over ranks); comm busy = the communication thread's time per step "
                       "(it includes waiting for the slowest rank), comm CPU = CPU seconds in synchronize() "
                       "(max over ranks)"}
 

@@ -282,6 +282,9 @@ def main() -> None:
     d = sub.add_parser("down", help="remove leftovers of interrupted runs (all runs, or --run-id's)")
     d.add_argument("--run-id", default=None)
     a = p.parse_args()
+    # SIGTERM (e.g. timeout(1), pkill) unwinds like Ctrl-C: the run's process groups are killed and its
+    # namespaces removed, instead of leaving ranks running in namespaces nobody owns
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if a.cmd == "down":
         down(a.run_id)
     elif a.cmd == "run":

@@ -42,7 +42,10 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         hierarchies = {rpn: Hierarchy(comm, rpn) for rpn in sorted({1, 2, 3, world}) if rpn <= world}
         for dtype in DTYPES:
             for length in LENGTHS:
-                cases = [("ring", None), ("ring-seg-2", None), ("ring-seg-1000", None)] + [(alg, rpn) for rpn in hierarchies
+                # tiny segments (2, 5 elements) only up to 1000 elements: at 65537 they are thousands of
+                # exchanges per step, minutes of CI for nothing the 1000-element segments do not cover
+                rings = [("ring", None), ("ring-seg-1000", None)] + ([("ring-seg-2", None)] if length <= 1000 else [])
+                cases = rings + [(alg, rpn) for rpn in hierarchies
                                             for alg in ("hierarchical", "hierarchical_p2p", "leader", "leader_p2p",
                                                         "pipelined-5", "pipelined-1000", "collective-5",
                                                         "collective-1000")
@@ -87,7 +90,8 @@ def test_algorithms_sum_exactly_and_agree_bitwise(world):
     for dtype in DTYPES:  # the segmented ring adds in the same order: bitwise the unsegmented ring's result
         for length in LENGTHS:
             plain = out[0][0][("ring", None, str(dtype), length)][1]
-            assert all(out[0][0][(f"ring-seg-{g}", None, str(dtype), length)][1] == plain for g in (2, 1000))
+            assert all(out[0][0][(f"ring-seg-{g}", None, str(dtype), length)][1] == plain
+                       for g in ((2, 1000) if length <= 1000 else (1000,)))
     for key in keys:
         assert all(out[r][0][key][0] for r in range(world)), (key, [out[r][0][key][0] for r in range(world)])
         assert len({out[r][0][key][1] for r in range(world)}) == 1, key  # bitwise identical on every rank
