@@ -1,5 +1,6 @@
-"""Why fastnet's ring over gloo stays below gloo's own all-reduce at 64–256 MiB: the floor that
-gloo's point-to-point path sets for any send/recv schedule (issue #16).
+"""Is gloo's point-to-point path what keeps fastnet's ring below gloo's own all-reduce at 64–256
+MiB? The floor that path sets for any send/recv schedule, vs the ring at several segment sizes
+(issue #16; measured: docs/BENCHMARKS.md).
 
     .venv/bin/python benchmarks/p2p_floor.py --append docs/BENCHMARKS.md
 
