@@ -4,6 +4,8 @@ the step's communication is hidden behind backward.
     .venv/bin/python benchmarks/sync_step.py --append docs/BENCHMARKS.md
     python benchmarks/topology/cluster.py run --nodes 2 --ranks-per-node 2 --rate 1gbit -- \\
         benchmarks/sync_step.py --suite overlap --append docs/BENCHMARKS.md
+    python benchmarks/topology/cluster.py run --nodes 2 --ranks-per-node 2 --rate 1gbit -- \\
+        benchmarks/sync_step.py --suite validate --cost-model CM.yaml --wire-cost-model fp16=CM16.yaml
 
 Without torchrun it runs itself under ``torchrun --standalone --nproc_per_node=2`` (gloo on
 loopback); under torchrun (e.g. the emulated cluster of
@@ -32,6 +34,16 @@ exposed = the time ``synchronize()`` then blocked (host wall clock), busy = the 
 thread's time. Hidden = 1 − exposed / C,
 C from the no-overlap row of the same threshold. Forward, backward and synchronize only (no
 optimizer step).
+
+**Suite ``validate``** (issue #16): the step-time model against measured steps. Per model
+(``--models``) × wire (``--wires``) × algorithm (``--algorithms``) × overlap off/on, fp32 models:
+the measured step (forward, backward, synchronize) vs
+:func:`fastnet.comm.simulate.simulate_plan` on that run's buckets and launch order, with the
+ready times and end of backward profiled in the model's *other* no-overlap runs (per parameter,
+the median; seconds from the step's barrier, max over ranks) and the calibrated cost model
+(``--cost-model``; ``--wire-cost-model fp16=PATH`` for the FP16 wire), once as independent
+channels and once with CPU contention (the configuration's no-overlap ``synchronize()`` CPU
+seconds, ``cpu_share`` = ranks on this host ÷ its cores when compute saturates them).
 """
 
 from __future__ import annotations
