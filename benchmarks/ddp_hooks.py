@@ -34,7 +34,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,15 +50,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm import ddp_hook  # noqa: E402
 from fastnet.comm.cost_model import CostModel  # noqa: E402
 from fastnet.models import build_model  # noqa: E402
+from ranks import (check_wire_cost_models, load_cost_models, max_over_ranks, ranks_per_node,  # noqa: E402
+                   relaunch_under_torchrun)
 from report import emit  # noqa: E402
 
 TORCH_HOOKS = ["none", "allreduce_hook", "fp16_compress_hook", "bf16_compress_hook", "powersgd_rank4"]
-
-
-def _max_over_ranks(*values: float) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def _model_and_data(name: str, rank: int, batch: int):
@@ -108,19 +103,14 @@ def _steps(net: DDP, opt, x, y, loss_fn, args, state=None, no_sync: bool = False
         recs = state.take_records() if state is not None else []
         busy = sum(r[3] - r[2] for r in recs)
         wait = sum(r[2] - r[1] for r in recs)
-        m = _max_over_ranks(t, busy, wait)
+        m = max_over_ranks(t, busy, wait)
         if step >= args.warmup:
             per.append(m)
     return {k: statistics.median(p[i] for p in per) for i, k in enumerate(("step", "busy", "wait"))}
 
 
 def measure(rank: int, args) -> list[dict]:
-    cost_models: dict[str, CostModel] = {}
-    if args.cost_model:
-        cost_models["none"] = CostModel.load(args.cost_model)
-    for item in args.wire_cost_model:
-        wire, _, path = item.partition("=")
-        cost_models[wire] = CostModel.load(path)
+    cost_models = load_cost_models(args.cost_model, args.wire_cost_model)
     rows = []
     for name in args.models:
         finals = {}
@@ -191,16 +181,11 @@ def main() -> None:
         alg, _, wire = spec.partition(":")
         if wire not in ("none", "fp16", "bf16"):
             p.error(f"--fastnet {spec!r}: expected ALGORITHM:WIRE with WIRE one of none, fp16, bf16")
-    for item in args.wire_cost_model:
-        if item.partition("=")[0] not in ("fp16", "bf16") or not item.partition("=")[2]:
-            p.error(f"--wire-cost-model {item!r}: expected fp16=PATH or bf16=PATH")
+    if error := check_wire_cost_models(args.wire_cost_model):
+        p.error(error)
     args.hooks = ["none", *args.torch_hooks, *args.fastnet]
-    if "RANK" not in os.environ:  # run ourselves under torchrun: 2 ranks on loopback
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               *sys.argv[1:]]
-        env = {**os.environ, "FASTNET_BENCH_LAUNCHER": "2 ranks on loopback", "OMP_NUM_THREADS": "1"}
-        raise SystemExit(subprocess.run(cmd, env=env, timeout=7200).returncode)
-    args.ranks_per_node = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    relaunch_under_torchrun(__file__)
+    args.ranks_per_node = ranks_per_node(args.ranks_per_node)
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     world = dist.get_world_size()

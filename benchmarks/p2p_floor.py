@@ -23,7 +23,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm.algorithms import ring_all_reduce  # noqa: E402
 from fastnet.comm.communicator import TorchCommunicator  # noqa: E402
 from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES  # noqa: E402
+from ranks import relaunch_under_torchrun  # noqa: E402
 from report import emit  # noqa: E402
 
 
@@ -83,10 +83,7 @@ def main() -> None:
                    help="the ring's pipeline segments to measure, MiB (0: one piece); default: fastnet's")
     p.add_argument("--append")
     args = p.parse_args()
-    if "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               *sys.argv[1:]]
-        raise SystemExit(subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=3600).returncode)
+    relaunch_under_torchrun(__file__)
     dist.init_process_group("gloo")
     if dist.get_world_size() != 2:
         raise SystemExit(f"p2p_floor needs exactly 2 ranks, got {dist.get_world_size()}")

@@ -55,7 +55,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -73,6 +72,8 @@ from fastnet.comm import GradientSynchronizer  # noqa: E402
 from fastnet.comm.communicator import TorchCommunicator  # noqa: E402
 from fastnet.models import build_model  # noqa: E402
 from fastnet.precision import Precision  # noqa: E402
+from ranks import (check_wire_cost_models, load_cost_models, max_over_ranks, ranks_per_node,  # noqa: E402
+                   relaunch_under_torchrun)
 from report import emit  # noqa: E402
 
 DDP_CONFIGS = [("DDP", None), ("DDP find_unused_parameters", "find_unused"),
@@ -81,12 +82,6 @@ DDP_CONFIGS = [("DDP", None), ("DDP find_unused_parameters", "find_unused"),
                ("sync ring overlap", ("ring", True, False))]
 OVERLAP_MODES = [("no overlap", False, False), ("overlap, fixed buckets", True, False),
                  ("overlap, rebuilt buckets", True, True)]
-
-
-def _max_over_ranks(*values: float) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def ddp_suite(rank: int, args) -> dict | None:
@@ -127,7 +122,7 @@ def ddp_suite(rank: int, args) -> dict | None:
                 sync.zero_grad()
             else:
                 opt.zero_grad(set_to_none=True)
-            (t,) = _max_over_ranks(time.perf_counter() - t0)
+            (t,) = max_over_ranks(time.perf_counter() - t0)
             if step >= args.warmup:
                 times.append(t)
         results[name] = statistics.median(times)
@@ -179,7 +174,7 @@ def overlap_suite(rank: int, args) -> dict | None:
                 precision.backward(loss)
                 dist.barrier()  # the slowest rank's backward has ended (another communicator than the sync's)
                 sync.synchronize()
-                measured = _max_over_ranks(time.perf_counter() - t0, sync.exposed_seconds(), sync.busy_seconds())
+                measured = max_over_ranks(time.perf_counter() - t0, sync.exposed_seconds(), sync.busy_seconds())
                 precision.masters.zero_grad()
                 if step >= args.warmup:
                     per.append(measured)
@@ -227,7 +222,7 @@ def _timed_steps(model: nn.Module, sync: GradientSynchronizer, x: torch.Tensor, 
         t3, c3 = time.perf_counter(), _cpu_seconds()
         own = sync.measured_plan()["ready_s"]
         last = max(own)
-        m = _max_over_ranks(t1 - t0, t2 - t1, t3 - t0, sync.busy_seconds(), c3 - c2, t2 - t0,
+        m = max_over_ranks(t1 - t0, t2 - t1, t3 - t0, sync.busy_seconds(), c3 - c2, t2 - t0,
                             *[(t2 - t0) - (last - r) for r in own])
         sync.zero_grad()
         if step >= args.warmup:
@@ -247,13 +242,9 @@ def _cpu_seconds() -> float:
 
 def validate_suite(rank: int, args) -> dict | None:
     """Measured step time vs :func:`fastnet.comm.simulate.simulate_plan` per configuration."""
-    from fastnet.comm.cost_model import CostModel
     from fastnet.comm.simulate import simulate_plan
 
-    cost_models = {"none": CostModel.load(args.cost_model)}
-    for item in args.wire_cost_model:
-        wire, _, path = item.partition("=")
-        cost_models[wire] = CostModel.load(path)
+    cost_models = load_cost_models(args.cost_model, args.wire_cost_model)
     from fastnet.comm.topology import gather_hosts
 
     comm = TorchCommunicator()
@@ -381,19 +372,14 @@ def main() -> None:
     args = p.parse_args()
     if args.suite == "validate" and not args.cost_model:
         p.error("--suite validate needs --cost-model PATH (a calibrated cost model; see --help)")
-    for item in args.wire_cost_model:
-        if item.partition("=")[0] not in ("fp16", "bf16") or not item.partition("=")[2]:
-            p.error(f"--wire-cost-model {item!r}: expected fp16=PATH or bf16=PATH")
+    if error := check_wire_cost_models(args.wire_cost_model):
+        p.error(error)
     args.batch = args.batch or (32 if args.suite == "ddp" else 2)
     args.steps = args.steps or (15 if args.suite == "ddp" else 4)
     if args.warmup < 2:
         p.error(f"--warmup {args.warmup}: must be >= 2 (the synchronizer rebuilds its buckets after step 2)")
-    if "RANK" not in os.environ:  # run ourselves under torchrun: 2 ranks on loopback
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               *sys.argv[1:]]
-        raise SystemExit(subprocess.run(cmd, env={**os.environ, "FASTNET_BENCH_LAUNCHER": "2 ranks on loopback"},
-                                        timeout=7200).returncode)
-    args.ranks_per_node = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    relaunch_under_torchrun(__file__)
+    args.ranks_per_node = ranks_per_node(args.ranks_per_node)
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     out = run(dist.get_rank(), world, args)
