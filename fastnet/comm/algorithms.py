@@ -170,6 +170,67 @@ def ring_all_gather(comm: Communicator, x: torch.Tensor) -> None:
     run_steps(ring_all_gather_steps(comm, x))
 
 
+_COMBINE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+
+
+def ring_reduce_scatter_into(comm: Communicator, output: torch.Tensor, input: torch.Tensor,
+                             op: str = "sum") -> None:
+    """Reduce-scatter with MPI/NCCL semantics by the ring (Patarasuk & Yuan 2009, the first half
+    of the ring all-reduce): ``input`` (1-D, ``size × n`` elements, any dtype) is left unchanged and
+    ``output`` (n elements, the same dtype) receives chunk ``rank`` of the reduction over ranks.
+    n−1 grouped exchanges, each rank sending (size−1)·n elements. Rank r sends chunk r−s−1 in
+    step s (its own input in step 0, then what it accumulated) and receives chunk r−s−2, so its
+    last receive completes chunk r. Each chunk is reduced on one rank in a fixed order, so the
+    result does not depend on timing. ``op``: ``sum``, ``max`` or ``min`` (divide first for an
+    average).
+
+    Raises:
+        ValueError: ``input``/``output`` not 1-D contiguous, sizes that do not match, or an unknown
+            ``op`` (valid ones listed).
+    """
+    _check(input)
+    _check(output)
+    if op not in _COMBINE:
+        raise ValueError(f"Unknown reduction op {op!r} for the ring reduce-scatter; valid ops: {', '.join(_COMBINE)}")
+    n, r, c = comm.size, comm.rank, output.numel()
+    if input.numel() != n * c:
+        raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {n} × output {c}")
+    if n == 1 or c == 0:
+        output.copy_(input)
+        return
+    chunk = input.view(n, c)
+    recv = torch.empty_like(output)
+    acc = torch.empty_like(output) if n > 2 else output
+    send = chunk[(r - 1) % n]
+    for s in range(n - 1):
+        for w in post([RingStep(comm, send, recv)]):
+            w.wait()
+        last = s == n - 2
+        send = _COMBINE[op](chunk[(r - s - 2) % n], recv, out=output if last else acc)
+
+
+def ring_all_gather_into(comm: Communicator, output: torch.Tensor, input: torch.Tensor) -> None:
+    """All-gather with MPI/NCCL semantics by the ring: ``output`` (1-D, ``size × n`` elements)
+    receives every rank's ``input`` (n elements, the same dtype), rank r's at ``[r·n, (r+1)·n)``.
+    n−1 grouped exchanges, each rank sending (size−1)·n elements; every rank ends bitwise equal.
+
+    Raises:
+        ValueError: ``input``/``output`` not 1-D contiguous or sizes that do not match.
+    """
+    _check(input)
+    _check(output)
+    n, r, c = comm.size, comm.rank, input.numel()
+    if output.numel() != n * c:
+        raise ValueError(f"all_gather: output has {output.numel()} elements, expected size {n} × input {c}")
+    chunk = output.view(n, c)
+    chunk[r].copy_(input)
+    if c == 0:
+        return
+    for s in range(n - 1):
+        for w in post([RingStep(comm, chunk[(r - s) % n], chunk[(r - s - 1) % n])]):
+            w.wait()
+
+
 def ring_all_reduce(comm: Communicator, x: torch.Tensor, segment_elems: int | None = None) -> torch.Tensor:
     """SUM all-reduce of ``x`` in place by the ring algorithm (2(n−1) steps). Returns ``x``.
 

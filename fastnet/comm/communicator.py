@@ -100,10 +100,11 @@ def check_op(op: str) -> None:
 class TorchCommunicator:
     """:class:`Communicator` over a torch.distributed process group (default: the world group).
 
-    Ranks passed to methods are ranks in this group. ``reduce_scatter`` uses the backend's tensor
-    collective (gloo in older torch has none: then ``all_reduce`` + slice), ``all_gather`` NCCL's
-    ``all_gather_into_tensor`` or gloo's list ``all_gather``; point-to-point traffic of the
-    algorithms goes through :meth:`exchange`. Raises ValueError for an unknown op or mismatched sizes.
+    Ranks passed to methods are ranks in this group. ``reduce_scatter`` and ``all_gather`` use
+    NCCL's tensor collectives on nccl and fastnet's ring (:func:`fastnet.comm.algorithms.ring_reduce_scatter_into`,
+    :func:`~fastnet.comm.algorithms.ring_all_gather_into`) on gloo, whose own are several times slower
+    (measured in issue 19's profile); point-to-point traffic of the algorithms goes through
+    :meth:`exchange`. Raises ValueError for an unknown op or mismatched sizes.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
@@ -116,7 +117,6 @@ class TorchCommunicator:
         self._global = dist.get_process_group_ranks(self.group)
         self.backend = dist.get_backend(self.group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
-        self._native_reduce_scatter = True
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, size={self.size}, backend={self.backend})"
@@ -138,18 +138,18 @@ class TorchCommunicator:
                              f"output {output.numel()}")
         if op == "avg":
             input = input / self.size
-        if self._native_reduce_scatter:
-            try:
-                _REDUCE_SCATTER(output, input, op=_TORCH_OPS["sum" if op == "avg" else op], group=self.group)
-                return
-            except (RuntimeError, NotImplementedError) as exc:  # an older gloo without it: every rank alike
-                if "support" not in str(exc) and not isinstance(exc, NotImplementedError):
-                    raise
-                self._native_reduce_scatter = False
-        tmp = input.clone()
-        self.all_reduce(tmp, "sum" if op == "avg" else op)
-        n = output.numel()
-        output.copy_(tmp[self.rank * n:(self.rank + 1) * n])
+            op = "sum"
+        if self.backend == "nccl":
+            _REDUCE_SCATTER(output, input, op=_TORCH_OPS[op], group=self.group)
+            return
+        # gloo: fastnet's ring. gloo's reduce_scatter_tensor took 137 ms for 33.5 MB of FP16 between
+        # two ranks over loopback where the ring takes 23 ms (issue 19's profile, docs/BENCHMARKS.md)
+        from fastnet.comm.algorithms import ring_reduce_scatter_into
+
+        out = output.view(-1) if output.is_contiguous() else torch.empty(output.numel(), dtype=output.dtype)
+        ring_reduce_scatter_into(self, out, input.reshape(-1).contiguous(), op)
+        if out.data_ptr() != output.data_ptr():
+            output.copy_(out.view(output.shape))
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
         if output.numel() != input.numel() * self.size:
@@ -158,8 +158,14 @@ class TorchCommunicator:
         if self.backend == "nccl":
             dist.all_gather_into_tensor(output, input, group=self.group)
             return
-        dist.all_gather(list(output.view(self.size, -1).unbind(0)) if input.numel() else
-                        [output[:0]] * self.size, input.view(-1), group=self.group)
+        # gloo: fastnet's ring (gloo's list all_gather: 71 ms for 33.5 MB between two ranks over
+        # loopback, the ring about a fifth of that; issue 19's profile)
+        from fastnet.comm.algorithms import ring_all_gather_into
+
+        out = output.view(-1) if output.is_contiguous() else torch.empty(output.numel(), dtype=output.dtype)
+        ring_all_gather_into(self, out, input.reshape(-1).contiguous())
+        if out.data_ptr() != output.data_ptr():
+            output.copy_(out.view(output.shape))
 
     def reduce(self, tensor: torch.Tensor, dst: int, op: str = "sum") -> None:
         check_op(op)

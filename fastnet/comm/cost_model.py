@@ -185,16 +185,22 @@ class CostModel:
         of that size (:mod:`fastnet.comm.algorithms`): with S = ⌈n / segment⌉ segments
         of s steps and per-segment link times t_l, the first segment passes every level and each
         further one costs the slowest level, ``Σ_l t_l + (S − 1)·max_l t_l`` (the pipeline
-        formula), plus the software overhead of S + s − 1 lockstep rounds, ``(S + s − 1)·α_p2p``.
+        formula; the last, shorter segment, as the algorithms cut it, costs its own slowest
+        level), plus the software overhead of S + s − 1 lockstep rounds, ``(S + s − 1)·α_p2p``.
         ``ring`` sends each step's chunk in pipelined segments (:func:`coefficients`)."""
         if algorithm.startswith("hierarchical") and 0 < segment_bytes < nbytes:
             per = self.level_times(algorithm, segment_bytes, world_size, ranks_per_node)
             overhead = per.pop("p2p", 0.0)
             if not per:
                 return 0.0
-            segments = math.ceil(nbytes / segment_bytes)
+            full, tail = divmod(nbytes, segment_bytes)  # the algorithms cut full segments and one shorter tail
+            segments = int(full) + (tail > 0)
             rounds = segments + steps(algorithm, world_size, ranks_per_node) - 1
-            return sum(per.values()) + (segments - 1) * max(per.values()) + rounds * self.p2p.alpha_s * bool(overhead)
+            t = sum(per.values()) + (int(full) - 1) * max(per.values())
+            if tail > 0:
+                t += max(v for lv, v in self.level_times(algorithm, tail, world_size, ranks_per_node).items()
+                         if lv != "p2p")
+            return t + rounds * self.p2p.alpha_s * bool(overhead)
         return sum(self.level_times(algorithm, nbytes, world_size, ranks_per_node, segment_bytes).values())
 
     def choose(self, nbytes: float, world_size: int, ranks_per_node: int | None = None,

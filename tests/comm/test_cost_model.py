@@ -58,6 +58,12 @@ def test_pipelined_hierarchical_by_hand():
     assert m.time("leader", n, 4, 2, seg) == m.time("leader", n, 4, 2)  # only hierarchical_p2p is pipelined
     assert m.time("hierarchical", n, 4, 2, seg) < m.time("hierarchical", n, 4, 2)  # the collective one too
     assert m.time("hierarchical_p2p", n, 1, 1, seg) == 0.0
+    # a short tail: 3 full segments and one of a quarter segment (a 12.5 MiB DDP bucket in 4 MiB
+    # segments) cost 3 full ones through the pipeline plus the tail's own slowest level, not a 4th full one
+    odd = 3 * seg + seg // 4
+    tail = m.level_times("hierarchical_p2p", seg // 4, 4, 2)
+    assert m.time("hierarchical_p2p", odd, 4, 2, seg) == pytest.approx(per["intra"] + 3 * per["inter"] + tail["inter"])
+    assert m.time("hierarchical_p2p", odd, 4, 2, seg) < m.time("hierarchical_p2p", 4 * seg, 4, 2, seg)
     # software cost: one α_p2p per lockstep round, 16 segments of 4 steps = 19 rounds
     costly = dataclasses.replace(m, p2p=Link(1e-3, 0.0))
     assert costly.time("hierarchical_p2p", n, 4, 2, seg) == pytest.approx(m.time("hierarchical_p2p", n, 4, 2, seg)
