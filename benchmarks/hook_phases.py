@@ -12,7 +12,8 @@ reduce-scatter, inter-node all-reduce of the owned 1/k, intra-node all-gather; 4
 ``hierarchical_p2p``; then each phase alone — the intra-node reduce-scatter and all-gather by gloo's
 tensor collectives and by fastnet's ring (``TorchCommunicator`` uses the ring on gloo), the
 inter-node all-reduce of the 1/k chunk by gloo and by fastnet's ring with all k local ranks at once,
-and by gloo with one local rank only (the node's link to itself). Times: median of ``--iters``
+and by gloo with one local rank only (the node's link to itself); the hook's pack and unpack (the
+FP32 bucket narrowed to the wire dtype in a reused buffer, and widened back). Times: median of ``--iters``
 after one warm-up, from a barrier, max over ranks. Every result is checked against the exact sum.
 """
 
@@ -91,6 +92,12 @@ def measure(nbytes: int, dtype: torch.dtype, k: int, iters: int) -> list[tuple[s
          lambda: h.inter.all_reduce(own) if h.topology.local_rank == 0 else None,
          lambda: own if h.topology.local_rank == 0 else None, float(h.inter.size)),
     ]
+    if dtype != torch.float32:  # the hook's pack and unpack: the FP32 bucket narrowed to the wire and back
+        grads = torch.ones(numel, dtype=torch.float32)
+        cases += [(f"pack: FP32 gradients -> {str(dtype).removeprefix('torch.')} wire (reused buffer)",
+                   lambda: x.copy_(grads), lambda: x, 1.0),
+                  (f"unpack: {str(dtype).removeprefix('torch.')} wire -> FP32 gradients",
+                   lambda: grads.copy_(x), lambda: grads, 1.0)]
     rows = []
     for name, fn, result, want in cases:
         if k == 1 and name.startswith("intra"):
