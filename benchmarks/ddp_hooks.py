@@ -17,7 +17,11 @@ SGD with momentum, the same weights and data, and a communication hook:
   ``bf16_compress_hook``, and on request (``--torch-hooks ... powersgd_rank4``: it aborts on gloo
   with more than 2 ranks, see ``--help``) PowerSGD rank 4 (``powerSGD_hook``, compression from
   step 2 — a lossy reference: its parameters drift from the others', the last column shows by how much);
-* fastnet's hook (:func:`fastnet.comm.ddp_hook`) per algorithm × wire dtype (``--fastnet``).
+* fastnet's hook (:func:`fastnet.comm.ddp_hook`) per algorithm × wire dtype (``--fastnet``);
+* no hook, DDP on a process group of fastnet's torch.distributed backend
+  (``dist.new_group(backend="fastnet")`` with ``FASTNET_ALGORITHM``/``FASTNET_WIRE_DTYPE``/
+  ``FASTNET_FUSION_MB``/``FASTNET_RANKS_PER_NODE``/``FASTNET_COST_MODEL`` set for it; ``--backend``;
+  issue #18): what an unmodified script gets from ``init_process_group("fastnet")``.
 
 Per row: the step (forward, backward with DDP's all-reduce, optimizer), median over ``--steps``
 after ``--warmup`` of the max over ranks; compute = the same step under ``no_sync()`` (no
@@ -80,6 +84,8 @@ def _register(net: DDP, hook: str, args, cost_models: dict[str, CostModel]):
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
         net.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         return None
+    if hook.startswith("backend:"):
+        return None
     alg, wire = hook.split(":")
     state, fn = ddp_hook(algorithm=alg, wire_dtype=wire, fusion_mb=args.bucket_mb, ranks_per_node=args.ranks_per_node,
                          cost_model=cost_models.get(wire, cost_models.get("none")))
@@ -109,14 +115,29 @@ def _steps(net: DDP, opt, x, y, loss_fn, args, state=None, no_sync: bool = False
     return {k: statistics.median(p[i] for p in per) for i, k in enumerate(("step", "busy", "wait"))}
 
 
+def _backend_group(spec: str, args, groups: dict) -> dist.ProcessGroup:
+    """A process group of fastnet's backend for ``backend:ALGORITHM:WIRE`` (collective; cached)."""
+    if spec not in groups:
+        _, alg, wire = spec.split(":")
+        paths = dict(item.split("=", 1) for item in args.wire_cost_model)
+        os.environ.update(FASTNET_ALGORITHM=alg, FASTNET_WIRE_DTYPE=wire, FASTNET_FUSION_MB=str(args.bucket_mb),
+                          FASTNET_RANKS_PER_NODE=str(args.ranks_per_node or 1),
+                          FASTNET_COST_MODEL=paths.get(wire, args.cost_model or ""))
+        groups[spec] = dist.new_group(backend="fastnet")
+    return groups[spec]
+
+
 def measure(rank: int, args) -> list[dict]:
     cost_models = load_cost_models(args.cost_model, args.wire_cost_model)
+    groups: dict = {}
     rows = []
     for name in args.models:
         finals = {}
         for hook in ["compute"] + args.hooks:
             model, x, y, loss_fn = _model_and_data(name, rank, args.batch)
-            net = DDP(model, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True, broadcast_buffers=False)
+            group = _backend_group(hook, args, groups) if hook.startswith("backend:") else None
+            net = DDP(model, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True, broadcast_buffers=False,
+                      process_group=group)
             state = _register(net, hook, args, cost_models) if hook != "compute" else None
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
             got = _steps(net, opt, x, y, loss_fn, args, state, no_sync=hook == "compute")
@@ -144,7 +165,9 @@ def table(rows: list[dict]) -> list[str]:
                 continue
             label = {"none": "plain DDP (gloo all-reduce)", "powersgd_rank4": "torch PowerSGD rank 4 (lossy)"}.get(
                 hook, f"torch {hook}" if ":" not in hook else "fastnet " + hook.replace(":", ", wire "))
-            fastnet = ":" in hook
+            if hook.startswith("backend:"):
+                label = "DDP on backend \"fastnet\" " + hook.split(":", 1)[1].replace(":", ", wire ")
+            fastnet = ":" in hook and not hook.startswith("backend:")
             lines.append(f"| {name} | {label} | {r['step'] * 1e3:.0f} | {plain / r['step']:.2f}x | "
                          + (f"{fp16 / r['step']:.2f}x" if fp16 else "-")
                          + f" | {max(0.0, r['step'] - compute) * 1e3:.0f} | "
@@ -162,6 +185,8 @@ def main() -> None:
                                                     "hierarchical_p2p:fp16", "leader:fp16", "hybrid:none",
                                                     "hybrid:fp16"],
                    metavar="ALGORITHM:WIRE", help="fastnet hook rows (wire: none, fp16, bf16)")
+    p.add_argument("--backend", nargs="*", default=["hierarchical:none", "hierarchical:fp16", "hybrid:fp16"],
+                   metavar="ALGORITHM:WIRE", help="rows of plain DDP over fastnet's torch.distributed backend")
     p.add_argument("--torch-hooks", nargs="*", default=TORCH_HOOKS[1:4], choices=TORCH_HOOKS[1:],
                    help="torch's rows besides plain DDP (default: all but powersgd_rank4, which on gloo with more "
                         "than 2 ranks aborts with a collective size mismatch: its all-reduces are issued from "
@@ -177,13 +202,14 @@ def main() -> None:
                    help="a cost model calibrated with that wire dtype, e.g. fp16=PATH")
     p.add_argument("--append")
     args = p.parse_args()
-    for spec in args.fastnet:
-        alg, _, wire = spec.partition(":")
-        if wire not in ("none", "fp16", "bf16"):
-            p.error(f"--fastnet {spec!r}: expected ALGORITHM:WIRE with WIRE one of none, fp16, bf16")
+    for flag, specs in (("--fastnet", args.fastnet), ("--backend", args.backend)):
+        for spec in specs:
+            alg, _, wire = spec.partition(":")
+            if wire not in ("none", "fp16", "bf16"):
+                p.error(f"{flag} {spec!r}: expected ALGORITHM:WIRE with WIRE one of none, fp16, bf16")
     if error := check_wire_cost_models(args.wire_cost_model):
         p.error(error)
-    args.hooks = ["none", *args.torch_hooks, *args.fastnet]
+    args.hooks = ["none", *args.torch_hooks, *args.fastnet, *(f"backend:{b}" for b in args.backend)]
     relaunch_under_torchrun(__file__)
     args.ranks_per_node = ranks_per_node(args.ranks_per_node)
     torch.set_num_threads(args.threads)

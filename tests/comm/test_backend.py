@@ -1,0 +1,321 @@
+"""The ``fastnet`` torch.distributed backend, in real processes (world sizes 2 and 3): an unmodified
+DDP script and torch's FSDP end with the parameters gloo gives them; direct collectives of every
+dtype and odd lengths; delegated ops; a dead rank ends the others; bad settings fail clearly."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import time
+
+import pytest
+import torch
+
+from fastnet.comm.backend import BackendConfig
+from tests.conftest import spawn_ranks
+
+
+def _init(rank: int, world: int, port: int, env: dict[str, str], timeout_s: float = 60.0) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
+    # the backend string is all a script changes: the entry point registers "fastnet" (no import)
+    dist.init_process_group("fastnet", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.BatchNorm1d(33), torch.nn.ReLU(),
+                               torch.nn.Linear(33, 5))
+
+
+def _train(model: torch.nn.Module, rank: int, steps: int = 4) -> torch.nn.Module:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    for _ in range(steps):
+        x, y = torch.randn(6, 7, generator=g), torch.randint(0, 5, (6,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def _ddp_worker(rank: int, world: int, port: int, queue, env: dict[str, str]) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _init(rank, world, port, env)
+    try:
+        backend = dist.get_backend()
+        fast = _train(DDP(_model()), rank)  # the default group: "fastnet"
+        routed = dict(dist.group.WORLD.routed)
+        gloo_group = dist.new_group(backend="gloo")
+        plain = _train(DDP(_model(), process_group=gloo_group), rank)
+        a, b = _flat(fast.module), _flat(plain.module)
+        gathered = [torch.empty_like(a) for _ in range(world)]
+        dist.all_gather(gathered, a)  # delegated to the base backend
+        queue.put((rank, backend, float((a - b).abs().max()), all(torch.equal(gathered[0], t) for t in gathered),
+                   routed))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,env", [
+    (2, {"FASTNET_ALGORITHM": "ring"}),
+    (3, {"FASTNET_ALGORITHM": "leader", "FASTNET_RANKS_PER_NODE": "2"}),  # nodes of 2 + 1
+    (3, {"FASTNET_ALGORITHM": "ring", "FASTNET_FUSION_MB": "0.0005"}),  # several buckets per DDP bucket
+])
+def test_unmodified_ddp_script_matches_gloo(world, env):
+    for rank, backend, diff, same, routed in spawn_ranks(functools.partial(_ddp_worker, env=env), world):
+        assert backend == "fastnet"
+        assert routed.get("fastnet:all_reduce", 0) >= 4 and "base:all_reduce" not in routed, routed  # DDP's buckets
+        assert diff <= 1e-6, (rank, diff)
+        assert same, rank  # every rank ends with the same parameters
+
+
+def _fp16_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _init(rank, world, port, {"FASTNET_WIRE_DTYPE": "fp16"})
+    try:
+        fast = _train(DDP(_model()), rank)
+        plain = _train(DDP(_model(), process_group=dist.new_group(backend="gloo")), rank)
+        queue.put((rank, float((_flat(fast.module) - _flat(plain.module)).abs().max())))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp16_wire_is_opt_in_and_close():
+    for rank, diff in spawn_ranks(_fp16_worker, 2):
+        assert 0 < diff < 1e-2, (rank, diff)  # lossy, as asked for, but close
+
+
+def _fsdp_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
+
+    _init(rank, world, port, {})
+    try:
+        gloo_group = dist.new_group(backend="gloo")
+        out = []
+        for group in (dist.group.WORLD, gloo_group):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.ReLU(), torch.nn.Linear(33, 5))
+            fsdp = _train(FSDP(model, process_group=group, sharding_strategy=ShardingStrategy.FULL_SHARD,
+                               use_orig_params=True, device_id=torch.device("cpu")), rank)
+            if group is dist.group.WORLD:
+                routed = dict(group.routed)
+            cfg = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+            with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT, cfg):
+                state = fsdp.state_dict()
+            out.append(torch.cat([v.reshape(-1) for v in state.values()]))
+        queue.put((rank, float((out[0] - out[1]).abs().max()), out[0].numel(), routed))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_full_shard_matches_gloo():
+    results = spawn_ranks(_fsdp_worker, 2)
+    for rank, diff, numel, routed in results:
+        assert numel == 7 * 33 + 33 + 33 * 5 + 5
+        # FSDP's parameter all-gathers and gradient reduce-scatters went through fastnet's ring
+        assert routed.get("fastnet:all_gather", 0) > 0 and routed.get("fastnet:reduce_scatter", 0) > 0, routed
+        assert diff <= 1e-6, (rank, diff)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.uint8]
+LENGTHS = [0, 1, 7, 1001]
+
+
+def _value(rank: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return ((torch.arange(n) * (rank + 2)) % 5 + rank).to(dtype)  # exact in every dtype, rank-dependent
+
+
+def _collectives_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    _init(rank, world, port, {"FASTNET_FUSION_MB": "0.001"})  # 1001 fp32 elements: several buckets
+    try:
+        out: dict = {}
+        ops = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX,
+               "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}
+        for dtype in DTYPES:
+            for n in LENGTHS:
+                for name, op in ops.items():
+                    if name == "avg" and not dtype.is_floating_point:
+                        continue
+                    if dtype == torch.uint8 and name in ("sum", "product"):
+                        continue  # wraps around; not what this test is about
+                    x = _value(rank, n, dtype)
+                    dist.all_reduce(x, op=op)
+                    out[("all_reduce", str(dtype), n, name)] = x.double().tolist()
+                if n:
+                    rs = torch.empty(n, dtype=dtype)
+                    dist.reduce_scatter_tensor(rs, _value(rank, n * world, dtype))
+                    out[("reduce_scatter", str(dtype), n)] = rs.double().tolist()
+                ag = torch.empty(n * world, dtype=dtype)
+                dist.all_gather_into_tensor(ag, _value(rank, n, dtype))
+                out[("all_gather", str(dtype), n)] = ag.double().tolist()
+                b = _value(rank, n, dtype)
+                dist.broadcast(b, src=world - 1)
+                out[("broadcast", str(dtype), n)] = b.double().tolist()
+        # asynchronous: several in flight, then waited in reverse
+        xs = [_value(rank, 9, torch.float32) for _ in range(4)]
+        works = [dist.all_reduce(x, async_op=True) for x in xs]
+        for w in reversed(works):
+            w.wait()
+        out["async"] = [x.tolist() for x in xs]
+        # delegated (fastnet has no algorithm of its own for them): results must still be right
+        a2a = torch.empty(world, dtype=torch.int64)
+        dist.all_to_all_single(a2a, torch.arange(world, dtype=torch.int64) + 10 * rank)
+        out["all_to_all"] = a2a.tolist()
+        g = [torch.empty(2) for _ in range(world)] if rank == 0 else None
+        dist.gather(torch.full((2,), float(rank)), g, dst=0)
+        out["gather"] = [t.tolist() for t in g] if g else None
+        s = torch.empty(1)
+        dist.scatter(s, [torch.full((1,), float(r * 3)) for r in range(world)] if rank == 0 else None, src=0)
+        out["scatter"] = s.tolist()
+        red = torch.full((3,), float(rank + 1))
+        dist.reduce(red, dst=0)
+        out["reduce"] = red.tolist() if rank == 0 else None
+        lst = [torch.empty(3) for _ in range(world)]
+        dist.all_gather(lst, torch.full((3,), float(rank)))
+        out["all_gather_list"] = [t.tolist() for t in lst]
+        if world >= 2 and rank in (0, 1):
+            t = torch.full((4,), 7.0) if rank == 0 else torch.empty(4)
+            (dist.send(t, 1) if rank == 0 else dist.recv(t, 0))
+            out["p2p"] = t.tolist()
+        dist.barrier()
+        sub = dist.new_group([0, world - 1])  # a subgroup over the same backend
+        z = torch.full((3,), float(rank + 1))
+        if rank in (0, world - 1):
+            dist.all_reduce(z, group=sub)
+            out["new_group"] = (z.tolist(), dist.get_backend(sub))
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def _reduce(values: list[torch.Tensor], name: str) -> torch.Tensor:
+    st = torch.stack([v.double() for v in values])
+    return {"sum": st.sum(0), "avg": st.mean(0), "max": st.max(0).values, "min": st.min(0).values,
+            "product": st.prod(0)}[name]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_direct_collectives_every_dtype_and_length(world):
+    results = dict(spawn_ranks(_collectives_worker, world))
+    for rank, out in results.items():
+        for dtype in DTYPES:
+            for n in LENGTHS:
+                for name in ("sum", "avg", "max", "min", "product"):
+                    key = ("all_reduce", str(dtype), n, name)
+                    if key not in out:
+                        continue
+                    want = _reduce([_value(r, n, dtype) for r in range(world)], name).to(dtype).double().tolist()
+                    # AVG divides before the sum (no FP16 overflow): an ulp from sum / n in fp32
+                    tol = (1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-6) if name == "avg" else 1e-9
+                    assert out[key] == pytest.approx(want, rel=tol, abs=tol), key
+                if n:
+                    full = _reduce([_value(r, n * world, dtype) for r in range(world)], "sum")
+                    assert out[("reduce_scatter", str(dtype), n)] == full[rank * n:(rank + 1) * n].to(dtype).double().tolist()
+                assert out[("all_gather", str(dtype), n)] == [v for r in range(world)
+                                                            for v in _value(r, n, dtype).double().tolist()]
+                assert out[("broadcast", str(dtype), n)] == _value(world - 1, n, dtype).double().tolist()
+        total = _reduce([_value(r, 9, torch.float32) for r in range(world)], "sum").tolist()
+        assert out["async"] == [total] * 4
+        assert out["all_to_all"] == [rank + 10 * r for r in range(world)]
+        assert out["gather"] == ([[float(r)] * 2 for r in range(world)] if rank == 0 else None)
+        assert out["scatter"] == [float(rank * 3)]
+        assert out["reduce"] == ([float(sum(range(1, world + 1)))] * 3 if rank == 0 else None)
+        assert out["all_gather_list"] == [[float(r)] * 3 for r in range(world)]
+        if rank in (0, 1):
+            assert out["p2p"] == [7.0] * 4
+        if rank in (0, world - 1):
+            assert out["new_group"] == ([float(1 + world)] * 3, "fastnet")
+
+
+def _dead_rank_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    _init(rank, world, port, {}, timeout_s=20.0)
+    x = torch.ones(1000)
+    dist.all_reduce(x)  # everyone is up
+    if rank == world - 1:
+        queue.put((rank, "died", 0.0))
+        queue.close()
+        queue.join_thread()  # the result is in the pipe before the hard exit
+        os._exit(0)  # no clean-up: to its peers, as if it were killed
+    t0 = time.monotonic()
+    try:
+        for _ in range(50):  # the next all-reduce cannot complete
+            dist.all_reduce(x)
+        queue.put((rank, "no error", time.monotonic() - t0))
+    except Exception as exc:  # noqa: BLE001 - whatever the base backend raises
+        queue.put((rank, f"{type(exc).__name__}: {exc}"[:300], time.monotonic() - t0))
+    queue.close()
+    queue.join_thread()
+    os._exit(0)  # the group cannot be torn down cleanly without the dead rank
+
+
+def test_dead_rank_ends_the_others_within_the_timeout():
+    results = {r: (what, s) for r, what, s in spawn_ranks(_dead_rank_worker, 3, timeout=180)}
+    assert results[2][0] == "died"
+    for rank in (0, 1):
+        what, seconds = results[rank]
+        assert what != "no error" and "Error" in what, what
+        assert seconds < 60, (rank, seconds)  # the group's timeout is 20 s; gloo usually sees the reset at once
+
+
+def test_bad_settings_name_the_variable_and_the_choices():
+    with pytest.raises(ValueError, match=r"FASTNET_ALGORITHM='tree'.*valid algorithms: native, ring"):
+        BackendConfig.from_env({"FASTNET_ALGORITHM": "tree"})
+    with pytest.raises(ValueError, match=r"FASTNET_WIRE_DTYPE='fp8'.*none, fp16, bf16"):
+        BackendConfig.from_env({"FASTNET_WIRE_DTYPE": "fp8"})
+    with pytest.raises(ValueError, match=r"FASTNET_BASE_BACKEND='mpi'.*gloo, nccl"):
+        BackendConfig.from_env({"FASTNET_BASE_BACKEND": "mpi"})
+    with pytest.raises(ValueError, match=r"FASTNET_FUSION_MB='-1'.*> 0"):
+        BackendConfig.from_env({"FASTNET_FUSION_MB": "-1"})
+    with pytest.raises(ValueError, match=r"FASTNET_RANKS_PER_NODE='two'.*int"):
+        BackendConfig.from_env({"FASTNET_RANKS_PER_NODE": "two"})
+    cfg = BackendConfig.from_env({"FASTNET_ALGORITHM": "hybrid", "FASTNET_WIRE_DTYPE": "bf16", "FASTNET_FUSION_MB": "8",
+                                  "FASTNET_RANKS_PER_NODE": "4"})
+    assert (cfg.algorithm, cfg.wire_dtype, cfg.fusion_mb, cfg.ranks_per_node, cfg.base_backend) == \
+        ("hybrid", "bf16", 8.0, 4, "gloo")
+    assert BackendConfig.from_env({}) == BackendConfig()
+
+
+def _stuck_rank_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    _init(rank, world, port, {}, timeout_s=5.0)
+    x = torch.ones(1000)
+    dist.all_reduce(x)
+    t0 = time.monotonic()
+    if rank == 1:
+        time.sleep(20)  # alive, connections open, but never joins the next all-reduce
+        what = "slept"
+    else:
+        try:
+            dist.all_reduce(x)
+            what = "no error"
+        except Exception as exc:  # noqa: BLE001 - whatever the base backend raises on its timeout
+            what = f"{type(exc).__name__}: {exc}"[:300]
+    queue.put((rank, what, time.monotonic() - t0))
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
+
+
+def test_stuck_peer_times_out_instead_of_hanging():
+    results = {r: (what, s) for r, what, s in spawn_ranks(_stuck_rank_worker, 2, timeout=120)}
+    what, seconds = results[0]
+    assert what != "no error" and "Error" in what, what
+    assert seconds < 18, seconds  # the group's 5 s timeout, not the peer's 20 s sleep
