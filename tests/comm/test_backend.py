@@ -198,6 +198,11 @@ def _collectives_worker(rank: int, world: int, port: int, queue) -> None:
         if rank in (0, world - 1):
             dist.all_reduce(z, group=sub)
             out["new_group"] = (z.tolist(), dist.get_backend(sub))
+        # torch's subgroup helper (every rank in one subgroup; a 1-rank subgroup when world is 3)
+        mine, _ = dist.new_subgroups_by_enumeration([[world - 1, 0]] + ([[1]] if world == 3 else []))
+        w = torch.full((2,), float(rank + 1), dtype=torch.float16)
+        dist.all_reduce(w, group=mine)
+        out["subgroups"] = (w.tolist(), dist.get_world_size(mine), dist.get_backend(mine))
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -240,6 +245,9 @@ def test_direct_collectives_every_dtype_and_length(world):
             assert out["p2p"] == [7.0] * 4
         if rank in (0, world - 1):
             assert out["new_group"] == ([float(1 + world)] * 3, "fastnet")
+            assert out["subgroups"] == ([float(1 + world)] * 2, 2, "fastnet")
+        else:
+            assert out["subgroups"] == ([2.0] * 2, 1, "fastnet")
 
 
 def _dead_rank_worker(rank: int, world: int, port: int, queue) -> None:
