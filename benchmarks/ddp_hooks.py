@@ -220,7 +220,9 @@ def main() -> None:
     if int(os.environ["RANK"]) != 0:
         return
     launcher = os.environ.get("FASTNET_BENCH_LAUNCHER", "torchrun")
-    lines = [f"### DDP communication hooks: torch's vs fastnet's (issue 19) — {datetime.date.today()}", "",
+    what = "DDP communication hooks and the backend \"fastnet\" (issues 18, 19)" if args.backend else \
+        "DDP communication hooks: torch's vs fastnet's (issue 19)"
+    lines = [f"### {what} — {datetime.date.today()}", "",
              f"Command: `python benchmarks/ddp_hooks.py {' '.join(sys.argv[1:])}` ({launcher})",
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {world} ranks gloo "
              f"({args.ranks_per_node} per node), {args.threads} thread(s) each; local batch {args.batch}; DDP "
