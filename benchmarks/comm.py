@@ -89,7 +89,7 @@ def main() -> None:
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent))
     it = ["-n", str(args.iters), "-w", "3"]
     lines = [f"### Communication: fusion and ring vs native — {datetime.date.today()}", "",
-             "Command: `python benchmarks/comm.py --append docs/BENCHMARKS.md`",
+             f"Command: `python benchmarks/comm.py {' '.join(sys.argv[1:])}`",
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, 2 ranks on loopback, "
              f"OMP_NUM_THREADS=1; medians of {args.iters} iterations (max over ranks).", ""]
     if "fusion" in sections:

@@ -13,7 +13,9 @@ those two exchanges' bytes, so 2 × exchange is the ring's floor on this transpo
 schedule (segments only overlap the additions with the transfer), and native ÷ (2 × exchange) is
 the highest ring ÷ native ratio any send/recv schedule can reach over gloo. busbw = S / time
 (N = 2: algbw × 2(N−1)/N). Times: median of ``--iters`` after 2 warm-up, max over ranks; the three
-kinds alternate within each iteration, so drift hits them alike.
+kinds alternate within each iteration, so drift hits them alike. ``--fresh`` adds each ring with
+:mod:`fastnet.comm.scratch` turned off (new receive temporaries per call, as before the pool):
+what the page faults of fresh tens-of-MiB tensors cost.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from fastnet.comm import scratch  # noqa: E402
 from fastnet.comm.algorithms import ring_all_reduce  # noqa: E402
 from fastnet.comm.communicator import TorchCommunicator  # noqa: E402
 from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES  # noqa: E402
@@ -49,7 +52,17 @@ def _timed(fn) -> float:
     return t.item()
 
 
-def measure(sizes_mib: list[int], iters: int, segments: list[float]) -> list[dict]:
+def _fresh(fn):
+    def run():
+        scratch.ENABLED = False
+        try:
+            fn()
+        finally:
+            scratch.ENABLED = True
+    return run
+
+
+def measure(sizes_mib: list[int], iters: int, segments: list[float], fresh: bool) -> list[dict]:
     comm = TorchCommunicator()
     peer = 1 - comm.rank
     rows = []
@@ -60,6 +73,8 @@ def measure(sizes_mib: list[int], iters: int, segments: list[float]) -> list[dic
         kinds = {"native": lambda: dist.all_reduce(x),
                  **{f"ring {mb:g}": (lambda e=int(mb * (1 << 20)) // 4: ring_all_reduce(comm, x, e)) for mb in segments},
                  "exchange": lambda: comm.exchange([(half_out, peer)], [(half_in, peer)]).wait()}
+        if fresh:
+            kinds.update({f"fresh {mb:g}": _fresh(kinds[f"ring {mb:g}"]) for mb in segments})
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for it in range(2 + iters):
             for kind, fn in kinds.items():
@@ -81,6 +96,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--segment-mb", type=float, nargs="+", default=[DEFAULT_SEGMENT_BYTES / (1 << 20)],
                    help="the ring's pipeline segments to measure, MiB (0: one piece); default: fastnet's")
+    p.add_argument("--fresh", action="store_true", help="also each ring with new temporaries per call "
+                   "(fastnet.comm.scratch off)")
     p.add_argument("--append")
     args = p.parse_args()
     relaunch_under_torchrun(__file__)
@@ -88,23 +105,26 @@ def main() -> None:
     if dist.get_world_size() != 2:
         raise SystemExit(f"p2p_floor needs exactly 2 ranks, got {dist.get_world_size()}")
     torch.set_num_threads(1)
-    rows = measure(args.sizes_mib, args.iters, args.segment_mb)
+    rows = measure(args.sizes_mib, args.iters, args.segment_mb, args.fresh)
     dist.destroy_process_group()
     if int(os.environ["RANK"]) != 0:
         return
+    label = {mb: f"{mb:g} MiB segments" if mb else "one piece" for mb in args.segment_mb}
+    cols = [f"ring, {label[mb]} ÷ native" for mb in args.segment_mb]
+    cols += [f"ring, {label[mb]}, fresh temporaries ÷ native" for mb in (args.segment_mb if args.fresh else [])]
     lines = [f"### gloo's point-to-point floor under the ring (issue 16) — {datetime.date.today()}", "",
              f"Command: `python benchmarks/p2p_floor.py {' '.join(sys.argv[1:])}`",
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; 2 ranks gloo on "
              f"loopback, 1 thread each; fp32; median of {args.iters} iterations after 2 (max over ranks), the "
-             "three kinds alternating.", "",
+             "kinds alternating.", "",
              "| size (MiB) | native busbw (GB/s) | exchange of S/2 each way (ms) | floor busbw, S / (2 × exchange) "
-             "(GB/s) | floor ÷ native | " + " | ".join(f"ring, {f'{mb:g} MiB segments' if mb else 'one piece'} ÷ native" for mb in args.segment_mb)
-             + " |", "|---:|---:|---:|---:|---:|" + "---:|" * len(args.segment_mb)]
+             "(GB/s) | floor ÷ native | " + " | ".join(cols) + " |", "|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
         s = r["mib"] * (1 << 20) / 1e9
         native, floor = s / r["native"], s / (2 * r["exchange"])
         lines.append(f"| {r['mib']} | {native:.2f} | {r['exchange'] * 1e3:.1f} | {floor:.2f} | {floor / native:.2f}x | "
-                     + " | ".join(f"{r['native'] / r[f'ring {mb:g}']:.2f}x" for mb in args.segment_mb) + " |")
+                     + " | ".join(f"{r['native'] / r[f'ring {mb:g}']:.2f}x" for mb in args.segment_mb) + " |"
+                     + "".join(f" {r['native'] / r[f'fresh {mb:g}']:.2f}x |" for mb in (args.segment_mb if args.fresh else [])))
     emit(lines, args.append)
 
 

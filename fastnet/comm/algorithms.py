@@ -32,6 +32,7 @@ from typing import Any, Generator, NamedTuple, Sequence
 
 import torch
 
+from fastnet.comm import scratch
 from fastnet.comm.communicator import Communicator, Work, split_sizes
 
 
@@ -136,12 +137,13 @@ def ring_reduce_scatter_steps(comm: Communicator, x: torch.Tensor) -> Steps:
     sizes = split_sizes(x.numel(), n)
     offs = _offsets(sizes)
     if n > 1:
-        tmp = torch.empty(max(sizes), dtype=x.dtype, device=x.device)
+        tmp = scratch.take(max(sizes), x.dtype, x.device)
         for s in range(n - 1):
             send_c, recv_c = _ring_chunks(r, n, s)
             buf = tmp[:sizes[recv_c]]
             yield [RingStep(comm, x[offs[send_c]:offs[send_c] + sizes[send_c]], buf)]
             x[offs[recv_c]:offs[recv_c] + sizes[recv_c]].add_(buf)
+        scratch.give(tmp)
     own = (r + 1) % n
     return offs[own], sizes[own]
 
@@ -199,14 +201,15 @@ def ring_reduce_scatter_into(comm: Communicator, output: torch.Tensor, input: to
         output.copy_(input)
         return
     chunk = input.view(n, c)
-    recv = torch.empty_like(output)
-    acc = torch.empty_like(output) if n > 2 else output
+    recv = scratch.take(c, output.dtype, output.device)
+    acc = scratch.take(c, output.dtype, output.device) if n > 2 else output
     send = chunk[(r - 1) % n]
     for s in range(n - 1):
         for w in post([RingStep(comm, send, recv)]):
             w.wait()
         last = s == n - 2
         send = _COMBINE[op](chunk[(r - s - 2) % n], recv, out=output if last else acc)
+    scratch.give(recv, *([acc] if n > 2 else []))
 
 
 def ring_all_gather_into(comm: Communicator, output: torch.Tensor, input: torch.Tensor) -> None:
@@ -272,7 +275,7 @@ def _segmented_ring(comm: Communicator, x: torch.Tensor, sizes: list[int], g: in
     seg_sizes = [split_sizes(s, g) for s in sizes]
     seg_offs = [_offsets(s) for s in seg_sizes]
     steps = 2 * (n - 1)
-    tmp = [torch.empty(max(sizes), dtype=x.dtype, device=x.device) for _ in range(2)]
+    tmp = [scratch.take(max(sizes), x.dtype, x.device) for _ in range(2)]
 
     def piece(c: int, j: int) -> tuple[int, int]:  # (offset within the chunk, length)
         return seg_offs[c][j], seg_sizes[c][j]
@@ -295,6 +298,7 @@ def _segmented_ring(comm: Communicator, x: torch.Tensor, sizes: list[int], g: in
                 x[offs[rc] + ro:offs[rc] + ro + rl].add_(tmp[t % 2][ro:ro + rl])
             if t + 1 < steps:
                 works[j] = post(t + 1, j)
+    scratch.give(*tmp)
 
 
 def hierarchical_steps(intra: Communicator, inter: Communicator, x: torch.Tensor) -> Steps:
@@ -366,10 +370,11 @@ def _collective_segment(intra: Communicator, inter: Communicator, x: torch.Tenso
     (asynchronous); returns what :func:`_finish_segment` needs."""
     k, n = intra.size, x.numel()
     chunk = -(-n // k)
-    buf = x if chunk * k == n else torch.zeros(chunk * k, dtype=x.dtype, device=x.device)
+    buf = x if chunk * k == n else scratch.take(chunk * k, x.dtype, x.device)
     if buf is not x:
         buf[:n].copy_(x)
-    own = torch.empty(chunk, dtype=x.dtype, device=x.device)
+        buf[n:].zero_()
+    own = scratch.take(chunk, x.dtype, x.device)
     if k > 1:
         intra.reduce_scatter(own, buf)
     else:
@@ -388,6 +393,8 @@ def _finish_segment(intra: Communicator, segment: tuple) -> None:
         buf.copy_(own)
     if buf is not x:
         x.copy_(buf[:x.numel()])
+        scratch.give(buf)
+    scratch.give(own)
 
 
 def collective_hierarchical_all_reduce(intra: Communicator, inter: Communicator, x: torch.Tensor,

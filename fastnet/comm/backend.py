@@ -54,6 +54,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from fastnet.comm import scratch
 from fastnet.comm.communicator import OPS, WorkList, check_op
 
 BACKEND_NAME = "fastnet"
@@ -345,7 +346,11 @@ class FastnetProcessGroup(dist.ProcessGroup):
             by_dtype.setdefault(t.dtype, []).append(t)
         for dtype, same in by_dtype.items():
             fused = len(same) > 1 or not same[0].is_contiguous()
-            flat = torch.cat([t.reshape(-1) for t in same]) if fused else same[0].view(-1)
+            if fused:  # into a reused buffer (fastnet.comm.scratch: no page faults per call)
+                flat = scratch.take(sum(t.numel() for t in same), dtype, same[0].device)
+                torch.cat([t.reshape(-1) for t in same], out=flat)
+            else:
+                flat = same[0].view(-1)
             wire = self.reducer.wire_dtype or dtype
             per_bucket = max(1, self.fusion_threshold_bytes // wire.itemsize)
             for lo in range(0, flat.numel(), per_bucket):
@@ -353,9 +358,11 @@ class FastnetProcessGroup(dist.ProcessGroup):
                 if op == "avg":
                     self.reducer(bucket)
                 elif wire != dtype:
-                    narrow = bucket.to(wire)
+                    narrow = scratch.take(bucket.numel(), wire, bucket.device)
+                    narrow.copy_(bucket)
                     self.reducer.sum_(narrow)
                     bucket.copy_(narrow)
+                    scratch.give(narrow)
                 else:
                     self.reducer.sum_(bucket)
             if fused:
@@ -363,6 +370,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
                 for t in same:
                     t.copy_(flat[off:off + t.numel()].view_as(t))
                     off += t.numel()
+                scratch.give(flat)
 
     def _fastnet_allreduce(self, tensors: list[torch.Tensor], opts) -> bool:
         op = _op_name(opts.reduceOp)
