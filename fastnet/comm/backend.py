@@ -28,7 +28,11 @@ connection. Routed through fastnet:
   ``all_gather`` of one tensor per rank (FSDP's parameter all-gather on CPU): fastnet's ring
   (:func:`fastnet.comm.algorithms.ring_reduce_scatter_into`, ``ring_all_gather_into``);
 * everything else (broadcast, barrier, reduce, gather, scatter, all-to-all, send/recv, list
-  all-gather, integer or MAX/MIN/PRODUCT all-reduce): the base backend, unchanged.
+  all-gather, integer or MAX/MIN/PRODUCT all-reduce), and **every collective on CUDA tensors**:
+  the base backend, unchanged. fastnet's algorithms on CUDA tensors through this backend are not
+  built: they need fastnet's NCCL communicator on the group's store and the caller's stream
+  ordered against its stream, and a GPU to verify (so ``FASTNET_BASE_BACKEND=nccl`` is NCCL with
+  fastnet's CPU path beside it, not yet run on a GPU).
 
 The returned ``Work`` (:class:`FastnetWork`) completes from the communication thread; an error
 there (a peer that died, the group's timeout) is raised by ``wait()``, as the base backend
