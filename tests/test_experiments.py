@@ -98,3 +98,9 @@ def test_cifar10_study_skips_finished_runs_and_resumes_interrupted_ones(tmp_path
     summaries = [json.loads(l) for l in metrics.read_text().splitlines() if '"kind": "summary"' in l]
     assert [s["steps"] for s in summaries] == [2]
     assert "| b256_sgd | 32 | sgd |" in res.stdout
+    # the training curves of the finished study (skipped runs: read from their metrics.jsonl)
+    curves = tmp_path / "curves.png"
+    res = subprocess.run([*cmd, "max_steps=2", "--curves", str(curves)], cwd=REPO, env=child_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"Training curves: `{curves}`" in res.stdout

@@ -3,6 +3,7 @@
     python experiments/cifar10_large_batch/run.py --profile gpu --append docs/RESULTS.md \\
         --plot docs/cifar10_large_batch.png                      # a lent GPU: 30 epochs, 2 seeds
     python experiments/cifar10_large_batch/run.py --profile cpu  # this 2-core CPU: reduced, spans sessions
+        [--curves docs/cifar10_large_batch_curves.png]           # + validation top-1 / loss per run
     python experiments/cifar10_large_batch/run.py --synthetic --epochs 1 --set precision=fp32   # machinery only
 
 Runs (``<name>.yaml`` merged over ``common.yaml``): ``b256_sgd`` (baseline), ``b2048_sgd``,
@@ -137,6 +138,40 @@ def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(dirs: dict[str, list[Path]], path: str, title: str) -> None:
+    """Training curves from each run's ``metrics.jsonl``: validation top-1 per epoch (left) and
+    training loss per logged step against epochs (right), one line per run and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, outs in dirs.items():
+        for out in outs:
+            recs = read_metrics(out / "metrics.jsonl")
+            epochs = [r for r in recs if r["kind"] == "epoch"]
+            steps = [r for r in recs if r["kind"] == "step"]
+            label = out.name
+            line, = acc.plot([r["epoch"] + 1 for r in epochs], [r["top1"] for r in epochs], marker=".", label=label)
+            if steps and epochs:
+                per_epoch = epochs[0]["step"] / (epochs[0]["epoch"] + 1)  # steps per epoch
+                loss.plot([r["step"] / per_epoch for r in steps], [r["train_loss"] for r in steps],
+                          color=line.get_color(), lw=0.8, label=label)
+    acc.set_xlabel("epoch")
+    acc.set_ylabel("validation top-1 (%)")
+    loss.set_xlabel("epoch")
+    loss.set_ylabel("training loss")
+    loss.set_yscale("log")
+    for ax in (acc, loss):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
@@ -153,6 +188,7 @@ def main() -> None:
                    help="run directories; finished runs there are skipped, interrupted ones resumed")
     p.add_argument("--append", help="append the table to this markdown file (e.g. docs/RESULTS.md)")
     p.add_argument("--plot", help="write the accuracy-vs-batch plot (PNG)")
+    p.add_argument("--curves", help="write the training curves (PNG): validation top-1 and training loss per run")
     a = p.parse_args()
     profile = PROFILES.get(a.profile, {"overrides": {}, "nproc": 2, "seeds": [0]})
     a.nproc = a.nproc or profile["nproc"]
@@ -211,6 +247,10 @@ def main() -> None:
     if a.plot:
         plot(results, a.plot, f"ResNet-20, {data.split(' (')[0]}, {cfg0['epochs']} epochs")
         lines += ["", f"Plot: `{a.plot}`."]
+    if a.curves:
+        plot_curves({name: [root / f"{name}_s{s}" for s in a.seeds] for name in results}, a.curves,
+                    f"ResNet-20, {data.split(' (')[0]}, {cfg0['epochs']} epochs")
+        lines += ["", f"Training curves: `{a.curves}`."]
     emit(lines, a.append)
 
 
