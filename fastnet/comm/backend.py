@@ -24,9 +24,11 @@ connection. Routed through fastnet:
   (``all_reduce_coalesced``, DDP's multi-tensor calls) are fused into one flat buffer. Separate
   calls are never fused with each other: which calls are queued together depends on timing, so
   ranks could fuse differently;
-* ``reduce_scatter_tensor`` (SUM, AVG, MAX, MIN), ``all_gather_into_tensor`` and the list
-  ``all_gather`` of one tensor per rank (FSDP's parameter all-gather on CPU): fastnet's ring
-  (:func:`fastnet.comm.algorithms.ring_reduce_scatter_into`, ``ring_all_gather_into``);
+* ``reduce_scatter_tensor`` (SUM, AVG, MAX, MIN), ``all_gather_into_tensor``, their coalesced
+  forms (``_coalescing_manager``; the functional collectives of DTensor and FSDP2, e.g.
+  ``full_tensor()``) and the list ``all_gather`` of one tensor per rank (FSDP1's parameter
+  all-gather on CPU): fastnet's ring (:func:`fastnet.comm.algorithms.ring_reduce_scatter_into`,
+  ``ring_all_gather_into``);
 * everything else (broadcast, barrier, reduce, gather, scatter, all-to-all, send/recv, list
   all-gather, integer or MAX/MIN/PRODUCT all-reduce), and **every collective on CUDA tensors**:
   the base backend, unchanged. fastnet's algorithms on CUDA tensors through this backend are not
@@ -241,6 +243,11 @@ def _op_name(op) -> str | None:
     return None
 
 
+def _ring_ok(output: torch.Tensor, input: torch.Tensor) -> bool:
+    """Whether fastnet's ring reduce-scatter/all-gather takes this pair (CPU, contiguous)."""
+    return not (output.is_cuda or input.is_cuda) and output.is_contiguous() and input.is_contiguous()
+
+
 class FastnetWork(dist._Work):
     """The ``Work`` of a collective run on fastnet's communication thread: ``wait()`` blocks
     until it is done and raises what the thread raised (torch's future-wrapping work does not,
@@ -404,7 +411,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts if opts is not None else dist.ReduceScatterOptions()
         op = _op_name(opts.reduceOp)
-        if op is None or output.is_cuda or not (output.is_contiguous() and input.is_contiguous()) or self._size == 1:
+        if op is None or not _ring_ok(output, input) or self._size == 1:
             self.routed["base:reduce_scatter"] += 1
             return self._base._reduce_scatter_base(output, input, opts)
         self.routed["fastnet:reduce_scatter"] += 1
@@ -414,7 +421,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
 
     def all_gather_single(self, output, input, opts=None):
         opts = opts if opts is not None else dist.AllgatherOptions()
-        if output.is_cuda or not (output.is_contiguous() and input.is_contiguous()) or self._size == 1:
+        if not _ring_ok(output, input) or self._size == 1:
             self.routed["base:all_gather"] += 1
             return self._base._allgather_base(output, input, opts)
         self.routed["fastnet:all_gather"] += 1
@@ -458,16 +465,30 @@ class FastnetProcessGroup(dist.ProcessGroup):
                                               opts if opts is not None else dist.AllgatherOptions())
 
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
-        return self._base.allgather_into_tensor_coalesced(outputs, inputs,
-                                                          opts if opts is not None else dist.AllgatherOptions())
+        """Several ``all_gather_into_tensor`` at once (``_coalescing_manager``; the functional
+        collectives of DTensor/FSDP2, e.g. ``full_tensor()``): fastnet's ring for each pair of CPU
+        contiguous tensors, one after another on the thread; else the base backend."""
+        opts = opts if opts is not None else dist.AllgatherOptions()
+        if not (self._size > 1 and all(_ring_ok(o, i) for o, i in zip(outputs, inputs))):
+            self.routed["base:all_gather_coalesced"] += 1
+            return self._base.all_gather_single_coalesced(outputs, inputs, opts)
+        self.routed["fastnet:all_gather_coalesced"] += 1
+        return self._submit(lambda: [self.comm.all_gather(o, i) for o, i in zip(outputs, inputs)], outputs)
 
     def reduce_scatter(self, output_tensors, input_lists, opts=None):
         return self._base.reduce_scatter(output_tensors, input_lists,
                                          opts if opts is not None else dist.ReduceScatterOptions())
 
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
-        return self._base.reduce_scatter_tensor_coalesced(outputs, inputs,
-                                                          opts if opts is not None else dist.ReduceScatterOptions())
+        """Several ``reduce_scatter_tensor`` at once: fastnet's ring per pair (CPU, contiguous,
+        SUM/AVG/MAX/MIN), else the base backend."""
+        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        op = _op_name(opts.reduceOp)
+        if op is None or not (self._size > 1 and all(_ring_ok(o, i) for o, i in zip(outputs, inputs))):
+            self.routed["base:reduce_scatter_coalesced"] += 1
+            return self._base.reduce_scatter_single_coalesced(outputs, inputs, opts)
+        self.routed["fastnet:reduce_scatter_coalesced"] += 1
+        return self._submit(lambda: [self.comm.reduce_scatter(o, i, op) for o, i in zip(outputs, inputs)], outputs)
 
     def gather(self, output_lists, input_tensors, opts=None):
         return self._base.gather(output_lists, input_tensors, opts if opts is not None else dist.GatherOptions())

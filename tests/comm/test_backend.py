@@ -1,5 +1,6 @@
 """The ``fastnet`` torch.distributed backend, in real processes (world sizes 2 and 3): an unmodified
-DDP script and torch's FSDP end with the parameters gloo gives them; direct collectives of every
+DDP script and torch's FSDP (FSDP1 FULL_SHARD and FSDP2 fully_shard) end with the parameters gloo
+gives them; direct collectives of every
 dtype and odd lengths; delegated ops; a dead rank ends the others; bad settings fail clearly."""
 
 from __future__ import annotations
@@ -133,6 +134,33 @@ def test_fsdp_full_shard_matches_gloo():
         assert diff <= 1e-6, (rank, diff)
 
 
+def _fsdp2_worker(rank: int, world: int, port: int, queue, backend: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, port, {"backend": backend})
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 33), torch.nn.ReLU(), torch.nn.Linear(33, 5))
+        fully_shard(model[0])
+        fully_shard(model)  # FSDP2: DTensor parameters sharded over the default group
+        _train(model, rank)
+        # full_tensor(): the functional all-gather, through allgather_into_tensor_coalesced
+        full = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
+        queue.put((rank, full.tolist(), dict(getattr(dist.group.WORLD, "routed", {}))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_fully_shard_matches_gloo():
+    want = {r: p for r, p, _ in spawn_ranks(functools.partial(_fsdp2_worker, backend="gloo"), 2)}
+    for rank, params, routed in spawn_ranks(functools.partial(_fsdp2_worker, backend="fastnet"), 2):
+        assert len(params) == 7 * 33 + 33 + 33 * 5 + 5
+        assert max(abs(a - b) for a, b in zip(params, want[rank])) <= 1e-6, rank
+        assert all(routed.get(f"fastnet:{op}", 0) > 0 for op in ("all_gather", "reduce_scatter",
+                                                                 "all_gather_coalesced")), routed
+
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.uint8]
 LENGTHS = [0, 1, 7, 1001]
 
@@ -169,6 +197,17 @@ def _collectives_worker(rank: int, world: int, port: int, queue) -> None:
                 b = _value(rank, n, dtype)
                 dist.broadcast(b, src=world - 1)
                 out[("broadcast", str(dtype), n)] = b.double().tolist()
+        # coalesced (torch's _coalescing_manager: one call of several pairs), odd lengths
+        ags = [torch.empty(n * world) for n in (3, 1001)]
+        rss = [torch.empty(n) for n in (3, 1001)]
+        with dist._coalescing_manager(async_ops=False):
+            for ag_out in ags:
+                dist.all_gather_into_tensor(ag_out, _value(rank, ag_out.numel() // world, torch.float32))
+        with dist._coalescing_manager(async_ops=False):
+            for rs_out in rss:
+                dist.reduce_scatter_tensor(rs_out, _value(rank, rs_out.numel() * world, torch.float32))
+        out["coalesced"] = ([t.tolist() for t in ags], [t.tolist() for t in rss])
+        out["routed"] = dict(dist.group.WORLD.routed)
         # asynchronous: several in flight, then waited in reverse
         xs = [_value(rank, 9, torch.float32) for _ in range(4)]
         works = [dist.all_reduce(x, async_op=True) for x in xs]
@@ -237,6 +276,14 @@ def test_direct_collectives_every_dtype_and_length(world):
                 assert out[("all_gather", str(dtype), n)] == [v for r in range(world)
                                                             for v in _value(r, n, dtype).double().tolist()]
                 assert out[("broadcast", str(dtype), n)] == _value(world - 1, n, dtype).double().tolist()
+        ags, rss = out["coalesced"]
+        for ag_out, n in zip(ags, (3, 1001)):
+            assert ag_out == [v for r in range(world) for v in _value(r, n, torch.float32).double().tolist()]
+        for rs_out, n in zip(rss, (3, 1001)):
+            full = _reduce([_value(r, n * world, torch.float32) for r in range(world)], "sum")
+            assert rs_out == pytest.approx(full[rank * n:(rank + 1) * n].tolist(), rel=1e-6)
+        assert out["routed"].get("fastnet:all_gather_coalesced") == 1, out["routed"]
+        assert out["routed"].get("fastnet:reduce_scatter_coalesced") == 1, out["routed"]
         total = _reduce([_value(r, 9, torch.float32) for r in range(world)], "sum").tolist()
         assert out["async"] == [total] * 4
         assert out["all_to_all"] == [rank + 10 * r for r in range(world)]
