@@ -78,20 +78,45 @@ def _kill_namespace_processes(ns: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
 
 
-def down(run_id: str | None = None) -> None:
+OWNER_FILE = "owner.pid"  # in a run's working directory: the pid of the cluster.py that owns the run
+
+
+def live_runs(tmp: Path | None = None) -> set[str]:
+    """Run ids whose owning ``cluster.py`` process is still alive (its pid in ``OWNER_FILE`` of the
+    run's working directory under ``tmp``, default the system temporary directory)."""
+    alive = set()
+    for owner in Path(tmp or tempfile.gettempdir()).glob(f"fnt-*-*/{OWNER_FILE}"):
+        run_id = owner.parent.name.split("-")[1]
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(owner.read_text()), 0)  # raises if no such process
+            alive.add(run_id)
+    return alive
+
+
+def _run_id_of(name: str) -> str | None:
+    """The run id in a namespace (``fnt-<id>-n<i>``) or link (``fnt<id>br``, ``fnt<id>v<i>``) name."""
+    if name.startswith("fnt-"):
+        return name.split("-")[1] if name.count("-") >= 2 else None
+    return name[3:7] if name.startswith("fnt") and len(name) > 7 else None
+
+
+def down(run_id: str | None = None, force: bool = False) -> list[str]:
     """Remove the namespaces (after killing what runs in them), veths and bridge of run ``run_id``,
-    or with None of every run (leftovers of interrupted runs; also the names of older versions)."""
+    or with None of every run whose owner has gone (leftovers of interrupted runs; also the names
+    of older versions) — runs in progress are kept unless ``force``. Returns the run ids kept."""
+    keep = set() if run_id or force else live_runs()
     ns_prefix, link_prefix = (f"fnt-{run_id}-", f"fnt{run_id}") if run_id else ("fnt-", "fnt")
     for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
-        if name.startswith(ns_prefix):
+        if name.startswith(ns_prefix) and _run_id_of(name) not in keep:
             _kill_namespace_processes(name)
             sh("ip", "netns", "del", name, check=False)
     for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
         name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
-        if name.startswith(link_prefix):
+        if name.startswith(link_prefix) and _run_id_of(name) not in keep:
             sh("ip", "link", "del", name, check=False)
+    return sorted(keep)
 
 
 @contextlib.contextmanager
@@ -105,6 +130,7 @@ def cluster(nodes: int, rate: str) -> Iterator[Cluster]:
     run_id = secrets.token_hex(2)
     bridge = f"fnt{run_id}br"
     workdir = Path(tempfile.mkdtemp(prefix=f"fnt-{run_id}-"))  # 0700, owned by root
+    (workdir / OWNER_FILE).write_text(str(os.getpid()))  # `down` keeps the runs whose owner is alive
     print(f"# emulated cluster run id {run_id}", file=sys.stderr, flush=True)
     try:
         sh("ip", "link", "add", bridge, "type", "bridge")
@@ -279,14 +305,18 @@ def main() -> None:
             s.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run's processes are "
                            "killed and its cluster removed (default %(default)g)")
             s.add_argument("args", nargs=argparse.REMAINDER, help="after --: torchrun arguments, e.g. -m fastnet.comm.bench")
-    d = sub.add_parser("down", help="remove leftovers of interrupted runs (all runs, or --run-id's)")
+    d = sub.add_parser("down", help="remove leftovers of interrupted runs (every run whose cluster.py has "
+                       "exited, or --run-id's; runs in progress are kept unless --force)")
     d.add_argument("--run-id", default=None)
+    d.add_argument("--force", action="store_true", help="also remove runs in progress (kills their ranks)")
     a = p.parse_args()
     # SIGTERM (e.g. timeout(1), pkill) unwinds like Ctrl-C: the run's process groups are killed and its
     # namespaces removed, instead of leaving ranks running in namespaces nobody owns
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if a.cmd == "down":
-        down(a.run_id)
+        kept = down(a.run_id, a.force)
+        if kept:
+            print(f"# kept runs in progress: {', '.join(kept)} (--run-id ID or --force removes them)", file=sys.stderr)
     elif a.cmd == "run":
         with cluster(a.nodes, a.rate) as c:
             try:
