@@ -217,11 +217,11 @@ def main() -> None:
         f"CIFAR-10 (JPEG q≈75 re-encoding) from {a.data_dir}" if "jpeg" in _layout(a.data_dir) else \
         f"CIFAR-10 from {a.data_dir}"
     cfg0 = next(iter(results.values()))[0]["cfg"]
+    procs = f"{a.nproc} processes (torchrun, gloo)" if a.nproc > 1 else "1 process (no all-reduce)"
     lines = [f"### CIFAR-10 large-batch study — {datetime.date.today()}", "",
              f"Command: `python experiments/cifar10_large_batch/run.py {' '.join(sys.argv[1:])}`",
-             f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {a.nproc} processes "
-             f"(torchrun, gloo); data: {data}; model {cfg0['model']}, {cfg0['epochs']} epochs, precision "
-             f"{cfg0['precision']}; seeds {a.seeds}.", "",
+             f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {procs}; data: {data}; "
+             f"model {cfg0['model']}, {cfg0['epochs']} epochs, precision {cfg0['precision']}; seeds {a.seeds}.", "",
              "| run | global batch | optimizer | peak LR | epochs | steps | best val top-1 (%) | test top-1 (%) "
              "mean ± half-range | wall (s) | images/s | time to target (s) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
