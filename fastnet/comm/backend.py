@@ -368,14 +368,8 @@ class FastnetProcessGroup(dist.ProcessGroup):
                 bucket = flat[lo:lo + per_bucket]
                 if op == "avg":
                     self.reducer(bucket)
-                elif wire != dtype:
-                    narrow = scratch.take(bucket.numel(), wire, bucket.device)
-                    narrow.copy_(bucket)
-                    self.reducer.sum_(narrow)
-                    bucket.copy_(narrow)
-                    scratch.give(narrow)
                 else:
-                    self.reducer.sum_(bucket)
+                    self.reducer.sum_wire_(bucket)
             if fused:
                 off = 0
                 for t in same:

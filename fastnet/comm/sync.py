@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import time
 from typing import Sequence
 
 import torch
 
+from fastnet.comm import scratch
 from fastnet.comm.algorithms import ring_all_reduce
 from fastnet.comm.communicator import Communicator
 from fastnet.comm.cost_model import RUNNABLE, CostModel
@@ -119,7 +119,7 @@ class BucketReducer:
     """
 
     __slots__ = ("comm", "algorithm", "wire_dtype", "hierarchy", "topology", "cost_model", "segment_bytes",
-                 "predivide_factor", "_scratch")
+                 "predivide_factor")
 
     def __init__(self, comm: Communicator, algorithm: str = "ring", wire_dtype: str = "none",
                  ranks_per_node: int | None = None, cost_model: CostModel | None = None,
@@ -138,7 +138,6 @@ class BucketReducer:
         self.segment_bytes = segment_bytes
         self.predivide_factor = float(predivide_factor) if predivide_factor is not None else float(comm.size)
         self.cost_model = cost_model or CostModel()
-        self._scratch = threading.local()  # per thread: the reused wire buffer (CPU)
         self.hierarchy = None
         if algorithm not in ("native", "ring") and comm.size > 1:
             self.hierarchy = Hierarchy(comm, ranks_per_node, segment_bytes, host_id)
@@ -180,28 +179,24 @@ class BucketReducer:
             return
         pre = self.predivide_factor
         bucket.div_(pre)  # divide before the sum (in place: the bucket is overwritten by the result anyway)
-        wire = bucket
-        if self.wire_dtype not in (None, bucket.dtype):  # then narrow, into a reused buffer
-            wire = self._wire_buffer(bucket.numel(), bucket.device)
-            wire.copy_(bucket)
-        self.sum_(wire, algorithm)
-        if wire is not bucket:
-            bucket.copy_(wire)
+        self.sum_wire_(bucket, algorithm)
         if pre != n:
             bucket.div_(n / pre)
 
-    def _wire_buffer(self, numel: int, device: torch.device) -> torch.Tensor:
-        """``numel`` elements of the wire dtype. On the CPU a slice of this thread's grow-only
-        buffer: a fresh tensor of tens of MB is a fresh mmap whose page faults cost more than the
-        cast itself (measured: 50 ms to narrow 25.6 M floats into a new tensor, 7 ms into a reused
-        one); calls on one thread are sequential, so one buffer per thread is enough. On CUDA a
-        new tensor from the caching allocator (reuse across streams would need events)."""
-        if device.type != "cpu":
-            return torch.empty(numel, dtype=self.wire_dtype, device=device)
-        buf = getattr(self._scratch, "buf", None)
-        if buf is None or buf.numel() < numel:
-            buf = self._scratch.buf = torch.empty(numel, dtype=self.wire_dtype)
-        return buf[:numel]
+    def sum_wire_(self, bucket: torch.Tensor, algorithm: str | None = None) -> None:
+        """SUM all-reduce of the 1-D ``bucket`` in place, sent in the wire dtype: narrowed into a
+        reused buffer (:mod:`fastnet.comm.scratch`: a fresh tensor of tens of MB is a fresh mmap
+        whose page faults cost more than the cast itself — measured: 50 ms to narrow 25.6 M floats
+        into a new tensor, 7 ms into a reused one; CUDA: a new tensor from the caching allocator),
+        summed, widened back. No division."""
+        if self.wire_dtype in (None, bucket.dtype):
+            self.sum_(bucket, algorithm)
+            return
+        wire = scratch.take(bucket.numel(), self.wire_dtype, bucket.device)
+        wire.copy_(bucket)
+        self.sum_(wire, algorithm)
+        bucket.copy_(wire)
+        scratch.give(wire)
 
     def sum_(self, x: torch.Tensor, algorithm: str | None = None) -> None:
         """SUM all-reduce of the 1-D ``x`` in place with this reducer's algorithm (``hybrid``
