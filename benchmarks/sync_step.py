@@ -42,8 +42,9 @@ the measured step (forward, backward, synchronize) vs
 ready times and end of backward profiled in the model's *other* no-overlap runs (per parameter,
 the median; seconds from the step's barrier, max over ranks) and the calibrated cost model
 (``--cost-model``; ``--wire-cost-model fp16=PATH`` for the FP16 wire), once as independent
-channels and once with CPU contention (the configuration's no-overlap ``synchronize()`` CPU
-seconds, ``cpu_share`` = ranks on this host ÷ its cores when compute saturates them).
+channels, once with CPU contention (the configuration's no-overlap ``synchronize()`` CPU
+seconds, ``cpu_share`` = ranks on this host ÷ its cores when compute saturates them) and once with
+two-way contention (also ``comm_stretch``: communication slowed while compute runs).
 """
 
 from __future__ import annotations
@@ -253,6 +254,8 @@ def validate_suite(rank: int, args) -> dict | None:
     on_host = hosts.count(hosts[comm.rank])  # the emulated cluster's nodes share this machine's cores
     cores = len(os.sched_getaffinity(0))
     cpu_share = on_host / cores if on_host * args.threads >= cores else 0.0  # compute saturates the cores
+    # the other direction (simulate_plan's comm_stretch): lockstep fair share, 1/s_overlap - 1/s_alone
+    comm_stretch = 2 * on_host / cores - max(1.0, on_host / cores) if cpu_share else 0.0
     rows = []
     for name in args.models:
         classes, side = VALIDATE_MODELS[name]
@@ -296,30 +299,36 @@ def validate_suite(rank: int, args) -> dict | None:
             sim = simulate_plan(*common, segment_bytes=run["segment"])
             contended = simulate_plan(*common, segment_bytes=run["segment"], comm_cpu_s=run["comm_cpu"],
                                       cpu_share=cpu_share)
+            two_way = simulate_plan(*common, segment_bytes=run["segment"], comm_cpu_s=run["comm_cpu"],
+                                    cpu_share=cpu_share, comm_stretch=comm_stretch)
             rows.append({**{k: run[k] for k in ("model", "wire", "algorithm", "overlap")},
                          "buckets": len(buckets), "picked": sorted({b[2] for b in buckets}), **run["got"],
                          "profile_compute_end": compute_end, "predicted": sim.step_s, "pred_comm": sim.comm_s,
-                         "pred_exposed": sim.exposed_comm_s, "contended": contended.step_s, "plan": buckets,
+                         "pred_exposed": sim.exposed_comm_s, "contended": contended.step_s, "two_way": two_way.step_s, "plan": buckets,
                          "launch_order": plan["launch_order"]})
     if rank != 0:
         return None
     lines = ["| model | wire | algorithm | overlap | buckets | compute end (s) | profiled (s) | comm busy (s) | "
              "comm CPU (s) | model comm (s) | step (s) | model: independent channels (s) | error | "
-             "model: CPU contention (s) | error |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "model: CPU contention (s) | error | model: two-way contention (s) | error |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         alg = r["algorithm"] + (f" → {', '.join(r['picked'])}" if r["algorithm"] == "hybrid" else "")
         lines.append(f"| {r['model']} | {r['wire']} | {alg} | {'on' if r['overlap'] else 'off'} | {r['buckets']} | "
                      f"{r['compute_end']:.3f} | {r['profile_compute_end']:.3f} | {r['busy']:.3f} | "
                      f"{r['sync_cpu']:.3f} | {r['pred_comm']:.3f} | "
                      f"{r['step']:.3f} | {r['predicted']:.3f} | {(r['predicted'] - r['step']) / r['step']:+.0%} | "
-                     f"{r['contended']:.3f} | {(r['contended'] - r['step']) / r['step']:+.0%} |")
+                     f"{r['contended']:.3f} | {(r['contended'] - r['step']) / r['step']:+.0%} | "
+                     f"{r['two_way']:.3f} | {(r['two_way'] - r['step']) / r['step']:+.0%} |")
     lines.append("")
-    for key, label in (("predicted", "independent channels"), ("contended", "with CPU contention")):
+    for key, label in (("predicted", "independent channels"), ("contended", "with CPU contention"),
+                       ("two_way", "with two-way CPU contention")):
         errors = [abs(r[key] - r["step"]) / r["step"] for r in rows]
         lines.append(f"Model, {label}: within 15% in {sum(e <= 0.15 for e in errors)} of {len(rows)} "
                      f"configurations; largest error {max(errors):.0%}, median {statistics.median(errors):.0%}.")
-    lines.append(f"CPU contention: {on_host} ranks on {cores} cores, cpu_share = {cpu_share:g} "
-                 "(simulate_plan; comm CPU: the CPU seconds of synchronize() in each configuration's no-overlap run).")
+    lines.append(f"CPU contention: {on_host} ranks on {cores} cores, cpu_share = {cpu_share:g}, two-way adds "
+                 f"comm_stretch = {comm_stretch:g} (simulate_plan; comm CPU: the CPU seconds of synchronize() in each "
+                 "configuration's no-overlap run).")
     return {"lines": lines, "rows": rows,
             "what": f"fp32 models, local batch {args.batch} (ResNet-50 at {args.image_size}x{args.image_size}), "
                     f"fusion threshold {args.fusion_mb:g} MiB, buckets rebuilt after step 2; cost model "

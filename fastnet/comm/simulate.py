@@ -129,7 +129,8 @@ def simulate(layers: Sequence[tuple[int, float]], compute_s: float, world_size: 
 def simulate_plan(buckets: Sequence[tuple[int, float, str]], backward_s: float, world_size: int,
                   ranks_per_node: int, model: CostModel, launch_order: Sequence[int] | None = None,
                   overlap: bool = True, forward_s: float = 0.0, optimizer_s: float = 0.0,
-                  segment_bytes: int = 0, comm_cpu_s: float = 0.0, cpu_share: float = 0.0) -> SimResult:
+                  segment_bytes: int = 0, comm_cpu_s: float = 0.0, cpu_share: float = 0.0,
+                  comm_stretch: float = 0.0) -> SimResult:
     """One step of :class:`fastnet.comm.GradientSynchronizer` with a measured bucket plan (its
     :meth:`~fastnet.comm.GradientSynchronizer.measured_plan`), instead of a FLOP-split profile.
 
@@ -154,36 +155,53 @@ def simulate_plan(buckets: Sequence[tuple[int, float, str]], backward_s: float, 
             W ranks' communication work too). The compute after the first launch is stretched by
             the lost time, found as a fixed point: E' = E + cpu_share · Σ_k u_k · |[start_k,
             end_k] ∩ [first launch, E']| / (end_k − start_k).
+        comm_stretch: the other direction of the same contention: seconds of communication wall
+            time added per CPU second of communication that runs while compute does (its CPU work
+            gets a smaller share of a core than in the calibration, which ran without compute).
+            Bucket ``k``'s duration becomes ``d_k + comm_stretch · u_k · f_k`` with ``f_k`` the
+            fraction of it that overlaps compute; solved jointly with the compute's delay. It is
+            1 / s_overlap − 1 / s_alone for the communication thread's share s of a core. Fair share
+            with the ranks' communication in lockstep (every rank sums the same ring step at once):
+            the calibration's W communication threads get s_alone = min(1, P / W), W compute plus W
+            communication threads during overlap s_overlap = P / (2W); for W ≥ P that is W / P, the
+            same as ``cpu_share``.
 
     Returns:
         :class:`SimResult` (``compute_s`` includes the contention's delay; ``scaling_efficiency``:
         the step without communication ÷ the step; ``buckets`` in launch order).
 
     Raises:
-        ValueError: a negative ``backward_s``, ``comm_cpu_s`` or ``cpu_share``, or ``launch_order``
+        ValueError: a negative ``backward_s``, ``comm_cpu_s``, ``cpu_share`` or ``comm_stretch``, or ``launch_order``
             not a permutation of the buckets.
     """
     order = list(range(len(buckets))) if launch_order is None else list(launch_order)
     if sorted(order) != list(range(len(buckets))) or backward_s < 0:
         raise ValueError(f"simulate_plan: launch_order {order} must be a permutation of 0..{len(buckets) - 1} and "
                          f"backward_s {backward_s} >= 0")
-    if not (comm_cpu_s >= 0 and cpu_share >= 0):
-        raise ValueError(f"simulate_plan: comm_cpu_s {comm_cpu_s} and cpu_share {cpu_share} must be >= 0")
+    if not (comm_cpu_s >= 0 and cpu_share >= 0 and comm_stretch >= 0):
+        raise ValueError(f"simulate_plan: comm_cpu_s {comm_cpu_s}, cpu_share {cpu_share} and comm_stretch "
+                         f"{comm_stretch} must be >= 0")
     comm = world_size > 1 and bool(buckets)
-    durations = [model.time(alg, nbytes, world_size, ranks_per_node, segment_bytes) if comm else 0.0
-                 for nbytes, _, alg in buckets]
+    base = [model.time(alg, nbytes, world_size, ranks_per_node, segment_bytes) if comm else 0.0
+            for nbytes, _, alg in buckets]
     total_bytes = sum(b[0] for b in buckets) or 1
+    cpu = [comm_cpu_s * nbytes / total_bytes for nbytes, _, _ in buckets]  # u_k, CPU seconds per bucket
     first = min((r for _, r, _ in buckets), default=0.0) if overlap else backward_s
     end_compute = backward_s
-    for _ in range(100):  # the fixed point of the contention's delay (one pass without contention)
+    durations = list(base)
+    for _ in range(200):  # the joint fixed point of both delays (one pass without contention)
         stretch = (end_compute - first) / (backward_s - first) if backward_s > first else 1.0
         timeline = _schedule(buckets, order, durations, overlap, first, stretch, end_compute)
-        lost = sum(comm_cpu_s * nbytes / total_bytes * max(0.0, min(end, end_compute) - max(start, first)) / (end - start)
-                   for nbytes, _, start, end in timeline if end > start)
-        new_end = backward_s + cpu_share * lost
-        if abs(new_end - end_compute) <= 1e-12:
+        overlapped = [0.0] * len(buckets)  # f_k: the fraction of bucket k's all-reduce that runs during compute
+        for k, (_, _, start, end) in zip(order, timeline):
+            if end > start:
+                overlapped[k] = max(0.0, min(end, end_compute) - max(start, first)) / (end - start)
+        new_end = backward_s + cpu_share * sum(u * f for u, f in zip(cpu, overlapped))
+        new_durations = [d + comm_stretch * u * f for d, u, f in zip(base, cpu, overlapped)]
+        if abs(new_end - end_compute) <= 1e-12 and max((abs(a - b) for a, b in zip(new_durations, durations)),
+                                                       default=0.0) <= 1e-12:
             break
-        end_compute = new_end
+        end_compute, durations = new_end, new_durations
     total = sum(durations) if comm else 0.0
     last_end = max((t[3] for t in timeline), default=float("-inf"))
     finish = max(end_compute, last_end) if comm else end_compute

@@ -124,3 +124,28 @@ def test_simulate_plan_cpu_contention_by_hand():
                          cpu_share=2.0).step_s == pytest.approx(1.5)
     with pytest.raises(ValueError, match="cpu_share -1"):
         simulate_plan([(100, 0.0, "ring")], 1.0, 4, 2, _Fixed(0.5), cpu_share=-1)
+
+
+def test_simulate_plan_two_way_contention_by_hand():
+    # wholly inside compute: the 0.5 s all-reduce gains 1.5 x 0.2 s (-> 0.8 s, ends 0.8 <= E = 1.4)
+    res = simulate_plan([(100, 0.0, "ring")], 1.0, 4, 2, _Fixed(0.5), comm_cpu_s=0.2, cpu_share=2.0,
+                        comm_stretch=1.5)
+    assert res.compute_s == pytest.approx(1.4) and res.comm_s == pytest.approx(0.8)
+    assert res.buckets[0][3] == pytest.approx(0.8) and res.step_s == pytest.approx(1.4)
+    # launched at 0.8, compute ends at 1.0: only f = 0.2 / D of it overlaps compute, so
+    # D = 0.5 + 1.5 * 0.2 * 0.2 / D -> D^2 - 0.5 D - 0.06 = 0 -> D = 0.6, the step 1.4
+    res = simulate_plan([(100, 0.8, "ring")], 1.0, 4, 2, _Fixed(0.5), comm_cpu_s=0.2, comm_stretch=1.5)
+    assert res.comm_s == pytest.approx(0.6) and res.compute_s == pytest.approx(1.0)
+    assert res.step_s == pytest.approx(1.4) and res.exposed_comm_s == pytest.approx(0.4)
+    # both directions at once: D = 0.5 + 0.3 f, E = 1 + 2 * 0.2 f, f = (E - 0.8) / D (the bucket outlives compute)
+    res = simulate_plan([(100, 0.8, "ring")], 1.0, 4, 2, _Fixed(0.5), comm_cpu_s=0.2, cpu_share=2.0,
+                        comm_stretch=1.5)
+    d, e = res.comm_s, res.compute_s
+    f = (e - 0.8) / d
+    assert d == pytest.approx(0.5 + 0.3 * f) and e == pytest.approx(1.0 + 0.4 * f) and 0 < f < 1
+    # no overlap, or no CPU seconds: no stretch
+    assert simulate_plan([(100, 0.0, "ring")], 1.0, 4, 2, _Fixed(0.5), overlap=False, comm_cpu_s=0.2,
+                         comm_stretch=1.5).step_s == pytest.approx(1.5)
+    assert simulate_plan([(100, 0.8, "ring")], 1.0, 4, 2, _Fixed(0.5), comm_stretch=1.5).step_s == pytest.approx(1.3)
+    with pytest.raises(ValueError, match="comm_stretch -1"):
+        simulate_plan([(100, 0.0, "ring")], 1.0, 4, 2, _Fixed(0.5), comm_stretch=-1)
