@@ -22,8 +22,10 @@ bridge are removed. ``down`` with no id removes the leftovers of every run (manu
 ``study`` measures, on the emulated cluster: native, flat ring, hierarchical_p2p (pipelined in
 ``--segment-mb`` segments, and in one segment), the other algorithms and hybrid in FP32, and ring/hierarchical_p2p
 with FP16 on the wire; it calibrates the α-β model's links from separate runs (medians of
-``--calibration-runs`` launches: ring within one node → intra; ring across nodes with one rank each
-→ inter; native on the full cluster → native; the intra-node one from ``--calibration-minbytes``)
+``--calibration-runs`` launches: ring within one node, ring across nodes with one rank each, and the
+collective-composed hierarchical (in one piece) on the full cluster, fitted together → intra, inter
+and p2p (fastnet's per-step software cost, which the rings pay and the collective-composed steps do
+not); native on the full cluster → native; the intra-node sweep from ``--calibration-minbytes``)
 and compares every prediction with the measurement.
 """
 
@@ -50,7 +52,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm.bench import parse_size  # noqa: E402
-from fastnet.comm.cost_model import CostModel, Link, calibrate  # noqa: E402
+from fastnet.comm.cost_model import CostModel, calibrate  # noqa: E402
 from report import emit  # noqa: E402
 
 SUBNET = "10.77.0"
@@ -198,8 +200,10 @@ def bench(c: Cluster, rpn: int, args: list[str]) -> dict:
 def median_rows(c: Cluster, rpn: int, args: list[str], repeats: int) -> list[dict]:
     """``repeats`` separate launches of the same sweep; each size's time is the median over them
     (the small-message times of one launch vary by 2x on this emulation, which moves the fitted α)."""
-    runs = [bench(c, rpn, args)["rows"] for _ in range(repeats)]
-    return [{**rows[0], "time_us": statistics.median(r["time_us"] for r in rows)} for rows in zip(*runs)]
+    runs = [bench(c, rpn, args) for _ in range(repeats)]
+    shape = {key: runs[0][key] for key in ("world_size", "ranks_per_node", "segment_bytes")}  # for calibrate
+    return [{**rows[0], **shape, "time_us": statistics.median(r["time_us"] for r in rows)}
+            for rows in zip(*(r["rows"] for r in runs))]
 
 
 def study(a: argparse.Namespace) -> None:
@@ -220,18 +224,21 @@ def study(a: argparse.Namespace) -> None:
         intra = median_rows(one_node, k, [*calib, "-a", "ring"], a.calibration_runs) if k > 1 else []
         inter = median_rows(c, 1, [*sweep, "-a", "ring"], a.calibration_runs)  # one rank per node: inter-node
         native = median_rows(c, k, [*sweep, "-a", "native"], a.calibration_runs)
-        # Links fitted to ring rows carry fastnet's per-step software cost in their α (p2p level 0):
-        # exact for ring / *_p2p, an over-estimate of α for the collective-composed variants.
-        no_p2p = CostModel(p2p=Link(0.0, 0.0))
-        model = CostModel(intra=calibrate(intra, k, base=no_p2p, levels=("intra",)).intra if intra else no_p2p.intra,
-                          inter=calibrate(inter, n, 1, base=no_p2p, levels=("inter",)).inter,
-                          native=calibrate(native, n * k, k).native, p2p=Link(0.0, 0.0))
+        # The collective-composed hierarchical on the whole cluster, in one piece: its steps pay the
+        # backend's per-step cost where the rings pay fastnet's point-to-point one, so fitted together
+        # the three sweeps separate the links' α from p2p's (the per-algorithm α, measured).
+        composed = median_rows(c, k, [*sweep, "-a", "hierarchical", "--segment-mb", "0"], a.calibration_runs)
+        fitted = calibrate(intra + inter + composed, n * k, k, levels=("intra", "inter", "p2p") if intra
+                           else ("inter", "p2p"))
+        model = CostModel(intra=fitted.intra, inter=fitted.inter, native=calibrate(native, n * k, k).native,
+                          p2p=fitted.p2p)
         cm_path = str(c.workdir / "cost_model.yaml")  # in the run's private directory
         model.save(cm_path)
         if a.save_cost_model:
             model.save(a.save_cost_model)
         links = ", ".join(f"{lv} α={getattr(model, lv).alpha_s * 1e6:.0f} µs, {getattr(model, lv).bandwidth_gbps:.3f} GB/s"
                           for lv in (("intra",) if k > 1 else ()) + ("inter", "native"))
+        links += f", p2p α={model.p2p.alpha_s * 1e6:.0f} µs per step"
         if a.calibrate_only:
             print(f"calibrated ({n} nodes × {k} ranks, {a.rate}, {a.dtype}): {links}"
                   + (f"; saved to {a.save_cost_model}" if a.save_cost_model else ""))
@@ -254,8 +261,8 @@ def study(a: argparse.Namespace) -> None:
              f"`tc tbf` at {a.rate} on each node's egress, no added delay, tcp_slow_start_after_idle=0; "
              f"warm-up 5; gloo; {fp32['header']}.",
              f"Links calibrated from separate runs (medians of {a.calibration_runs} launches; ring on one node,"
-             f" {a.calibration_minbytes}–{a.maxbytes} → intra; ring, 1 rank per node → inter; native on the cluster"
-             " → native): " + links + ".", "",
+             f" {a.calibration_minbytes}–{a.maxbytes}, ring with 1 rank per node and hierarchical in one piece on the"
+             " cluster, fitted together → intra, inter, p2p; native on the cluster → native): " + links + ".", "",
              "| size (MiB) | algorithm | wire | time (ms) | busbw (GB/s) | vs flat ring | model (ms) | model error "
              "| #wrong |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     pipelined = (f"hierarchical_p2p is pipelined in {a.segment_mb:g} MiB segments; 'hierarchical_p2p, 1 segment' "

@@ -254,8 +254,11 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
               levels: Sequence[str] | None = None) -> CostModel:
     """Fit the link parameters to measured all-reduce times.
 
-    ``rows``: ``fastnet-bench`` rows (``algorithm``, ``size`` in bytes, ``time_us``), all from one
-    world size / node size. Solves min Σ ((predicted − measured) / measured)² over the α, β of the
+    ``rows``: ``fastnet-bench`` rows (``algorithm``, ``size`` in bytes, ``time_us``), from
+    ``world_size`` ranks in nodes of ``ranks_per_node``; a row may carry its own ``world_size``,
+    ``ranks_per_node`` and ``segment_bytes`` (sweeps of different shapes fitted together, e.g. a
+    one-node ring, a one-rank-per-node ring and the whole cluster's collective-composed
+    ``hierarchical``, which together separate the links' α from ``p2p``'s). Solves min Σ ((predicted − measured) / measured)² over the α, β of the
     levels the rows exercise, subject to α, β ≥ 0 (``scipy.optimize.nnls``); levels no row
     exercises keep ``base``'s values. ``segment_bytes`` > 0: the rows were measured with a
     pipelined ``hierarchical`` (:meth:`CostModel.time`), whose rows longer than a segment are not
@@ -274,10 +277,11 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
     for r in rows:
         if r["algorithm"] not in MODELLED or r["time_us"] <= 0:
             continue
-        if r["algorithm"].startswith("hierarchical") and 0 < segment_bytes < r["size"]:
+        seg = r.get("segment_bytes", segment_bytes)
+        if r["algorithm"].startswith("hierarchical") and 0 < seg < r["size"]:
             continue
-        coef = coefficients(r["algorithm"], r["size"], world_size, ranks_per_node, base.inter_links_per_node,
-                            segment_bytes)
+        coef = coefficients(r["algorithm"], r["size"], r.get("world_size", world_size),
+                            r.get("ranks_per_node", ranks_per_node), base.inter_links_per_node, seg)
         if not coef:
             continue
         t = r["time_us"] * 1e-6

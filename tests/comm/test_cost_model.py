@@ -168,3 +168,23 @@ def test_calibrate_only_the_named_levels():
     assert held.intra.alpha_s == pytest.approx(40e-6, rel=1e-3)
     with pytest.raises(ValueError, match="Unknown cost-model levels \\['wan'\\]"):
         calibrate(rows, 4, levels=("wan",))
+
+
+def test_calibrate_fits_sweeps_of_different_shapes_together():
+    """cluster.py study's calibration: a one-node ring, a one-rank-per-node ring and the whole
+    cluster's collective-composed hierarchical (each row carrying its shape) pin intra, inter and
+    p2p; the rings alone cannot tell a link's α from fastnet's per-step cost."""
+    truth = CostModel(intra=Link.of(120.0, 1.5), inter=Link.of(400.0, 0.1), p2p=Link(300e-6, 0.0))
+    seg = 4 << 20
+    shapes = {"intra": ("ring", 2, 2, seg), "inter": ("ring", 2, 1, seg), "composed": ("hierarchical", 4, 2, 0)}
+    rows = [{"algorithm": alg, "size": s, "world_size": w, "ranks_per_node": k, "segment_bytes": sg,
+             "time_us": truth.time(alg, s, w, k, sg) * 1e6}
+            for alg, w, k, sg in shapes.values() for s in (1 << 16, 1 << 20, 1 << 22, 1 << 24, 1 << 26)]
+    fit = calibrate(rows, 4, 2, levels=("intra", "inter", "p2p"))  # the default shape is overridden per row
+    for lv in ("intra", "inter", "p2p"):
+        assert getattr(fit, lv).alpha_s == pytest.approx(getattr(truth, lv).alpha_s, rel=1e-3)
+        assert getattr(fit, lv).beta_s_per_byte == pytest.approx(getattr(truth, lv).beta_s_per_byte, rel=1e-3)
+    # without the composed rows, α_p2p and the links' α trade off: the fit cannot recover them
+    rings = [r for r in rows if r["algorithm"] == "ring"]
+    folded = calibrate(rings, 4, 2, base=CostModel(p2p=Link(0.0, 0.0)), levels=("intra", "inter"))
+    assert folded.inter.alpha_s == pytest.approx(truth.inter.alpha_s + truth.p2p.alpha_s, rel=0.02)  # segments: ~
