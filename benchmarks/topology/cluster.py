@@ -228,8 +228,7 @@ def study(a: argparse.Namespace) -> None:
         # backend's per-step cost where the rings pay fastnet's point-to-point one, so fitted together
         # the three sweeps separate the links' α from p2p's (the per-algorithm α, measured).
         composed = median_rows(c, k, [*sweep, "-a", "hierarchical", "--segment-mb", "0"], a.calibration_runs)
-        fitted = calibrate(intra + inter + composed, n * k, k, levels=("intra", "inter", "p2p") if intra
-                           else ("inter", "p2p"))
+        fitted = calibrate(intra + inter + composed, n * k, k, levels=("intra", "inter", "p2p"))  # unused: base's
         model = CostModel(intra=fitted.intra, inter=fitted.inter, native=calibrate(native, n * k, k).native,
                           p2p=fitted.p2p)
         cm_path = str(c.workdir / "cost_model.yaml")  # in the run's private directory

@@ -258,12 +258,13 @@ def calibrate(rows: Iterable[dict[str, Any]], world_size: int, ranks_per_node: i
     ``world_size`` ranks in nodes of ``ranks_per_node``; a row may carry its own ``world_size``,
     ``ranks_per_node`` and ``segment_bytes`` (sweeps of different shapes fitted together, e.g. a
     one-node ring, a one-rank-per-node ring and the whole cluster's collective-composed
-    ``hierarchical``, which together separate the links' α from ``p2p``'s). Solves min Σ ((predicted − measured) / measured)² over the α, β of the
-    levels the rows exercise, subject to α, β ≥ 0 (``scipy.optimize.nnls``); levels no row
-    exercises keep ``base``'s values. ``segment_bytes`` > 0: the rows were measured with a
-    pipelined ``hierarchical`` (:meth:`CostModel.time`), whose rows longer than a segment are not
-    linear in α, β and are left out, and a segmented ``ring`` (counted in its exchanges). ``levels``: fit only these (default: every level the rows
-    exercise); the others are held at ``base``'s values, e.g. ``levels=("intra",)`` with
+    ``hierarchical``, which together separate the links' α from ``p2p``'s). Solves
+    min Σ ((predicted − measured) / measured)² over the α, β of the levels the rows exercise,
+    subject to α, β ≥ 0 (``scipy.optimize.nnls``); levels no row exercises keep ``base``'s values.
+    ``segment_bytes`` > 0: the rows were measured with a pipelined ``hierarchical``
+    (:meth:`CostModel.time`), whose rows longer than a segment are not linear in α, β and are left
+    out, and a segmented ``ring`` (counted in its exchanges). ``levels``: fit only these (default:
+    every level the rows exercise); the others are held at ``base``'s values, e.g. ``levels=("intra",)`` with
     ``base.p2p`` zero folds fastnet's per-step software cost into the link's α. Raises ValueError
     if no row is usable or ``levels`` names an unknown level.
     """

@@ -187,4 +187,4 @@ def test_calibrate_fits_sweeps_of_different_shapes_together():
     # without the composed rows, α_p2p and the links' α trade off: the fit cannot recover them
     rings = [r for r in rows if r["algorithm"] == "ring"]
     folded = calibrate(rings, 4, 2, base=CostModel(p2p=Link(0.0, 0.0)), levels=("intra", "inter"))
-    assert folded.inter.alpha_s == pytest.approx(truth.inter.alpha_s + truth.p2p.alpha_s, rel=0.02)  # segments: ~
+    assert folded.inter.alpha_s == pytest.approx(truth.inter.alpha_s + truth.p2p.alpha_s, rel=0.02)  # ~: segments add p2p steps
