@@ -40,8 +40,9 @@ The returned ``Work`` (:class:`FastnetWork`) completes from the communication th
 there (a peer that died, the group's timeout) is raised by ``wait()``, as the base backend
 raises it.
 
-Settings (environment, read when a group is created; every rank must use the same, checked
-collectively by :class:`fastnet.comm.sync.BucketReducer`): ``FASTNET_ALGORITHM`` (default
+Settings (environment, read when a group is created; every rank must use the same: construction
+compares them across the group's ranks, :func:`fastnet.comm.sync.check_consistency`, and raises
+ValueError naming the variable and each differing rank's value): ``FASTNET_ALGORITHM`` (default
 ``ring``), ``FASTNET_WIRE_DTYPE`` (``none``), ``FASTNET_FUSION_MB`` (25), ``FASTNET_RANKS_PER_NODE``
 (default: nodes from the hosts), ``FASTNET_COST_MODEL`` (a calibrated YAML for ``hybrid``),
 ``FASTNET_SEGMENT_MB`` (pipeline segment, 4), ``FASTNET_BASE_BACKEND`` (``gloo``, or ``nccl`` for
@@ -301,7 +302,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
                  config: BackendConfig | None = None) -> None:
         super().__init__(rank, size)
         from fastnet.comm.cost_model import CostModel
-        from fastnet.comm.sync import BucketReducer
+        from fastnet.comm.sync import BucketReducer, check_consistency
         from fastnet.comm.synchronizer import CommThread
 
         self.config = config or BackendConfig.from_env()
@@ -311,12 +312,25 @@ class FastnetProcessGroup(dist.ProcessGroup):
         own = dist.ProcessGroupGloo(own_store, rank, size, timeout)
         self.comm = C10dCommunicator(own, rank, size, own_store, timeout)
         cost_model = CostModel.load(self.config.cost_model) if self.config.cost_model else None
+        # before anything else collective: a rank with other settings would split differently
+        # (hierarchical) or send other byte counts (wire dtype) and hang or corrupt, not fail
+        check_consistency(self.comm, self._settings(cost_model), "fastnet backend settings differ across ranks",
+                          "Give every rank the same FASTNET_* environment (and the same cost-model file).")
         self.reducer = BucketReducer(self.comm, self.config.algorithm, self.config.wire_dtype,
                                      self.config.ranks_per_node, cost_model,
                                      int(self.config.segment_mb * (1 << 20)))
         self.fusion_threshold_bytes = max(1, int(self.config.fusion_mb * (1 << 20)))
         self._thread = CommThread()
         self.routed: collections.Counter[str] = collections.Counter()
+
+    def _settings(self, cost_model) -> list[tuple[str, str]]:
+        """The ``(name, value)`` items every rank must agree on (:func:`check_consistency`)."""
+        c = self.config
+        return [("FASTNET_ALGORITHM", c.algorithm), ("FASTNET_WIRE_DTYPE", c.wire_dtype),
+                ("FASTNET_FUSION_MB", repr(c.fusion_mb)), ("FASTNET_SEGMENT_MB", repr(c.segment_mb)),
+                ("FASTNET_RANKS_PER_NODE", str(c.ranks_per_node)), ("FASTNET_BASE_BACKEND", c.base_backend),
+                ("FASTNET_COST_MODEL", "not used" if c.algorithm != "hybrid" else
+                 repr(sorted((cost_model.to_dict() if cost_model else {}).items())))]
 
     def _make_base(self, store, rank: int, size: int, timeout: datetime.timedelta):
         if self.config.base_backend == "nccl":

@@ -350,6 +350,33 @@ def test_bad_settings_name_the_variable_and_the_choices():
     assert BackendConfig.from_env({}) == BackendConfig()
 
 
+def _mismatch_worker(rank: int, world: int, port: int, queue, envs: dict[int, dict[str, str]]) -> None:
+    t0 = time.monotonic()
+    try:
+        _init(rank, world, port, envs.get(rank, {}), timeout_s=30.0)
+        what = "no error"
+    except Exception as exc:  # noqa: BLE001 - the error init_process_group raises
+        what = f"{type(exc).__name__}: {exc}"[:400]
+    queue.put((rank, what, time.monotonic() - t0))
+    queue.close()
+    queue.join_thread()
+    os._exit(0)  # a group that failed to build cannot be destroyed
+
+
+@pytest.mark.parametrize("envs,name", [
+    ({1: {"FASTNET_WIRE_DTYPE": "fp16"}}, "FASTNET_WIRE_DTYPE"),  # other byte counts on the wire
+    ({0: {"FASTNET_ALGORITHM": "hierarchical", "FASTNET_RANKS_PER_NODE": "1"}}, "FASTNET_ALGORITHM"),  # would split alone
+])
+def test_settings_that_differ_across_ranks_fail_on_every_rank(envs, name):
+    results = {r: (what, s) for r, what, s in spawn_ranks(functools.partial(_mismatch_worker, envs=envs), 2,
+                                                          timeout=120)}
+    for rank, (what, seconds) in results.items():
+        assert what.startswith("ValueError: fastnet backend settings differ across ranks: ranks disagree on "
+                               + name), (rank, what)
+        assert "rank 0: " in what and "rank 1: " in what, what
+        assert seconds < 25, (rank, seconds)  # at construction, not a hang until the 30 s timeout
+
+
 def _stuck_rank_worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
