@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import sys
 import time
 from pathlib import Path

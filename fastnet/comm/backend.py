@@ -30,23 +30,37 @@ connection. Routed through fastnet:
   all-gather on CPU): fastnet's ring (:func:`fastnet.comm.algorithms.ring_reduce_scatter_into`,
   ``ring_all_gather_into``);
 * everything else (broadcast, barrier, reduce, gather, scatter, all-to-all, send/recv, list
-  all-gather, integer or MAX/MIN/PRODUCT all-reduce), and **every collective on CUDA tensors**:
-  the base backend, unchanged. fastnet's algorithms on CUDA tensors through this backend are not
-  built: they need fastnet's NCCL communicator on the group's store and the caller's stream
-  ordered against its stream, and a GPU to verify (so ``FASTNET_BASE_BACKEND=nccl`` is NCCL with
-  fastnet's CPU path beside it, not yet run on a GPU).
+  all-gather of CUDA tensors, integer or MAX/MIN/PRODUCT all-reduce): the base backend, unchanged
+  (gloo for CPU tensors; NCCL for CUDA tensors with ``FASTNET_BASE_BACKEND=nccl``; barrier: gloo).
 
-The returned ``Work`` (:class:`FastnetWork`) completes from the communication thread; an error
-there (a peer that died, the group's timeout) is raised by ``wait()``, as the base backend
-raises it.
+**CUDA tensors** (``FASTNET_BASE_BACKEND=nccl``; without it they go to gloo, unchanged). The
+same routing, over fastnet's own NCCL communicator (:class:`fastnet.comm.nccl.NcclCommunicator`,
+CuPy's bindings), created at the group's first CUDA collective on the tensors' device (as
+ProcessGroupNCCL does; one device per rank per group), its unique id passed through the group's
+store. A collective is enqueued from the caller's thread, not the communication thread (NCCL
+kernels are asynchronous, the host does not wait): fastnet's side stream first waits for the
+caller's current stream, the algorithm's kernels (casts, ring additions, NCCL calls) run on it,
+and the ``Work``'s future is a CUDA future recorded on it, so ``wait()`` and DDP's callbacks order
+the caller's stream after the result without blocking the host (torch.futures.Future semantics).
+The tensors are recorded on the side stream so the caching allocator cannot reuse them early. A
+watchdog thread polls NCCL's asynchronous error and the oldest unfinished collective's age; on an
+error or the group's timeout it aborts the NCCL communicator (``ncclCommAbort``: kernels waiting
+on a dead peer return) and, as ProcessGroupNCCL's default error handling does, ends the process
+with the error on stderr, so no rank goes on with an aborted collective's contents. **Not yet run
+on a GPU.**
+
+The returned ``Work`` (:class:`FastnetWork`) completes from the communication thread (CPU) or the
+side stream (CUDA); an error there (a peer that died, the group's timeout) is raised by
+``wait()``, as the base backend raises it.
 
 Settings (environment, read when a group is created; every rank must use the same: construction
 compares them across the group's ranks, :func:`fastnet.comm.sync.check_consistency`, and raises
 ValueError naming the variable and each differing rank's value): ``FASTNET_ALGORITHM`` (default
 ``ring``), ``FASTNET_WIRE_DTYPE`` (``none``), ``FASTNET_FUSION_MB`` (25), ``FASTNET_RANKS_PER_NODE``
 (default: nodes from the hosts), ``FASTNET_COST_MODEL`` (a calibrated YAML for ``hybrid``),
-``FASTNET_SEGMENT_MB`` (pipeline segment, 4), ``FASTNET_BASE_BACKEND`` (``gloo``, or ``nccl`` for
-CUDA tensors). A bad value raises ValueError naming it and the valid choices.
+``FASTNET_SEGMENT_MB`` (pipeline segment, 4), ``FASTNET_BASE_BACKEND`` (``gloo``, or ``nccl``:
+CUDA tensors through NCCL, needs CuPy's NCCL, ``pip install 'fastnet[gpu]'``). A bad value raises
+ValueError naming it and the valid choices.
 """
 
 from __future__ import annotations
@@ -55,6 +69,8 @@ import collections
 import dataclasses
 import datetime
 import os
+import sys
+import threading
 import time
 from typing import Sequence
 
@@ -244,9 +260,10 @@ def _op_name(op) -> str | None:
     return None
 
 
-def _ring_ok(output: torch.Tensor, input: torch.Tensor) -> bool:
-    """Whether fastnet's ring reduce-scatter/all-gather takes this pair (CPU, contiguous)."""
-    return not (output.is_cuda or input.is_cuda) and output.is_contiguous() and input.is_contiguous()
+def _device_of(tensors: Sequence[torch.Tensor]) -> torch.device | None:
+    """The one device all ``tensors`` are on, or None (none given, or several devices)."""
+    devices = {t.device for t in tensors}
+    return devices.pop() if len(devices) == 1 else None
 
 
 class FastnetWork(dist._Work):
@@ -255,22 +272,27 @@ class FastnetWork(dist._Work):
     so a dead peer would go unnoticed); ``wait(timeout)`` raises RuntimeError once ``timeout``
     passes; ``get_future()`` (what DDP chains on) completes with the output tensors."""
 
-    def __init__(self, fut: torch.futures.Future) -> None:
+    def __init__(self, fut: torch.futures.Future, event: "torch.cuda.Event | None" = None) -> None:
         super().__init__()
-        self._fut = fut
+        self._fut, self._event = fut, event  # event: the end of a CUDA collective on the side stream
+
+    def _done(self) -> bool:
+        return self._fut.done() and (self._event is None or self._event.query())
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        """Without ``timeout``: CPU, block until done; CUDA, order the current stream after the
+        result (no host block). With ``timeout``: block the host until done (CUDA too) or raise."""
         if timeout is not None and timeout.total_seconds() > 0:
             deadline = time.monotonic() + timeout.total_seconds()
-            while not self._fut.done():
+            while not self._done():
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"fastnet: the collective did not complete within {timeout}")
                 time.sleep(0.001)
-        self._fut.wait()  # raises the communication thread's error
+        self._fut.wait()  # raises the communication thread's error; CUDA: the stream wait
         return True
 
     def is_completed(self) -> bool:
-        return self._fut.done()
+        return self._done()
 
     def is_success(self) -> bool:
         if not self._fut.done():
@@ -285,61 +307,164 @@ class FastnetWork(dist._Work):
         return self._fut
 
 
+def _cuda_nccl_missing() -> str:
+    """Why fastnet's CUDA path cannot run in this process ('' when it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        from fastnet.comm.nccl import _nccl
+
+        _nccl()
+    except RuntimeError as exc:
+        return str(exc)
+    return ""
+
+
+class _CudaPath:
+    """fastnet's collectives on the CUDA tensors of one group on one device (module docstring):
+    fastnet's NCCL communicator from the group's ``store``, a :class:`fastnet.comm.sync.BucketReducer`
+    over it, the side stream, and the watchdog. Construction is collective over the group."""
+
+    def __init__(self, store, rank: int, size: int, device: torch.device, timeout: datetime.timedelta,
+                 make_reducer) -> None:
+        from fastnet.comm.nccl import NcclCommunicator
+
+        self.device, self.rank, self.timeout = device, rank, timeout
+        with torch.cuda.device(device):
+            self.comm = NcclCommunicator.from_store(store, rank, size, key="unique_id", device=device,
+                                                    timeout_s=timeout.total_seconds())
+            self.reducer = make_reducer(self.comm)
+            self.stream = torch.cuda.Stream(device)
+        self._unfinished: collections.deque = collections.deque()  # (event, deadline, what), in order
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="fastnet-nccl-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def run(self, what: str, tensors: Sequence[torch.Tensor], fn, result) -> FastnetWork:
+        """Enqueue ``fn()`` (fastnet's kernels and NCCL calls) on the side stream after the
+        caller's current stream; the Work's CUDA future holds ``result``."""
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        fut: torch.futures.Future = torch.futures.Future(devices=[self.device])
+        with torch.cuda.stream(self.stream):
+            for t in tensors:
+                t.record_stream(self.stream)  # the caller may drop them before the side stream is done
+            fn()
+            fut.set_result(result)  # records CUDA events on the side stream (the current one here)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        with self._lock:
+            self._unfinished.append((event, time.monotonic() + self.timeout.total_seconds(), what))
+        return FastnetWork(fut, event)
+
+    def _watch(self) -> None:
+        torch.cuda.set_device(self.device)
+        while not self._closed.wait(0.05):
+            with self._lock:
+                while self._unfinished and self._unfinished[0][0].query():
+                    self._unfinished.popleft()
+                oldest = self._unfinished[0] if self._unfinished else None
+            try:
+                self.comm._comm.check_async_error()
+            except Exception as exc:  # noqa: BLE001 - NCCL's error, whatever CuPy wraps it in
+                self._fail(f"NCCL reported an error: {exc}")
+                return
+            if oldest is not None and time.monotonic() > oldest[1]:
+                self._fail(f"{oldest[2]} did not complete within the group's timeout {self.timeout}: a peer "
+                           f"rank may have died or stopped")
+                return
+
+    def _fail(self, why: str) -> None:
+        """Abort the communicator and end the process (ProcessGroupNCCL's default error handling):
+        the aborted collectives' contents are undefined, so this rank must not go on."""
+        sys.stderr.write(f"[fastnet] rank {self.rank} on {self.device}: {why}; aborting the NCCL communicator "
+                         f"and ending the process\n")
+        sys.stderr.flush()
+        try:
+            self.comm._comm.abort()
+        finally:
+            os._exit(1)
+
+    def close(self) -> None:
+        """Stop the watchdog and destroy the communicator once the side stream's work is done."""
+        self._closed.set()
+        self._watchdog.join(1.0)
+        self.comm.synchronize()
+        self.comm.close()
+
+
 class FastnetProcessGroup(dist.ProcessGroup):
     """The ``fastnet`` process group of ``size`` ranks (module docstring): fastnet's all-reduce,
-    reduce-scatter and all-gather on a communication thread, everything else delegated to the
-    base backend. Built by torch.distributed (``init_process_group("fastnet")``, ``new_group``);
-    construction is collective over the group's ``store``. ``routed`` counts the calls of the
-    collectives fastnet can take by where they went: ``"fastnet:all_reduce"``,
-    ``"base:all_reduce"`` (an op or dtype fastnet leaves to the base backend), and so on.
+    reduce-scatter and all-gather (CPU tensors on a communication thread, CUDA tensors on a side
+    stream with ``FASTNET_BASE_BACKEND=nccl``), everything else delegated to the base backend.
+    Built by torch.distributed (``init_process_group("fastnet")``, ``new_group``); construction is
+    collective over the group's ``store``. ``routed`` counts the calls of the collectives fastnet
+    can take by where they went: ``"fastnet:all_reduce"``, ``"base:all_reduce"`` (an op or dtype
+    fastnet leaves to the base backend), and so on.
 
     Raises:
         ValueError: a bad ``FASTNET_*`` setting (:meth:`BackendConfig.from_env`), or settings
-            that differ across ranks (:class:`fastnet.comm.sync.BucketReducer`).
+            that differ across ranks (:func:`fastnet.comm.sync.check_consistency`, every rank
+            raises). RuntimeError: ``FASTNET_BASE_BACKEND=nccl`` without CUDA or CuPy's NCCL.
     """
+
+    _MIN_SIZE = 2  # fastnet's algorithms run from this world size (one rank: nothing to reduce)
 
     def __init__(self, store, rank: int, size: int, timeout: datetime.timedelta,
                  config: BackendConfig | None = None) -> None:
         super().__init__(rank, size)
         from fastnet.comm.cost_model import CostModel
-        from fastnet.comm.sync import BucketReducer, check_consistency
+        from fastnet.comm.sync import check_consistency
         from fastnet.comm.synchronizer import CommThread
 
         self.config = config or BackendConfig.from_env()
         self._rank, self._size, self.timeout = rank, size, timeout
-        self._base = self._make_base(dist.PrefixStore("fastnet/base", store), rank, size, timeout)
+        self._store = store
+        self._base = dist.ProcessGroupGloo(dist.PrefixStore("fastnet/base", store), rank, size, timeout)
+        self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, self._base)
         own_store = dist.PrefixStore("fastnet/own", store)
         own = dist.ProcessGroupGloo(own_store, rank, size, timeout)
         self.comm = C10dCommunicator(own, rank, size, own_store, timeout)
-        cost_model = CostModel.load(self.config.cost_model) if self.config.cost_model else None
+        self._cost_model = CostModel.load(self.config.cost_model) if self.config.cost_model else None
+        cuda_missing = _cuda_nccl_missing() if self.config.base_backend == "nccl" else ""
         # before anything else collective: a rank with other settings would split differently
         # (hierarchical) or send other byte counts (wire dtype) and hang or corrupt, not fail
-        check_consistency(self.comm, self._settings(cost_model), "fastnet backend settings differ across ranks",
+        check_consistency(self.comm, self._settings(cuda_missing), "fastnet backend settings differ across ranks",
                           "Give every rank the same FASTNET_* environment (and the same cost-model file).")
-        self.reducer = BucketReducer(self.comm, self.config.algorithm, self.config.wire_dtype,
-                                     self.config.ranks_per_node, cost_model,
-                                     int(self.config.segment_mb * (1 << 20)))
+        if cuda_missing:
+            raise RuntimeError(f"FASTNET_BASE_BACKEND=nccl runs fastnet's algorithms on CUDA tensors through CuPy's "
+                               f"NCCL, which this process cannot use: {cuda_missing}")
+        self._base_cuda = None
+        if self.config.base_backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self._base_cuda = dist.ProcessGroupNCCL(dist.PrefixStore("fastnet/base_nccl", store), rank, size, opts)
+            self._register_backend(torch.device("cuda"), dist.ProcessGroup.BackendType.NCCL, self._base_cuda)
+        self.reducer = self._make_reducer(self.comm)
         self.fusion_threshold_bytes = max(1, int(self.config.fusion_mb * (1 << 20)))
         self._thread = CommThread()
+        self._cuda: _CudaPath | None = None  # created at the first CUDA collective fastnet takes
         self.routed: collections.Counter[str] = collections.Counter()
 
-    def _settings(self, cost_model) -> list[tuple[str, str]]:
-        """The ``(name, value)`` items every rank must agree on (:func:`check_consistency`)."""
-        c = self.config
-        return [("FASTNET_ALGORITHM", c.algorithm), ("FASTNET_WIRE_DTYPE", c.wire_dtype),
-                ("FASTNET_FUSION_MB", repr(c.fusion_mb)), ("FASTNET_SEGMENT_MB", repr(c.segment_mb)),
-                ("FASTNET_RANKS_PER_NODE", str(c.ranks_per_node)), ("FASTNET_BASE_BACKEND", c.base_backend),
-                ("FASTNET_COST_MODEL", "not used" if c.algorithm != "hybrid" else
-                 repr(sorted((cost_model.to_dict() if cost_model else {}).items())))]
+    def _make_reducer(self, comm):
+        from fastnet.comm.sync import BucketReducer
 
-    def _make_base(self, store, rank: int, size: int, timeout: datetime.timedelta):
-        if self.config.base_backend == "nccl":
-            base = dist.ProcessGroupNCCL(store, rank, size, dist.ProcessGroupNCCL.Options())
-            self._register_backend(torch.device("cuda"), dist.ProcessGroup.BackendType.NCCL, base)
-        else:
-            base = dist.ProcessGroupGloo(store, rank, size, timeout)
-            self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, base)
-        return base
+        c = self.config
+        return BucketReducer(comm, c.algorithm, c.wire_dtype, c.ranks_per_node, self._cost_model,
+                             int(c.segment_mb * (1 << 20)))
+
+    def _settings(self, cuda_missing: str) -> list[tuple[str, str]]:
+        """The ``(name, value)`` items every rank must agree on (:func:`check_consistency`)."""
+        c, model = self.config, self._cost_model
+        items = [("FASTNET_ALGORITHM", c.algorithm), ("FASTNET_WIRE_DTYPE", c.wire_dtype),
+                 ("FASTNET_FUSION_MB", repr(c.fusion_mb)), ("FASTNET_SEGMENT_MB", repr(c.segment_mb)),
+                 ("FASTNET_RANKS_PER_NODE", str(c.ranks_per_node)), ("FASTNET_BASE_BACKEND", c.base_backend),
+                 ("FASTNET_COST_MODEL", "not used" if c.algorithm != "hybrid" else
+                  repr(sorted((model.to_dict() if model else {}).items())))]
+        if c.base_backend == "nccl":
+            items.append(("CuPy's NCCL for CUDA tensors", f"missing: {cuda_missing}" if cuda_missing else "found"))
+        return items
 
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
         return BACKEND_NAME
@@ -348,13 +473,48 @@ class FastnetProcessGroup(dist.ProcessGroup):
         return (f"FastnetProcessGroup(rank={self._rank}, size={self._size}, algorithm={self.config.algorithm}, "
                 f"wire={self.config.wire_dtype}, base={self.config.base_backend})")
 
-    # ---- fastnet's collectives -------------------------------------------------------------
-    def _submit(self, fn, result):
+    # ---- where a call goes -----------------------------------------------------------------
+    def _path(self, tensors: Sequence[torch.Tensor]) -> str | None:
+        """``"cpu"`` or ``"cuda"`` when fastnet takes a collective of ``tensors`` (all contiguous
+        or strided on one device; CUDA only with the NCCL base), else None (the base backend)."""
+        if self._size < self._MIN_SIZE or not tensors:
+            return None
+        device = _device_of(tensors)
+        if device is None or any(t.layout != torch.strided for t in tensors):
+            return None
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda" and self._base_cuda is not None:
+            return "cuda"
+        return None
+
+    def _base_for(self, tensors: Sequence[torch.Tensor]):
+        """The base backend of ``tensors``: NCCL for CUDA tensors when configured, else gloo."""
+        if self._base_cuda is not None and any(t.is_cuda for t in tensors):
+            return self._base_cuda
+        return self._base
+
+    def _cuda_path(self, device: torch.device) -> _CudaPath:
+        if self._cuda is None:
+            self._cuda = _CudaPath(dist.PrefixStore("fastnet/own_nccl", self._store), self._rank, self._size,
+                                   device, self.timeout, self._make_reducer)
+        elif self._cuda.device != device:
+            raise ValueError(f"fastnet: this group's CUDA collectives run on {self._cuda.device}, got tensors on "
+                             f"{device}: one device per rank per group (as with ProcessGroupNCCL)")
+        return self._cuda
+
+    def _run(self, what: str, tensors: Sequence[torch.Tensor], fn, result) -> FastnetWork:
+        """``fn(reducer, comm)`` for ``tensors``: on the communication thread (CPU) or enqueued on
+        the CUDA side stream; the Work completes with ``result``."""
+        self.routed[f"fastnet:{what}"] += 1
+        if tensors[0].is_cuda:
+            path = self._cuda_path(tensors[0].device)
+            return path.run(what, tensors, lambda: fn(path.reducer, path.comm), result)
         fut: torch.futures.Future = torch.futures.Future()
 
         def run() -> None:
             try:
-                fn()
+                fn(self.reducer, self.comm)
             except BaseException as exc:  # raised by Work.wait() on the caller's side
                 fut.set_exception(exc)
                 return
@@ -363,27 +523,28 @@ class FastnetProcessGroup(dist.ProcessGroup):
         self._thread.submit(run)
         return FastnetWork(fut)
 
-    def _reduce_list(self, tensors: list[torch.Tensor], op: str) -> None:
+    # ---- fastnet's collectives -------------------------------------------------------------
+    def _reduce_list(self, reducer, tensors: list[torch.Tensor], op: str) -> None:
         """SUM or AVG of ``tensors`` (one call's list; fused per dtype) in buckets of the fusion
-        threshold."""
+        threshold, with ``reducer`` (the CPU or the CUDA one)."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in tensors:
             by_dtype.setdefault(t.dtype, []).append(t)
         for dtype, same in by_dtype.items():
             fused = len(same) > 1 or not same[0].is_contiguous()
-            if fused:  # into a reused buffer (fastnet.comm.scratch: no page faults per call)
+            if fused:  # CPU: into a reused buffer (fastnet.comm.scratch: no page faults per call)
                 flat = scratch.take(sum(t.numel() for t in same), dtype, same[0].device)
                 torch.cat([t.reshape(-1) for t in same], out=flat)
             else:
                 flat = same[0].view(-1)
-            wire = self.reducer.wire_dtype or dtype
+            wire = reducer.wire_dtype or dtype
             per_bucket = max(1, self.fusion_threshold_bytes // wire.itemsize)
             for lo in range(0, flat.numel(), per_bucket):
                 bucket = flat[lo:lo + per_bucket]
                 if op == "avg":
-                    self.reducer(bucket)
+                    reducer(bucket)
                 else:
-                    self.reducer.sum_wire_(bucket)
+                    reducer.sum_wire_(bucket)
             if fused:
                 off = 0
                 for t in same:
@@ -392,9 +553,8 @@ class FastnetProcessGroup(dist.ProcessGroup):
                 scratch.give(flat)
 
     def _fastnet_allreduce(self, tensors: list[torch.Tensor], opts) -> bool:
-        op = _op_name(opts.reduceOp)
-        return (op in ("sum", "avg") and self._size > 1 and len(tensors) > 0
-                and all(t.dtype in _FLOATS and t.layout == torch.strided and not t.is_cuda for t in tensors))
+        return (_op_name(opts.reduceOp) in ("sum", "avg") and self._path(tensors) is not None
+                and all(t.dtype in _FLOATS for t in tensors))
 
     def allreduce(self, tensors, opts=None):
         opts = opts if opts is not None else dist.AllreduceOptions()
@@ -402,131 +562,156 @@ class FastnetProcessGroup(dist.ProcessGroup):
             tensors = [tensors]
         if not self._fastnet_allreduce(tensors, opts):
             self.routed["base:all_reduce"] += 1
-            return self._base.allreduce(tensors, opts)
-        self.routed["fastnet:all_reduce"] += 1
+            return self._base_for(tensors).allreduce(tensors, opts)
         op = _op_name(opts.reduceOp)
-        return self._submit(lambda: self._reduce_list(tensors, op), tensors)
+        return self._run("all_reduce", tensors, lambda red, _: self._reduce_list(red, tensors, op), tensors)
 
     def allreduce_coalesced(self, tensors, opts=None):
         opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
         if not self._fastnet_allreduce(tensors, opts):
             self.routed["base:all_reduce_coalesced"] += 1
-            return self._base.allreduce_coalesced(tensors, opts)
-        self.routed["fastnet:all_reduce_coalesced"] += 1
+            return self._base_for(tensors).allreduce_coalesced(tensors, opts)
         op = _op_name(opts.reduceOp)
-        return self._submit(lambda: self._reduce_list(tensors, op), tensors)
+        return self._run("all_reduce_coalesced", tensors, lambda red, _: self._reduce_list(red, tensors, op), tensors)
+
+    def _ring_pairs_ok(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether fastnet's ring takes these (output, input) pairs: contiguous, one device it runs on."""
+        both = [*outputs, *inputs]
+        return self._path(both) is not None and all(t.is_contiguous() for t in both)
+
+    @staticmethod
+    def _reduce_scatter(comm, output: torch.Tensor, input: torch.Tensor, op: str) -> None:
+        """fastnet's ring reduce-scatter over ``comm`` (AVG: divided first)."""
+        from fastnet.comm.algorithms import ring_reduce_scatter_into
+
+        if op == "avg":
+            input, op = input / comm.size, "sum"
+        ring_reduce_scatter_into(comm, output.view(-1), input.reshape(-1), op)
+
+    @staticmethod
+    def _all_gather(comm, output: torch.Tensor, input: torch.Tensor) -> None:
+        from fastnet.comm.algorithms import ring_all_gather_into
+
+        ring_all_gather_into(comm, output.view(-1), input.reshape(-1))
 
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts if opts is not None else dist.ReduceScatterOptions()
         op = _op_name(opts.reduceOp)
-        if op is None or not _ring_ok(output, input) or self._size == 1:
+        if op is None or not self._ring_pairs_ok([output], [input]):
             self.routed["base:reduce_scatter"] += 1
-            return self._base._reduce_scatter_base(output, input, opts)
-        self.routed["fastnet:reduce_scatter"] += 1
-        return self._submit(lambda: self.comm.reduce_scatter(output, input, op), [output])
+            return self._base_for([input])._reduce_scatter_base(output, input, opts)
+        return self._run("reduce_scatter", [output, input],
+                         lambda _, comm: self._reduce_scatter(comm, output, input, op), [output])
 
     _reduce_scatter_base = reduce_scatter_single
 
     def all_gather_single(self, output, input, opts=None):
         opts = opts if opts is not None else dist.AllgatherOptions()
-        if not _ring_ok(output, input) or self._size == 1:
+        if not self._ring_pairs_ok([output], [input]):
             self.routed["base:all_gather"] += 1
-            return self._base._allgather_base(output, input, opts)
-        self.routed["fastnet:all_gather"] += 1
-        return self._submit(lambda: self.comm.all_gather(output, input), [output])
+            return self._base_for([input])._allgather_base(output, input, opts)
+        return self._run("all_gather", [output, input], lambda _, comm: self._all_gather(comm, output, input),
+                         [output])
 
     _allgather_base = all_gather_single
 
     # ---- delegated to the base backend -----------------------------------------------------
     def broadcast(self, tensors, opts=None):
-        return self._base.broadcast(tensors, opts if opts is not None else dist.BroadcastOptions())
+        return self._base_for(tensors).broadcast(tensors, opts if opts is not None else dist.BroadcastOptions())
 
     def barrier(self, opts=None):
         return self._base.barrier(opts if opts is not None else dist.BarrierOptions())
 
     def reduce(self, tensors, opts=None):
-        return self._base.reduce(tensors, opts if opts is not None else dist.ReduceOptions())
+        return self._base_for(tensors).reduce(tensors, opts if opts is not None else dist.ReduceOptions())
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         """The list all-gather (``dist.all_gather``; FSDP's parameter all-gather on CPU): fastnet's
-        ring through one flat buffer when it is one input of equal-sized outputs, else the base."""
+        ring through one flat buffer when it is one CPU input of equal-sized outputs, else the base."""
         opts = opts if opts is not None else dist.AllgatherOptions()
         if not (len(input_tensors) == 1 and len(output_tensors) == 1 and len(output_tensors[0]) == self._size
-                and self._size > 1 and not input_tensors[0].is_cuda
+                and self._path(input_tensors) == "cpu"
                 and all(o.numel() == input_tensors[0].numel() and o.dtype == input_tensors[0].dtype
                         for o in output_tensors[0])):
             self.routed["base:all_gather"] += 1
-            return self._base.allgather(output_tensors, input_tensors, opts)
-        self.routed["fastnet:all_gather"] += 1
+            return self._base_for(input_tensors).allgather(output_tensors, input_tensors, opts)
         x, outs = input_tensors[0], output_tensors[0]
 
-        def gather() -> None:
+        def gather(_, comm) -> None:
             flat = torch.empty(self._size * x.numel(), dtype=x.dtype)
-            self.comm.all_gather(flat, x)
+            self._all_gather(comm, flat, x.contiguous())
             for r, o in enumerate(outs):
                 o.copy_(flat[r * x.numel():(r + 1) * x.numel()].view_as(o))
 
-        return self._submit(gather, output_tensors)
+        return self._run("all_gather", [x], gather, output_tensors)
 
     def allgather_coalesced(self, output_lists, input_list, opts=None):
-        return self._base.allgather_coalesced(output_lists, input_list,
-                                              opts if opts is not None else dist.AllgatherOptions())
+        return self._base_for(input_list).allgather_coalesced(output_lists, input_list,
+                                                              opts if opts is not None else dist.AllgatherOptions())
 
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
         """Several ``all_gather_into_tensor`` at once (``_coalescing_manager``; the functional
-        collectives of DTensor/FSDP2, e.g. ``full_tensor()``): fastnet's ring for each pair of CPU
-        contiguous tensors, one after another on the thread; else the base backend."""
+        collectives of DTensor/FSDP2, e.g. ``full_tensor()``): fastnet's ring for each pair of
+        contiguous tensors on one device, one after another; else the base backend."""
         opts = opts if opts is not None else dist.AllgatherOptions()
-        if not (self._size > 1 and all(_ring_ok(o, i) for o, i in zip(outputs, inputs))):
+        if not self._ring_pairs_ok(outputs, inputs):
             self.routed["base:all_gather_coalesced"] += 1
-            return self._base.all_gather_single_coalesced(outputs, inputs, opts)
-        self.routed["fastnet:all_gather_coalesced"] += 1
-        return self._submit(lambda: [self.comm.all_gather(o, i) for o, i in zip(outputs, inputs)], outputs)
+            return self._base_for(inputs).all_gather_single_coalesced(outputs, inputs, opts)
+        return self._run("all_gather_coalesced", [*outputs, *inputs],
+                         lambda _, comm: [self._all_gather(comm, o, i) for o, i in zip(outputs, inputs)], outputs)
 
     def reduce_scatter(self, output_tensors, input_lists, opts=None):
-        return self._base.reduce_scatter(output_tensors, input_lists,
-                                         opts if opts is not None else dist.ReduceScatterOptions())
+        return self._base_for(output_tensors).reduce_scatter(output_tensors, input_lists,
+                                                             opts if opts is not None else dist.ReduceScatterOptions())
 
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
-        """Several ``reduce_scatter_tensor`` at once: fastnet's ring per pair (CPU, contiguous,
-        SUM/AVG/MAX/MIN), else the base backend."""
+        """Several ``reduce_scatter_tensor`` at once: fastnet's ring per pair (contiguous, one
+        device, SUM/AVG/MAX/MIN), else the base backend."""
         opts = opts if opts is not None else dist.ReduceScatterOptions()
         op = _op_name(opts.reduceOp)
-        if op is None or not (self._size > 1 and all(_ring_ok(o, i) for o, i in zip(outputs, inputs))):
+        if op is None or not self._ring_pairs_ok(outputs, inputs):
             self.routed["base:reduce_scatter_coalesced"] += 1
-            return self._base.reduce_scatter_single_coalesced(outputs, inputs, opts)
-        self.routed["fastnet:reduce_scatter_coalesced"] += 1
-        return self._submit(lambda: [self.comm.reduce_scatter(o, i, op) for o, i in zip(outputs, inputs)], outputs)
+            return self._base_for(inputs).reduce_scatter_single_coalesced(outputs, inputs, opts)
+        return self._run("reduce_scatter_coalesced", [*outputs, *inputs],
+                         lambda _, comm: [self._reduce_scatter(comm, o, i, op) for o, i in zip(outputs, inputs)],
+                         outputs)
 
     def gather(self, output_lists, input_tensors, opts=None):
-        return self._base.gather(output_lists, input_tensors, opts if opts is not None else dist.GatherOptions())
+        return self._base_for(input_tensors).gather(output_lists, input_tensors,
+                                                    opts if opts is not None else dist.GatherOptions())
 
     def scatter(self, output_tensors, input_lists, opts=None):
-        return self._base.scatter(output_tensors, input_lists, opts if opts is not None else dist.ScatterOptions())
+        return self._base_for(output_tensors).scatter(output_tensors, input_lists,
+                                                      opts if opts is not None else dist.ScatterOptions())
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
-        return self._base.alltoall(output_tensors, input_tensors, opts if opts is not None else dist.AllToAllOptions())
+        return self._base_for(output_tensors).alltoall(output_tensors, input_tensors,
+                                                       opts if opts is not None else dist.AllToAllOptions())
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
-        return self._base.alltoall_base(output, input, output_split_sizes, input_split_sizes,
-                                        opts if opts is not None else dist.AllToAllOptions())
+        return self._base_for([output]).alltoall_base(output, input, output_split_sizes, input_split_sizes,
+                                                      opts if opts is not None else dist.AllToAllOptions())
 
     alltoall_base = all_to_all_single
 
     def send(self, tensors, dst: int, tag: int = 0):
-        return self._base.send(tensors, dst, tag)
+        return self._base_for(tensors).send(tensors, dst, tag)
 
     def recv(self, tensors, src: int, tag: int = 0):
-        return self._base.recv(tensors, src, tag)
+        return self._base_for(tensors).recv(tensors, src, tag)
 
     def recv_anysource(self, tensors, tag: int = 0):
-        return self._base.recv_anysource(tensors, tag)
+        return self._base_for(tensors).recv_anysource(tensors, tag)
 
     def shutdown(self) -> None:
         self._thread.close()
+        if self._cuda is not None:
+            self._cuda.close()
 
     def abort(self) -> None:
         self._thread.close(timeout_s=0.0)
+        if self._cuda is not None:
+            self._cuda.comm._comm.abort()
 
 
 def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> FastnetProcessGroup:

@@ -366,6 +366,7 @@ def _mismatch_worker(rank: int, world: int, port: int, queue, envs: dict[int, di
 @pytest.mark.parametrize("envs,name", [
     ({1: {"FASTNET_WIRE_DTYPE": "fp16"}}, "FASTNET_WIRE_DTYPE"),  # other byte counts on the wire
     ({0: {"FASTNET_ALGORITHM": "hierarchical", "FASTNET_RANKS_PER_NODE": "1"}}, "FASTNET_ALGORITHM"),  # would split alone
+    ({1: {"FASTNET_BASE_BACKEND": "nccl"}}, "FASTNET_BASE_BACKEND"),  # only one rank would build NCCL
 ])
 def test_settings_that_differ_across_ranks_fail_on_every_rank(envs, name):
     results = {r: (what, s) for r, what, s in spawn_ranks(functools.partial(_mismatch_worker, envs=envs), 2,
@@ -375,6 +376,17 @@ def test_settings_that_differ_across_ranks_fail_on_every_rank(envs, name):
                                + name), (rank, what)
         assert "rank 0: " in what and "rank 1: " in what, what
         assert seconds < 25, (rank, seconds)  # at construction, not a hang until the 30 s timeout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_nccl_base_without_cuda_fails_clearly_on_every_rank():
+    env = {"FASTNET_BASE_BACKEND": "nccl"}
+    results = spawn_ranks(functools.partial(_mismatch_worker, envs={0: env, 1: env}), 2, timeout=120)
+    for rank, what, seconds in results:
+        assert what.startswith("RuntimeError: FASTNET_BASE_BACKEND=nccl runs fastnet's algorithms on CUDA tensors "
+                               "through CuPy's NCCL, which this process cannot use: "), (rank, what)
+        assert "no CUDA device" in what, what
+        assert seconds < 25, (rank, seconds)
 
 
 def _stuck_rank_worker(rank: int, world: int, port: int, queue) -> None:
