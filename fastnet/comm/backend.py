@@ -42,9 +42,11 @@ kernels are asynchronous, the host does not wait): fastnet's side stream first w
 caller's current stream, the algorithm's kernels (casts, ring additions, NCCL calls) run on it,
 and the ``Work``'s future is a CUDA future recorded on it, so ``wait()`` and DDP's callbacks order
 the caller's stream after the result without blocking the host (torch.futures.Future semantics).
-The tensors are recorded on the side stream so the caching allocator cannot reuse them early. A
-watchdog thread polls NCCL's asynchronous error and the oldest unfinished collective's age; on an
-error or the group's timeout it aborts the NCCL communicator (``ncclCommAbort``: kernels waiting
+The tensors are recorded on the side stream so the caching allocator cannot reuse them early.
+Delegated CUDA calls (ProcessGroupNCCL) are issued in the same order through the side stream
+(:func:`_serialized`), so the group's two NCCL communicators never run at the same time, as NCCL
+requires of several communicators in one process. A watchdog thread polls NCCL's asynchronous
+error and the oldest unfinished collective's age; on an error or the group's timeout it aborts the NCCL communicator (``ncclCommAbort``: kernels waiting
 on a dead peer return) and, as ProcessGroupNCCL's default error handling does, ends the process
 with the error on stderr, so no rank goes on with an aborted collective's contents. **Not yet run
 on a GPU.**
@@ -320,21 +322,38 @@ def _cuda_nccl_missing() -> str:
     return ""
 
 
+def _serialized(stream: torch.cuda.Stream, call):
+    """Issue ``call()`` (a ProcessGroupNCCL collective or p2p call, returning its ``Work``) in a
+    group's one NCCL order, kept by the group's side ``stream``. NCCL's rule for several
+    communicators in one process ("Using multiple NCCL communicators concurrently", NCCL user
+    guide: their operations must not run at the same time and must be issued in the same order on
+    every rank) then holds for a group's communicators, fastnet's and the base backend's: the call
+    is issued with the side stream current, after the caller's stream (ProcessGroupNCCL's stream
+    waits for the current one), and the side stream then waits for the call's end, so fastnet's
+    next collective starts after it. The caller's stream is not blocked: it waits when the caller
+    waits on the returned Work, as with NCCL alone."""
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    with torch.cuda.stream(stream):
+        work = call()
+        work.wait()  # without TORCH_NCCL_BLOCKING_WAIT no host block: the current stream waits for its end
+    return work
+
+
 class _CudaPath:
     """fastnet's collectives on the CUDA tensors of one group on one device (module docstring):
     fastnet's NCCL communicator from the group's ``store``, a :class:`fastnet.comm.sync.BucketReducer`
-    over it, the side stream, and the watchdog. Construction is collective over the group."""
+    over it, the group's side ``stream`` (:func:`_serialized`), and the watchdog. Construction is
+    collective over the group."""
 
-    def __init__(self, store, rank: int, size: int, device: torch.device, timeout: datetime.timedelta,
+    def __init__(self, store, rank: int, size: int, stream: torch.cuda.Stream, timeout: datetime.timedelta,
                  make_reducer) -> None:
         from fastnet.comm.nccl import NcclCommunicator
 
-        self.device, self.rank, self.timeout = device, rank, timeout
-        with torch.cuda.device(device):
-            self.comm = NcclCommunicator.from_store(store, rank, size, key="unique_id", device=device,
+        self.device, self.rank, self.timeout, self.stream = stream.device, rank, timeout, stream
+        with torch.cuda.device(self.device):
+            self.comm = NcclCommunicator.from_store(store, rank, size, key="unique_id", device=self.device,
                                                     timeout_s=timeout.total_seconds())
             self.reducer = make_reducer(self.comm)
-            self.stream = torch.cuda.Stream(device)
         self._unfinished: collections.deque = collections.deque()  # (event, deadline, what), in order
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -445,6 +464,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
         self.fusion_threshold_bytes = max(1, int(self.config.fusion_mb * (1 << 20)))
         self._thread = CommThread()
         self._cuda: _CudaPath | None = None  # created at the first CUDA collective fastnet takes
+        self._stream: torch.cuda.Stream | None = None  # the side stream: one NCCL order (_serialized)
         self.routed: collections.Counter[str] = collections.Counter()
 
     def _make_reducer(self, comm):
@@ -488,19 +508,36 @@ class FastnetProcessGroup(dist.ProcessGroup):
             return "cuda"
         return None
 
-    def _base_for(self, tensors: Sequence[torch.Tensor]):
-        """The base backend of ``tensors``: NCCL for CUDA tensors when configured, else gloo."""
-        if self._base_cuda is not None and any(t.is_cuda for t in tensors):
-            return self._base_cuda
-        return self._base
+    def _delegate(self, tensors: Sequence[torch.Tensor], call):
+        """``call(base)`` on the base backend of ``tensors``: gloo, or NCCL for CUDA tensors when
+        configured. A CUDA call is issued in the group's one NCCL order (:func:`_serialized`):
+        fastnet's communicator and ProcessGroupNCCL's never run kernels at the same time."""
+        cuda = [t for t in tensors if t.is_cuda] if self._base_cuda is not None else []
+        if not cuda:
+            return call(self._base)
+        return _serialized(self._side_stream(cuda[0].device), lambda: call(self._base_cuda))
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The group's side stream on ``device``, created at its first CUDA call (any kind: p2p
+        calls made by some ranks only create no communicator).
+
+        Raises:
+            ValueError: ``device`` is not the device of this group's earlier CUDA calls.
+        """
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        elif self._stream.device != device:
+            raise ValueError(f"fastnet: this group's CUDA calls run on {self._stream.device}, got tensors on "
+                             f"{device}: one device per rank per group (as with ProcessGroupNCCL)")
+        return self._stream
 
     def _cuda_path(self, device: torch.device) -> _CudaPath:
+        """fastnet's CUDA path, created at the group's first CUDA collective fastnet takes (every
+        rank of the group makes that call, so the communicator's collective creation is safe)."""
+        stream = self._side_stream(device)
         if self._cuda is None:
             self._cuda = _CudaPath(dist.PrefixStore("fastnet/own_nccl", self._store), self._rank, self._size,
-                                   device, self.timeout, self._make_reducer)
-        elif self._cuda.device != device:
-            raise ValueError(f"fastnet: this group's CUDA collectives run on {self._cuda.device}, got tensors on "
-                             f"{device}: one device per rank per group (as with ProcessGroupNCCL)")
+                                   stream, self.timeout, self._make_reducer)
         return self._cuda
 
     def _run(self, what: str, tensors: Sequence[torch.Tensor], fn, result) -> FastnetWork:
@@ -562,7 +599,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
             tensors = [tensors]
         if not self._fastnet_allreduce(tensors, opts):
             self.routed["base:all_reduce"] += 1
-            return self._base_for(tensors).allreduce(tensors, opts)
+            return self._delegate(tensors, lambda b: b.allreduce(tensors, opts))
         op = _op_name(opts.reduceOp)
         return self._run("all_reduce", tensors, lambda red, _: self._reduce_list(red, tensors, op), tensors)
 
@@ -570,7 +607,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
         opts = opts if opts is not None else dist.AllreduceCoalescedOptions()
         if not self._fastnet_allreduce(tensors, opts):
             self.routed["base:all_reduce_coalesced"] += 1
-            return self._base_for(tensors).allreduce_coalesced(tensors, opts)
+            return self._delegate(tensors, lambda b: b.allreduce_coalesced(tensors, opts))
         op = _op_name(opts.reduceOp)
         return self._run("all_reduce_coalesced", tensors, lambda red, _: self._reduce_list(red, tensors, op), tensors)
 
@@ -599,7 +636,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
         op = _op_name(opts.reduceOp)
         if op is None or not self._ring_pairs_ok([output], [input]):
             self.routed["base:reduce_scatter"] += 1
-            return self._base_for([input])._reduce_scatter_base(output, input, opts)
+            return self._delegate([input], lambda b: b._reduce_scatter_base(output, input, opts))
         return self._run("reduce_scatter", [output, input],
                          lambda _, comm: self._reduce_scatter(comm, output, input, op), [output])
 
@@ -609,7 +646,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
         opts = opts if opts is not None else dist.AllgatherOptions()
         if not self._ring_pairs_ok([output], [input]):
             self.routed["base:all_gather"] += 1
-            return self._base_for([input])._allgather_base(output, input, opts)
+            return self._delegate([input], lambda b: b._allgather_base(output, input, opts))
         return self._run("all_gather", [output, input], lambda _, comm: self._all_gather(comm, output, input),
                          [output])
 
@@ -617,13 +654,15 @@ class FastnetProcessGroup(dist.ProcessGroup):
 
     # ---- delegated to the base backend -----------------------------------------------------
     def broadcast(self, tensors, opts=None):
-        return self._base_for(tensors).broadcast(tensors, opts if opts is not None else dist.BroadcastOptions())
+        opts = opts if opts is not None else dist.BroadcastOptions()
+        return self._delegate(tensors, lambda b: b.broadcast(tensors, opts))
 
     def barrier(self, opts=None):
         return self._base.barrier(opts if opts is not None else dist.BarrierOptions())
 
     def reduce(self, tensors, opts=None):
-        return self._base_for(tensors).reduce(tensors, opts if opts is not None else dist.ReduceOptions())
+        opts = opts if opts is not None else dist.ReduceOptions()
+        return self._delegate(tensors, lambda b: b.reduce(tensors, opts))
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         """The list all-gather (``dist.all_gather``; FSDP's parameter all-gather on CPU): fastnet's
@@ -634,7 +673,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
                 and all(o.numel() == input_tensors[0].numel() and o.dtype == input_tensors[0].dtype
                         for o in output_tensors[0])):
             self.routed["base:all_gather"] += 1
-            return self._base_for(input_tensors).allgather(output_tensors, input_tensors, opts)
+            return self._delegate(input_tensors, lambda b: b.allgather(output_tensors, input_tensors, opts))
         x, outs = input_tensors[0], output_tensors[0]
 
         def gather(_, comm) -> None:
@@ -646,8 +685,8 @@ class FastnetProcessGroup(dist.ProcessGroup):
         return self._run("all_gather", [x], gather, output_tensors)
 
     def allgather_coalesced(self, output_lists, input_list, opts=None):
-        return self._base_for(input_list).allgather_coalesced(output_lists, input_list,
-                                                              opts if opts is not None else dist.AllgatherOptions())
+        opts = opts if opts is not None else dist.AllgatherOptions()
+        return self._delegate(input_list, lambda b: b.allgather_coalesced(output_lists, input_list, opts))
 
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
         """Several ``all_gather_into_tensor`` at once (``_coalescing_manager``; the functional
@@ -656,13 +695,13 @@ class FastnetProcessGroup(dist.ProcessGroup):
         opts = opts if opts is not None else dist.AllgatherOptions()
         if not self._ring_pairs_ok(outputs, inputs):
             self.routed["base:all_gather_coalesced"] += 1
-            return self._base_for(inputs).all_gather_single_coalesced(outputs, inputs, opts)
+            return self._delegate(inputs, lambda b: b.all_gather_single_coalesced(outputs, inputs, opts))
         return self._run("all_gather_coalesced", [*outputs, *inputs],
                          lambda _, comm: [self._all_gather(comm, o, i) for o, i in zip(outputs, inputs)], outputs)
 
     def reduce_scatter(self, output_tensors, input_lists, opts=None):
-        return self._base_for(output_tensors).reduce_scatter(output_tensors, input_lists,
-                                                             opts if opts is not None else dist.ReduceScatterOptions())
+        opts = opts if opts is not None else dist.ReduceScatterOptions()
+        return self._delegate(output_tensors, lambda b: b.reduce_scatter(output_tensors, input_lists, opts))
 
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
         """Several ``reduce_scatter_tensor`` at once: fastnet's ring per pair (contiguous, one
@@ -671,37 +710,38 @@ class FastnetProcessGroup(dist.ProcessGroup):
         op = _op_name(opts.reduceOp)
         if op is None or not self._ring_pairs_ok(outputs, inputs):
             self.routed["base:reduce_scatter_coalesced"] += 1
-            return self._base_for(inputs).reduce_scatter_single_coalesced(outputs, inputs, opts)
+            return self._delegate(inputs, lambda b: b.reduce_scatter_single_coalesced(outputs, inputs, opts))
         return self._run("reduce_scatter_coalesced", [*outputs, *inputs],
                          lambda _, comm: [self._reduce_scatter(comm, o, i, op) for o, i in zip(outputs, inputs)],
                          outputs)
 
     def gather(self, output_lists, input_tensors, opts=None):
-        return self._base_for(input_tensors).gather(output_lists, input_tensors,
-                                                    opts if opts is not None else dist.GatherOptions())
+        opts = opts if opts is not None else dist.GatherOptions()
+        return self._delegate(input_tensors, lambda b: b.gather(output_lists, input_tensors, opts))
 
     def scatter(self, output_tensors, input_lists, opts=None):
-        return self._base_for(output_tensors).scatter(output_tensors, input_lists,
-                                                      opts if opts is not None else dist.ScatterOptions())
+        opts = opts if opts is not None else dist.ScatterOptions()
+        return self._delegate(output_tensors, lambda b: b.scatter(output_tensors, input_lists, opts))
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
-        return self._base_for(output_tensors).alltoall(output_tensors, input_tensors,
-                                                       opts if opts is not None else dist.AllToAllOptions())
+        opts = opts if opts is not None else dist.AllToAllOptions()
+        return self._delegate(output_tensors, lambda b: b.alltoall(output_tensors, input_tensors, opts))
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
-        return self._base_for([output]).alltoall_base(output, input, output_split_sizes, input_split_sizes,
-                                                      opts if opts is not None else dist.AllToAllOptions())
+        opts = opts if opts is not None else dist.AllToAllOptions()
+        return self._delegate([output], lambda b: b.alltoall_base(output, input, output_split_sizes,
+                                                                  input_split_sizes, opts))
 
     alltoall_base = all_to_all_single
 
     def send(self, tensors, dst: int, tag: int = 0):
-        return self._base_for(tensors).send(tensors, dst, tag)
+        return self._delegate(tensors, lambda b: b.send(tensors, dst, tag))
 
     def recv(self, tensors, src: int, tag: int = 0):
-        return self._base_for(tensors).recv(tensors, src, tag)
+        return self._delegate(tensors, lambda b: b.recv(tensors, src, tag))
 
     def recv_anysource(self, tensors, tag: int = 0):
-        return self._base_for(tensors).recv_anysource(tensors, tag)
+        return self._delegate(tensors, lambda b: b.recv_anysource(tensors, tag))
 
     def shutdown(self) -> None:
         self._thread.close()

@@ -5,8 +5,8 @@ fastnet's routing forced on (``_MIN_SIZE = 1``; normally one rank goes to the ba
 nothing to reduce). What that checks: fastnet's NCCL communicator created from the group's store at
 the first CUDA collective, the side stream ordered after the caller's stream and the caller's after
 it (an FP16 wire rounds on the side stream, so a missing wait shows as unrounded or zero values),
-the CUDA future DDP chains on, delegation of the rest to ProcessGroupNCCL, and the watchdog ending a
-process whose collective outlives the timeout. What it cannot check: NCCL between ranks (the ring's
+the CUDA future DDP chains on, delegation of the rest to ProcessGroupNCCL in the side stream's one
+NCCL order, and the watchdog ending a process whose collective outlives the timeout. What it cannot check: NCCL between ranks (the ring's
 grouped sends and receives across devices), which is correct by construction (one
 ``ncclGroupStart``/``ncclGroupEnd`` per exchange, :mod:`fastnet.comm.nccl`) and tested on CPU.
 """
@@ -64,6 +64,15 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         dist.all_reduce(i)
         dist.barrier()
         out["delegated"] = bool(torch.equal(i, torch.arange(5, device=dev)))
+        # 4b) one NCCL order: a delegated call queued behind a sleep on the caller's stream holds
+        #     the group's side stream (fastnet's next collective) until it ends
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)
+        bwork = dist.broadcast(i, 0, async_op=True)
+        out["side_waits_for_base"] = not pg._stream.query()
+        bwork.wait()
+        torch.cuda.synchronize()
+        out["side_idle_after"] = pg._stream.query()
         # 5) DDP on CUDA through the backend: the same parameters as local training (one rank, AVG is
         #    the identity up to the FP16 wire's rounding of the gradients)
         torch.manual_seed(0)
@@ -91,6 +100,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 def test_backend_cuda_path_on_one_gpu():
     (out,) = spawn_ranks(_worker, 1, timeout=300)
     assert out["rounded"] and out["coalesced"] and out["ring"] and out["delegated"], out
+    assert out["side_waits_for_base"] and out["side_idle_after"], out
     assert out["ddp_calls"] >= 3 * 2, out  # DDP's buckets (several per step at 1 KB) went through fastnet
     assert out["ddp_diff"] < 1e-3, out
     assert "base:all_reduce" in out["routed"], out  # the integer all-reduce was delegated
@@ -100,7 +110,7 @@ _WATCHDOG = """
 import datetime, torch, torch.distributed as dist
 from fastnet.comm.backend import _CudaPath
 dev = torch.device("cuda", 0)
-path = _CudaPath(dist.HashStore(), 0, 1, dev, datetime.timedelta(seconds=1), lambda comm: None)
+path = _CudaPath(dist.HashStore(), 0, 1, torch.cuda.Stream(dev), datetime.timedelta(seconds=1), lambda comm: None)
 x = torch.ones(4, device=dev)
 path.run("a collective that never ends", [x], lambda: torch.cuda._sleep(10 ** 12), [x])
 import time; time.sleep(60)
