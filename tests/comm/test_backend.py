@@ -230,6 +230,23 @@ def _collectives_worker(rank: int, world: int, port: int, queue) -> None:
         lst = [torch.empty(3) for _ in range(world)]
         dist.all_gather(lst, torch.full((3,), float(rank)))
         out["all_gather_list"] = [t.tolist() for t in lst]
+        rsl = torch.empty(2)
+        dist.reduce_scatter(rsl, [torch.full((2,), float(rank + 10 * r)) for r in range(world)])
+        out["reduce_scatter_list"] = rsl.tolist()
+        cx = torch.tensor([1 + 2j, 3j]) * (rank + 1)  # complex: torch views it as real pairs
+        dist.all_reduce(cx)
+        out["complex"] = [(v.real, v.imag) for v in cx.tolist()]
+        # what Lightning/Accelerate call: the object collectives, and a batched p2p ring
+        objs = [None] * world
+        dist.all_gather_object(objs, {"rank": rank})
+        box = [{"from": rank}]
+        dist.broadcast_object_list(box, src=world - 1)
+        out["objects"] = (objs, box)
+        send, recv = torch.full((3,), float(rank)), torch.empty(3)
+        for req in dist.batch_isend_irecv([dist.P2POp(dist.isend, send, (rank + 1) % world),
+                                           dist.P2POp(dist.irecv, recv, (rank - 1) % world)]):
+            req.wait()
+        out["batch_p2p"] = recv.tolist()
         if world >= 2 and rank in (0, 1):
             t = torch.full((4,), 7.0) if rank == 0 else torch.empty(4)
             (dist.send(t, 1) if rank == 0 else dist.recv(t, 0))
@@ -291,6 +308,11 @@ def test_direct_collectives_every_dtype_and_length(world):
         assert out["scatter"] == [float(rank * 3)]
         assert out["reduce"] == ([float(sum(range(1, world + 1)))] * 3 if rank == 0 else None)
         assert out["all_gather_list"] == [[float(r)] * 3 for r in range(world)]
+        assert out["reduce_scatter_list"] == [float(sum(r + 10 * rank for r in range(world)))] * 2
+        k = world * (world + 1) / 2
+        assert out["complex"] == [(k, 2 * k), (0.0, 3 * k)]
+        assert out["objects"] == ([{"rank": r} for r in range(world)], [{"from": world - 1}])
+        assert out["batch_p2p"] == [float((rank - 1) % world)] * 3
         if rank in (0, 1):
             assert out["p2p"] == [7.0] * 4
         if rank in (0, world - 1):
