@@ -98,9 +98,42 @@ def test_cifar10_study_skips_finished_runs_and_resumes_interrupted_ones(tmp_path
     summaries = [json.loads(l) for l in metrics.read_text().splitlines() if '"kind": "summary"' in l]
     assert [s["steps"] for s in summaries] == [2]
     assert "| b256_sgd | 32 | sgd |" in res.stdout
+    # the finished run is refused, not reported, under other settings (a per-run override here)
+    res = subprocess.run([*cmd, "max_steps=2", "b256_sgd.base_lr=0.05"], cwd=REPO, env=child_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "finished with other settings (base_lr: 0.1 there, 0.05 asked)" in res.stderr
     # the training curves of the finished study (skipped runs: read from their metrics.jsonl)
     curves = tmp_path / "curves.png"
     res = subprocess.run([*cmd, "max_steps=2", "--curves", str(curves)], cwd=REPO, env=child_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"Training curves: `{curves}`" in res.stdout
+
+
+def _study_module():
+    sys.path.insert(0, str(CIFAR))
+    try:
+        import run as study
+    finally:
+        sys.path.remove(str(CIFAR))
+    return study
+
+
+def test_cifar10_study_overrides_for_every_run_and_per_run():
+    study = _study_module()
+    common, per_run = study.split_overrides(["epochs=3", "b8192_lars.base_lr=0.08", "b8192_sgd.base_lr=0.025"],
+                                            ["b8192_sgd", "b8192_lars"])
+    assert common == {"epochs": 3}
+    assert per_run == {"b8192_lars": {"base_lr": 0.08}, "b8192_sgd": {"base_lr": 0.025}}
+    with pytest.raises(SystemExit, match=r"'b4096_lars' is not a run of this call; runs: b8192_sgd, b8192_lars"):
+        study.split_overrides(["b4096_lars.base_lr=0.1"], ["b8192_sgd", "b8192_lars"])
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        study.split_overrides(["epochs"], ["b8192_sgd"])
+
+
+def test_cifar10_study_settings_differ_ignores_bookkeeping_only():
+    study = _study_module()
+    rec = {"base_lr": 0.1, "epochs": 15, "out_dir": "a", "data_dir": "/x", "workers": 0, "resume": "auto"}
+    assert study.settings_differ({**rec, "out_dir": "b", "data_dir": "data/y", "workers": 2}, rec) == []
+    assert study.settings_differ({**rec, "base_lr": 0.08, "seed": 1}, rec) == [
+        "base_lr: 0.1 there, 0.08 asked", "seed: '(unset)' there, 1 asked"]

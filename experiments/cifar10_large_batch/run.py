@@ -15,7 +15,10 @@ in ``<out>/<run>_s<seed>/``; the numbers come from its ``metrics.jsonl`` summary
 top-1, test top-1, wall seconds, images/s, seconds to the target top-1.
 
 Resumable per run: a run whose ``metrics.jsonl`` holds a summary is skipped (its numbers are
-read); one with a checkpoint continues from it (``--resume``); so a study can span sessions. The
+read) when its ``study.yaml`` has this call's settings, and refused when not (another LR's numbers
+would be reported under this call's); one with a checkpoint continues from it (``--resume``); so a
+study can span sessions. ``--set KEY=VALUE`` overrides every run, ``--set RUN.KEY=VALUE`` one run
+(e.g. the LRs chosen on validation: ``b8192_lars.base_lr=0.08 b8192_sgd.base_lr=0.025``). The
 default ``--out`` is ``runs/cifar10_large_batch`` (ignored by git). ``--scaling`` also runs the
 baseline with 1 process (scaling efficiency = images/s with N ÷ (N × images/s with 1)). With
 ``--synthetic`` the data are random images: the table checks the machinery only (it says so).
@@ -62,6 +65,27 @@ def config_for(name: str, overrides: dict) -> dict:
     return cfg
 
 
+def split_overrides(items: list[str], runs: list[str]) -> tuple[dict, dict[str, dict]]:
+    """``KEY=VALUE`` items for every run, and ``RUN.KEY=VALUE`` items per run (values parsed as YAML).
+
+    Raises SystemExit for an item without ``=``, or a ``RUN.`` prefix that is not one of ``runs``.
+    """
+    common: dict = {}
+    per_run: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE or RUN.KEY=VALUE")
+        run, dot, field = key.rpartition(".")
+        if not dot:
+            common[key] = yaml.safe_load(value)
+        elif run in runs:
+            per_run.setdefault(run, {})[field] = yaml.safe_load(value)
+        else:
+            raise SystemExit(f"--set {item!r}: {run!r} is not a run of this call; runs: {', '.join(runs)}")
+    return common, per_run
+
+
 def finished(out: Path) -> dict | None:
     """The run's summary record if it finished, else None."""
     path = out / "metrics.jsonl"
@@ -71,10 +95,30 @@ def finished(out: Path) -> dict | None:
     return done[-1] if done else None
 
 
+# Settings that do not change a run's numbers: where it lives, how it logs, where the same data are.
+BOOKKEEPING = frozenset({"out_dir", "progress", "resume", "overwrite", "data_dir", "workers"})
+
+
+def settings_differ(asked: dict, recorded: dict) -> list[str]:
+    """The settings (not bookkeeping) on which a run directory's ``study.yaml`` and this call disagree."""
+    keys = (set(asked) | set(recorded)) - BOOKKEEPING
+    return [f"{k}: {recorded.get(k, '(unset)')!r} there, {asked.get(k, '(unset)')!r} asked"
+            for k in sorted(keys) if asked.get(k) != recorded.get(k)]
+
+
 def run_one(cfg: dict, nproc: int, out: Path) -> dict:
-    """Run (or skip, or resume) one configuration in ``out``; returns its summary record."""
+    """Run (or skip, or resume) one configuration in ``out``; returns its summary record.
+
+    Raises SystemExit when ``out`` holds a finished run made with other settings (its numbers
+    would be reported under this call's settings), or when the training process fails.
+    """
     summary = finished(out)
     if summary is not None:
+        recorded = out / "study.yaml"
+        diff = settings_differ(cfg, yaml.safe_load(recorded.read_text())) if recorded.is_file() else []
+        if diff:
+            raise SystemExit(f"{out} holds a run finished with other settings ({'; '.join(diff)}); "
+                             "choose another --out, or remove that directory to run it again")
         print(f"{out.name}: finished earlier, skipped", file=sys.stderr)
         return summary
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +227,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="override every run's epochs")
     p.add_argument("--nproc", type=int, default=None, help="processes per run (default 2, or the profile's)")
     p.add_argument("--scaling", action="store_true", help="also run the baseline with 1 process")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    p.add_argument("--set", nargs="*", default=[], metavar="[RUN.]KEY=VALUE",
+                   help="extra overrides for every run, or for one run with its name first (b8192_lars.base_lr=0.08)")
     p.add_argument("--out", default=str(REPO / "runs" / "cifar10_large_batch"),
                    help="run directories; finished runs there are skipped, interrupted ones resumed")
     p.add_argument("--append", help="append the table to this markdown file (e.g. docs/RESULTS.md)")
@@ -193,7 +238,8 @@ def main() -> None:
     profile = PROFILES.get(a.profile, {"overrides": {}, "nproc": 2, "seeds": [0]})
     a.nproc = a.nproc or profile["nproc"]
     a.seeds = a.seeds or profile["seeds"]
-    overrides: dict = {**profile["overrides"], **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}}
+    overrides, per_run = split_overrides(a.set, a.runs)
+    overrides = {**profile["overrides"], **overrides}
     if a.epochs:
         overrides["epochs"] = a.epochs
     if a.synthetic:
@@ -204,7 +250,7 @@ def main() -> None:
     root = Path(a.out)
     results: dict[str, list[dict]] = {}
     for name in a.runs:
-        cfg = config_for(name, overrides)
+        cfg = config_for(name, {**overrides, **per_run.get(name, {})})
         results[name] = [{"cfg": cfg, "seed": s, "summary": run_one({**cfg, "seed": s}, a.nproc, root / f"{name}_s{s}")}
                          for s in a.seeds]
     scaling = None
