@@ -43,9 +43,13 @@ caller's current stream, the algorithm's kernels (casts, ring additions, NCCL ca
 and the ``Work``'s future is a CUDA future recorded on it, so ``wait()`` and DDP's callbacks order
 the caller's stream after the result without blocking the host (torch.futures.Future semantics).
 The tensors are recorded on the side stream so the caching allocator cannot reuse them early.
-Delegated CUDA calls (ProcessGroupNCCL) are issued in the same order through the side stream
-(:func:`_serialized`), so the group's two NCCL communicators never run at the same time, as NCCL
-requires of several communicators in one process. A watchdog thread polls NCCL's asynchronous
+Delegated CUDA collectives (ProcessGroupNCCL) are issued in the same order through the side
+stream (:func:`_serialized`), so the group's two NCCL communicators do not run collectives at the
+same time, as NCCL asks of several communicators in one process; point-to-point calls and calls
+inside an open NCCL group (``batch_isend_irecv``, ``_coalescing_manager`` with a device) go to
+ProcessGroupNCCL directly, as without fastnet (serializing a send would deadlock the isend/irecv
+exchange; :meth:`FastnetProcessGroup._delegate`), and may overlap fastnet's collectives, as
+ProcessGroupNCCL's own point-to-point communicators overlap its collectives. A watchdog thread polls NCCL's asynchronous
 error and the oldest unfinished collective's age; on an error or the group's timeout it aborts the NCCL communicator (``ncclCommAbort``: kernels waiting
 on a dead peer return) and, as ProcessGroupNCCL's default error handling does, ends the process
 with the error on stderr, so no rank goes on with an aborted collective's contents. **Not yet run
@@ -322,21 +326,42 @@ def _cuda_nccl_missing() -> str:
     return ""
 
 
-def _serialized(stream: torch.cuda.Stream, call):
-    """Issue ``call()`` (a ProcessGroupNCCL collective or p2p call, returning its ``Work``) in a
-    group's one NCCL order, kept by the group's side ``stream``. NCCL's rule for several
-    communicators in one process ("Using multiple NCCL communicators concurrently", NCCL user
-    guide: their operations must not run at the same time and must be issued in the same order on
-    every rank) then holds for a group's communicators, fastnet's and the base backend's: the call
-    is issued with the side stream current, after the caller's stream (ProcessGroupNCCL's stream
-    waits for the current one), and the side stream then waits for the call's end, so fastnet's
-    next collective starts after it. The caller's stream is not blocked: it waits when the caller
-    waits on the returned Work, as with NCCL alone."""
+def _serialized(stream: torch.cuda.Stream, call, tensors: Sequence[torch.Tensor]):
+    """Issue ``call()`` (a ProcessGroupNCCL collective, returning its ``Work``) in a group's one
+    NCCL order, kept by the group's side ``stream``. NCCL's rule for several communicators in one
+    process ("Using multiple NCCL communicators concurrently", NCCL user guide: their operations
+    should not run at the same time and must be issued in the same order on every rank) then holds
+    for a group's collectives, fastnet's and the base backend's: the call is issued with the side
+    stream current, after the caller's stream (ProcessGroupNCCL's stream waits for the current
+    one), and the side stream then waits for the call's end, so fastnet's next collective starts
+    after it. The caller's stream is not blocked: it waits when the caller waits on the returned
+    Work, as with NCCL alone.
+
+    ``tensors`` (every input and output of the call) are recorded on the side stream: the wait
+    above releases ProcessGroupNCCL's own hold on an async call's tensors (its allocator-safety
+    stash is freed when a stream has waited for the work), while the caller's stream has not yet
+    waited, so without the record a temporary input (``torch.cat(...)`` passed to an async
+    all-to-all) could be reused while NCCL still reads it."""
     stream.wait_stream(torch.cuda.current_stream(stream.device))
     with torch.cuda.stream(stream):
         work = call()
-        work.wait()  # without TORCH_NCCL_BLOCKING_WAIT no host block: the current stream waits for its end
+        if work is not None:
+            work.wait()  # without TORCH_NCCL_BLOCKING_WAIT no host block: the current stream waits for its end
+        for t in tensors:
+            if t.is_cuda:
+                t.record_stream(stream)
     return work
+
+
+def _flat(*items) -> list[torch.Tensor]:
+    """The tensors in ``items`` (tensors and nested lists/tuples of them), in order."""
+    out: list[torch.Tensor] = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        elif isinstance(item, (list, tuple)):
+            out.extend(_flat(*item))
+    return out
 
 
 class _CudaPath:
@@ -346,12 +371,13 @@ class _CudaPath:
     collective over the group."""
 
     def __init__(self, store, rank: int, size: int, stream: torch.cuda.Stream, timeout: datetime.timedelta,
-                 make_reducer) -> None:
+                 make_reducer, attempt: int = 0) -> None:
         from fastnet.comm.nccl import NcclCommunicator
 
         self.device, self.rank, self.timeout, self.stream = stream.device, rank, timeout, stream
         with torch.cuda.device(self.device):
-            self.comm = NcclCommunicator.from_store(store, rank, size, key="unique_id", device=self.device,
+            # one key per creation attempt: a retry after a failed creation must not read the old id
+            self.comm = NcclCommunicator.from_store(store, rank, size, key=f"unique_id/{attempt}", device=self.device,
                                                     timeout_s=timeout.total_seconds())
             self.reducer = make_reducer(self.comm)
         self._unfinished: collections.deque = collections.deque()  # (event, deadline, what), in order
@@ -380,10 +406,16 @@ class _CudaPath:
     def _watch(self) -> None:
         torch.cuda.set_device(self.device)
         while not self._closed.wait(0.05):
-            with self._lock:
-                while self._unfinished and self._unfinished[0][0].query():
-                    self._unfinished.popleft()
-                oldest = self._unfinished[0] if self._unfinished else None
+            try:
+                with self._lock:
+                    while self._unfinished and self._unfinished[0][0].query():
+                        self._unfinished.popleft()
+                    oldest = self._unfinished[0] if self._unfinished else None
+            except Exception as exc:  # noqa: BLE001 - a sticky CUDA error: the watchdog must not die silently
+                self._fail(f"CUDA reported an error: {exc}")
+                return
+            if self._closed.is_set():  # stop() while this round ran: the communicator may be aborted
+                return
             try:
                 self.comm._comm.check_async_error()
             except Exception as exc:  # noqa: BLE001 - NCCL's error, whatever CuPy wraps it in
@@ -400,17 +432,31 @@ class _CudaPath:
         sys.stderr.write(f"[fastnet] rank {self.rank} on {self.device}: {why}; aborting the NCCL communicator "
                          f"and ending the process\n")
         sys.stderr.flush()
+        # ncclCommAbort frees device memory and can wait behind running kernels: the process ends
+        # within 10 s whatever abort does (ProcessGroupNCCL has a heartbeat monitor for the same)
+        threading.Timer(10.0, os._exit, (1,)).start()
         try:
             self.comm._comm.abort()
         finally:
             os._exit(1)
 
+    def stop(self) -> None:
+        """Stop the watchdog (before the communicator is aborted or destroyed: its polls must not
+        see an aborted communicator as an error)."""
+        self._closed.set()
+        if threading.current_thread() is not self._watchdog:
+            self._watchdog.join(5.0)
+
     def close(self) -> None:
         """Stop the watchdog and destroy the communicator once the side stream's work is done."""
-        self._closed.set()
-        self._watchdog.join(1.0)
+        self.stop()
         self.comm.synchronize()
         self.comm.close()
+
+    def abort(self) -> None:
+        """Stop the watchdog, then abort the communicator (``ncclCommAbort``)."""
+        self.stop()
+        self.comm._comm.abort()
 
 
 class FastnetProcessGroup(dist.ProcessGroup):
@@ -464,6 +510,8 @@ class FastnetProcessGroup(dist.ProcessGroup):
         self.fusion_threshold_bytes = max(1, int(self.config.fusion_mb * (1 << 20)))
         self._thread = CommThread()
         self._cuda: _CudaPath | None = None  # created at the first CUDA collective fastnet takes
+        self._cuda_attempts = 0  # creation attempts of _cuda (each its own store key)
+        self._coalescing_cuda = False  # inside _start_coalescing(cuda) .. _end_coalescing(cuda)
         self._stream: torch.cuda.Stream | None = None  # the side stream: one NCCL order (_serialized)
         self.routed: collections.Counter[str] = collections.Counter()
 
@@ -504,18 +552,47 @@ class FastnetProcessGroup(dist.ProcessGroup):
             return None
         if device.type == "cpu":
             return "cpu"
-        if device.type == "cuda" and self._base_cuda is not None:
-            return "cuda"
+        if device.type == "cuda" and self._base_cuda is not None and not self._coalescing_cuda:
+            return "cuda"  # (inside an open NCCL group, fastnet's dependent ring steps cannot run)
         return None
 
-    def _delegate(self, tensors: Sequence[torch.Tensor], call):
-        """``call(base)`` on the base backend of ``tensors``: gloo, or NCCL for CUDA tensors when
-        configured. A CUDA call is issued in the group's one NCCL order (:func:`_serialized`):
-        fastnet's communicator and ProcessGroupNCCL's never run kernels at the same time."""
+    def _delegate(self, tensors: Sequence[torch.Tensor], call, p2p: bool = False):
+        """``call(base)`` on the base backend of ``tensors`` (every input and output of the call):
+        gloo, or NCCL for CUDA tensors when configured. A CUDA collective is issued in the group's
+        one NCCL order (:func:`_serialized`): fastnet's communicator and ProcessGroupNCCL's do not
+        run collectives at the same time. Point-to-point calls (``p2p``) and calls inside an open
+        NCCL group (:meth:`_start_coalescing`) go to ProcessGroupNCCL directly, as without fastnet:
+        holding the side stream until a send ends would queue a rank's receive behind its own send,
+        and the isend/irecv exchange every pipeline makes would deadlock (each send waits for a
+        receive queued behind the peer's send); within a group, ProcessGroupNCCL returns no Work to
+        wait for until the group ends (:meth:`_end_coalescing` orders the side stream then)."""
         cuda = [t for t in tensors if t.is_cuda] if self._base_cuda is not None else []
         if not cuda:
             return call(self._base)
-        return _serialized(self._side_stream(cuda[0].device), lambda: call(self._base_cuda))
+        if p2p or self._coalescing_cuda:
+            return call(self._base_cuda)
+        return _serialized(self._side_stream(cuda[0].device), lambda: call(self._base_cuda), cuda)
+
+    def _start_coalescing(self, device) -> None:
+        """``_coalescing_manager(group, device)``'s start (``batch_isend_irecv``, aborts): for CUDA,
+        ProcessGroupNCCL opens its NCCL group (``ncclGroupStart``); until :meth:`_end_coalescing`,
+        CUDA collectives go to it (batched as without fastnet), not to fastnet's ring, whose steps
+        depend on each other and would be launched together at the group's end."""
+        if torch.device(device).type == "cuda":
+            self._coalescing_cuda = True
+        return super()._start_coalescing(device)
+
+    def _end_coalescing(self, device):
+        """The end of :meth:`_start_coalescing`'s block: ProcessGroupNCCL launches the group; the
+        side stream (fastnet's next collective) then waits for the group's end (one NCCL order)."""
+        try:
+            work = super()._end_coalescing(device)
+        finally:
+            self._coalescing_cuda = False
+        if work is not None and torch.device(device).type == "cuda" and self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                work.wait()
+        return work
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         """The group's side stream on ``device``, created at its first CUDA call (any kind: p2p
@@ -536,8 +613,9 @@ class FastnetProcessGroup(dist.ProcessGroup):
         rank of the group makes that call, so the communicator's collective creation is safe)."""
         stream = self._side_stream(device)
         if self._cuda is None:
+            self._cuda_attempts += 1
             self._cuda = _CudaPath(dist.PrefixStore("fastnet/own_nccl", self._store), self._rank, self._size,
-                                   stream, self.timeout, self._make_reducer)
+                                   stream, self.timeout, self._make_reducer, self._cuda_attempts)
         return self._cuda
 
     def _run(self, what: str, tensors: Sequence[torch.Tensor], fn, result) -> FastnetWork:
@@ -611,10 +689,21 @@ class FastnetProcessGroup(dist.ProcessGroup):
         op = _op_name(opts.reduceOp)
         return self._run("all_reduce_coalesced", tensors, lambda red, _: self._reduce_list(red, tensors, op), tensors)
 
-    def _ring_pairs_ok(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
-        """Whether fastnet's ring takes these (output, input) pairs: contiguous, one device it runs on."""
+    def _ring_pairs_ok(self, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                       op: str | None = None) -> bool:
+        """Whether fastnet's ring takes these (output, input) pairs: contiguous, one device it runs
+        on, one dtype; CUDA: a dtype fastnet's NCCL communicator has; AVG (``op``): floating point
+        (the base backend's rule, or its error, for the rest)."""
+        from fastnet.comm.nccl import _NCCL_DTYPES
+
         both = [*outputs, *inputs]
-        return self._path(both) is not None and all(t.is_contiguous() for t in both)
+        path = self._path(both)
+        if path is None or not all(t.is_contiguous() for t in both) or len({t.dtype for t in both}) != 1:
+            return False
+        dtype = both[0].dtype
+        if path == "cuda" and dtype not in _NCCL_DTYPES:
+            return False
+        return op != "avg" or dtype.is_floating_point
 
     @staticmethod
     def _reduce_scatter(comm, output: torch.Tensor, input: torch.Tensor, op: str) -> None:
@@ -634,9 +723,9 @@ class FastnetProcessGroup(dist.ProcessGroup):
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts if opts is not None else dist.ReduceScatterOptions()
         op = _op_name(opts.reduceOp)
-        if op is None or not self._ring_pairs_ok([output], [input]):
+        if op is None or not self._ring_pairs_ok([output], [input], op):
             self.routed["base:reduce_scatter"] += 1
-            return self._delegate([input], lambda b: b._reduce_scatter_base(output, input, opts))
+            return self._delegate([output, input], lambda b: b._reduce_scatter_base(output, input, opts))
         return self._run("reduce_scatter", [output, input],
                          lambda _, comm: self._reduce_scatter(comm, output, input, op), [output])
 
@@ -646,7 +735,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
         opts = opts if opts is not None else dist.AllgatherOptions()
         if not self._ring_pairs_ok([output], [input]):
             self.routed["base:all_gather"] += 1
-            return self._delegate([input], lambda b: b._allgather_base(output, input, opts))
+            return self._delegate([output, input], lambda b: b._allgather_base(output, input, opts))
         return self._run("all_gather", [output, input], lambda _, comm: self._all_gather(comm, output, input),
                          [output])
 
@@ -673,7 +762,8 @@ class FastnetProcessGroup(dist.ProcessGroup):
                 and all(o.numel() == input_tensors[0].numel() and o.dtype == input_tensors[0].dtype
                         for o in output_tensors[0])):
             self.routed["base:all_gather"] += 1
-            return self._delegate(input_tensors, lambda b: b.allgather(output_tensors, input_tensors, opts))
+            return self._delegate(_flat(output_tensors, input_tensors),
+                                  lambda b: b.allgather(output_tensors, input_tensors, opts))
         x, outs = input_tensors[0], output_tensors[0]
 
         def gather(_, comm) -> None:
@@ -686,7 +776,8 @@ class FastnetProcessGroup(dist.ProcessGroup):
 
     def allgather_coalesced(self, output_lists, input_list, opts=None):
         opts = opts if opts is not None else dist.AllgatherOptions()
-        return self._delegate(input_list, lambda b: b.allgather_coalesced(output_lists, input_list, opts))
+        return self._delegate(_flat(output_lists, input_list),
+                              lambda b: b.allgather_coalesced(output_lists, input_list, opts))
 
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
         """Several ``all_gather_into_tensor`` at once (``_coalescing_manager``; the functional
@@ -695,63 +786,74 @@ class FastnetProcessGroup(dist.ProcessGroup):
         opts = opts if opts is not None else dist.AllgatherOptions()
         if not self._ring_pairs_ok(outputs, inputs):
             self.routed["base:all_gather_coalesced"] += 1
-            return self._delegate(inputs, lambda b: b.all_gather_single_coalesced(outputs, inputs, opts))
+            return self._delegate(_flat(outputs, inputs),
+                                  lambda b: b.all_gather_single_coalesced(outputs, inputs, opts))
         return self._run("all_gather_coalesced", [*outputs, *inputs],
                          lambda _, comm: [self._all_gather(comm, o, i) for o, i in zip(outputs, inputs)], outputs)
 
     def reduce_scatter(self, output_tensors, input_lists, opts=None):
         opts = opts if opts is not None else dist.ReduceScatterOptions()
-        return self._delegate(output_tensors, lambda b: b.reduce_scatter(output_tensors, input_lists, opts))
+        return self._delegate(_flat(output_tensors, input_lists),
+                              lambda b: b.reduce_scatter(output_tensors, input_lists, opts))
 
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
         """Several ``reduce_scatter_tensor`` at once: fastnet's ring per pair (contiguous, one
         device, SUM/AVG/MAX/MIN), else the base backend."""
         opts = opts if opts is not None else dist.ReduceScatterOptions()
         op = _op_name(opts.reduceOp)
-        if op is None or not self._ring_pairs_ok(outputs, inputs):
+        if op is None or not self._ring_pairs_ok(outputs, inputs, op):
             self.routed["base:reduce_scatter_coalesced"] += 1
-            return self._delegate(inputs, lambda b: b.reduce_scatter_single_coalesced(outputs, inputs, opts))
+            return self._delegate(_flat(outputs, inputs),
+                                  lambda b: b.reduce_scatter_single_coalesced(outputs, inputs, opts))
         return self._run("reduce_scatter_coalesced", [*outputs, *inputs],
                          lambda _, comm: [self._reduce_scatter(comm, o, i, op) for o, i in zip(outputs, inputs)],
                          outputs)
 
     def gather(self, output_lists, input_tensors, opts=None):
         opts = opts if opts is not None else dist.GatherOptions()
-        return self._delegate(input_tensors, lambda b: b.gather(output_lists, input_tensors, opts))
+        return self._delegate(_flat(output_lists, input_tensors), lambda b: b.gather(output_lists, input_tensors, opts))
 
     def scatter(self, output_tensors, input_lists, opts=None):
         opts = opts if opts is not None else dist.ScatterOptions()
-        return self._delegate(output_tensors, lambda b: b.scatter(output_tensors, input_lists, opts))
+        return self._delegate(_flat(output_tensors, input_lists), lambda b: b.scatter(output_tensors, input_lists, opts))
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
         opts = opts if opts is not None else dist.AllToAllOptions()
-        return self._delegate(output_tensors, lambda b: b.alltoall(output_tensors, input_tensors, opts))
+        return self._delegate(_flat(output_tensors, input_tensors),
+                              lambda b: b.alltoall(output_tensors, input_tensors, opts))
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         opts = opts if opts is not None else dist.AllToAllOptions()
-        return self._delegate([output], lambda b: b.alltoall_base(output, input, output_split_sizes,
-                                                                  input_split_sizes, opts))
+        return self._delegate([output, input], lambda b: b.alltoall_base(output, input, output_split_sizes,
+                                                                         input_split_sizes, opts))
 
     alltoall_base = all_to_all_single
 
     def send(self, tensors, dst: int, tag: int = 0):
-        return self._delegate(tensors, lambda b: b.send(tensors, dst, tag))
+        return self._delegate(tensors, lambda b: b.send(tensors, dst, tag), p2p=True)
 
     def recv(self, tensors, src: int, tag: int = 0):
-        return self._delegate(tensors, lambda b: b.recv(tensors, src, tag))
+        return self._delegate(tensors, lambda b: b.recv(tensors, src, tag), p2p=True)
 
     def recv_anysource(self, tensors, tag: int = 0):
-        return self._delegate(tensors, lambda b: b.recv_anysource(tensors, tag))
+        return self._delegate(tensors, lambda b: b.recv_anysource(tensors, tag), p2p=True)
 
     def shutdown(self) -> None:
         self._thread.close()
         if self._cuda is not None:
             self._cuda.close()
+        if self._base_cuda is not None:
+            self._base_cuda.shutdown()
 
     def abort(self) -> None:
+        """Abort every communicator of the group: fastnet's NCCL one (its watchdog stopped first,
+        so that the aborted communicator is not reported as an error that ends the process) and
+        ProcessGroupNCCL's."""
         self._thread.close(timeout_s=0.0)
         if self._cuda is not None:
-            self._cuda.comm._comm.abort()
+            self._cuda.abort()
+        if self._base_cuda is not None:
+            self._base_cuda.abort()
 
 
 def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> FastnetProcessGroup:

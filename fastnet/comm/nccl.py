@@ -55,18 +55,42 @@ def _nccl() -> Any:
     return nccl
 
 
-def encode_unique_id(uid: Sequence[int]) -> str:
-    """NCCL unique id (CuPy's tuple of 128 ints) → text for a store or a broadcast."""
+def unique_id_bytes(uid: bytes | Sequence[int]) -> bytes:
+    """An NCCL unique id (``ncclUniqueId``, 128 bytes) as ``bytes``, from either form CuPy's
+    ``get_unique_id()`` returns: ``bytes`` (CuPy >= 14) or a tuple of 128 C ``char`` values in
+    -128..127 (CuPy 13) — or a list of 0..255 values (the store/broadcast encoding).
+
+    Raises:
+        ValueError: not 128 bytes, or a value outside -128..255.
+    """
     if len(uid) != UNIQUE_ID_BYTES:
         raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(uid)}")
-    return json.dumps(list(uid))
+    if isinstance(uid, (bytes, bytearray)):
+        return bytes(uid)
+    if any(not -128 <= int(b) <= 255 for b in uid):
+        raise ValueError("an NCCL unique id's values are bytes (-128..255)")
+    return bytes(int(b) & 0xFF for b in uid)
 
 
-def decode_unique_id(text: str | bytes) -> tuple[int, ...]:
-    uid = tuple(json.loads(text))
-    if len(uid) != UNIQUE_ID_BYTES:
-        raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(uid)}")
-    return uid
+def unique_id_for_cupy(uid: bytes | Sequence[int], cupy_version: str) -> bytes | tuple[int, ...]:
+    """``uid`` in the form ``cupy.cuda.nccl.NcclCommunicator(ndev, commId, rank)`` of CuPy
+    ``cupy_version`` takes: ``bytes`` from CuPy 14 on (``commId (bytes)``; ``get_unique_id`` "returned
+    a tuple of integers" before 14.0), a tuple of signed ``char`` values before it."""
+    raw = unique_id_bytes(uid)
+    if int(cupy_version.split(".")[0]) >= 14:
+        return raw
+    return tuple(b - 256 if b > 127 else b for b in raw)
+
+
+def encode_unique_id(uid: bytes | Sequence[int]) -> str:
+    """NCCL unique id (either of CuPy's forms, :func:`unique_id_bytes`) → text for a store or a
+    broadcast (a JSON list of 128 values in 0..255)."""
+    return json.dumps(list(unique_id_bytes(uid)))
+
+
+def decode_unique_id(text: str | bytes) -> bytes:
+    """:func:`encode_unique_id`'s text → the 128-byte id. Raises ValueError on a wrong length."""
+    return unique_id_bytes(json.loads(text))
 
 
 class _Work:
@@ -94,7 +118,8 @@ class NcclCommunicator:
 
     Args:
         rank, size: this process's rank and the number of ranks (one GPU each).
-        unique_id: rank 0's ``cupy.cuda.nccl.get_unique_id()``, the same on every rank.
+        unique_id: rank 0's ``cupy.cuda.nccl.get_unique_id()`` (bytes, or CuPy 13's tuple), the
+            same on every rank.
         device: the CUDA device (default: the current one).
         timeout_s: host-side limit for :meth:`barrier` / :meth:`synchronize`, seconds.
 
@@ -104,7 +129,8 @@ class NcclCommunicator:
         unknown op or mismatched sizes.
     """
 
-    def __init__(self, rank: int, size: int, unique_id: Sequence[int], device: torch.device | int | None = None,
+    def __init__(self, rank: int, size: int, unique_id: bytes | Sequence[int],
+                 device: torch.device | int | None = None,
                  timeout_s: float = 300.0) -> None:
         self.nccl = _nccl()
         if not torch.cuda.is_available():
@@ -115,7 +141,7 @@ class NcclCommunicator:
                                    torch.device("cuda", device).index if isinstance(device, int) else device.index)
         self.rank, self.size, self.timeout_s = rank, size, timeout_s
         with cupy.cuda.Device(self.device.index):
-            self._comm = self.nccl.NcclCommunicator(size, tuple(unique_id), rank)
+            self._comm = self.nccl.NcclCommunicator(size, unique_id_for_cupy(unique_id, cupy.__version__), rank)
         self._stream = torch.cuda.Stream(self.device)
         self._pending: list[tuple[str, torch.Tensor, int]] = []  # queued isend/irecv
 
@@ -306,11 +332,11 @@ class NcclCommunicator:
             members = sorted((r for r in rows if r[0] == color), key=lambda r: (r[1], r[2]))
         first = members[0][2] if members else -1
         if first == self.rank:
-            mine[3:] = torch.tensor(self.nccl.get_unique_id(), dtype=torch.int64)
+            mine[3:] = torch.tensor(list(unique_id_bytes(self.nccl.get_unique_id())), dtype=torch.int64)
         self.all_gather(infos, mine.to(self.device))  # second round: the ids
         if not members:
             return None
-        uid = infos.cpu().view(self.size, -1)[first, 3:].tolist()
+        uid = unique_id_bytes(infos.cpu().view(self.size, -1)[first, 3:].tolist())
         new_rank = [m[2] for m in members].index(self.rank)
         return NcclCommunicator(new_rank, len(members), uid, self.device, self.timeout_s)
 

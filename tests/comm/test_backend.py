@@ -262,6 +262,16 @@ def _collectives_worker(rank: int, world: int, port: int, queue) -> None:
         w = torch.full((2,), float(rank + 1), dtype=torch.float16)
         dist.all_reduce(w, group=mine)
         out["subgroups"] = (w.tolist(), dist.get_world_size(mine), dist.get_backend(mine))
+        # AVG of integers is the base backend's to take or refuse (fastnet's ring would divide into
+        # a float buffer and receive into an integer one)
+        before = dist.group.WORLD.routed["base:reduce_scatter"]
+        try:
+            rsi = torch.empty(3, dtype=torch.int64)
+            dist.reduce_scatter_tensor(rsi, _value(rank, 3 * world, torch.int64), op=dist.ReduceOp.AVG)
+            out["int_avg"] = rsi.tolist()
+        except RuntimeError as exc:
+            out["int_avg"] = f"RuntimeError: {exc}"[:200]
+        out["int_avg_routed"] = dist.group.WORLD.routed["base:reduce_scatter"] - before
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -293,6 +303,7 @@ def test_direct_collectives_every_dtype_and_length(world):
                 assert out[("all_gather", str(dtype), n)] == [v for r in range(world)
                                                             for v in _value(r, n, dtype).double().tolist()]
                 assert out[("broadcast", str(dtype), n)] == _value(world - 1, n, dtype).double().tolist()
+        assert out["int_avg_routed"] == 1, out["int_avg"]  # delegated: gloo's error (or result), not the ring's
         ags, rss = out["coalesced"]
         for ag_out, n in zip(ags, (3, 1001)):
             assert ag_out == [v for r in range(world) for v in _value(r, n, torch.float32).double().tolist()]

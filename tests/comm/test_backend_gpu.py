@@ -30,6 +30,9 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import fastnet.comm.backend  # noqa: F401 - registers "fastnet" (torch < 2.14 has no entry-point lookup)
+    from fastnet.comm.backend import _serialized
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FASTNET_BASE_BACKEND="nccl",
                       FASTNET_WIRE_DTYPE="fp16", FASTNET_ALGORITHM="ring")
     torch.cuda.set_device(0)
@@ -47,11 +50,24 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         work = dist.all_reduce(x, async_op=True)
         work.wait()
         out["rounded"] = bool((x == 1.0).all())
-        # 2) several tensors in one call (fused into one flat buffer), AVG
-        ts = [torch.full((n,), 2.0, device=dev) for n in (3, 1000, 17)]
+        # 2) several tensors in one call (fused into one flat buffer), AVG: filled behind a sleep
+        #    with a value the FP16 wire rounds (2 + 2**-11 -> 2), so a missing wait shows
+        ts = [torch.zeros(n, device=dev) for n in (3, 1000, 17)]
         torch.cuda._sleep(20_000_000)
+        for t in ts:
+            t.fill_(2.0 + 2.0 ** -11)
         dist.all_reduce_coalesced(ts, op=dist.ReduceOp.AVG)
         out["coalesced"] = all(bool((t == 2.0).all()) for t in ts)
+        # 2b) inside an open NCCL group (_coalescing_manager with a device: ProcessGroupNCCL's
+        #     ncclGroupStart) CUDA all-reduces go to ProcessGroupNCCL, batched, not to fastnet's ring
+        before = pg.routed["base:all_reduce_coalesced"]
+        us = [torch.full((n,), 3.0 + 2.0 ** -11, device=dev) for n in (5, 6)]
+        with dist._coalescing_manager(device=dev, async_ops=True) as cm:
+            for u in us:
+                dist.all_reduce(u)
+        cm.wait()
+        out["group_delegated"] = pg.routed["base:all_reduce_coalesced"] - before
+        out["group_values"] = all(bool((u == 3.0 + 2.0 ** -11).all()) for u in us)  # NCCL: no FP16 wire
         # 3) reduce-scatter / all-gather into tensors through fastnet's ring
         a, b = torch.arange(7.0, device=dev), torch.empty(7, device=dev)
         dist.reduce_scatter_tensor(b, a)
@@ -64,13 +80,22 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         dist.all_reduce(i)
         dist.barrier()
         out["delegated"] = bool(torch.equal(i, torch.arange(5, device=dev)))
-        # 4b) one NCCL order: a delegated call queued behind a sleep on the caller's stream holds
-        #     the group's side stream (fastnet's next collective) until it ends
+        # 4b) one NCCL order: _serialized makes the side stream (fastnet's next collective) wait
+        #     for the delegated call's end. The call's end is an event behind a sleep on another
+        #     stream, which the side stream reaches only through the Work's wait()
         torch.cuda.synchronize()
-        torch.cuda._sleep(200_000_000)
-        bwork = dist.broadcast(i, 0, async_op=True)
+        other = torch.cuda.Stream(dev)
+        with torch.cuda.stream(other):
+            torch.cuda._sleep(200_000_000)
+            end = torch.cuda.Event()
+            end.record(other)
+
+        class _EndWork:
+            def wait(self):
+                torch.cuda.current_stream(dev).wait_event(end)
+
+        _serialized(pg._stream, _EndWork, [i])
         out["side_waits_for_base"] = not pg._stream.query()
-        bwork.wait()
         torch.cuda.synchronize()
         out["side_idle_after"] = pg._stream.query()
         # 5) DDP on CUDA through the backend: the same parameters as local training (one rank, AVG is
@@ -100,6 +125,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 def test_backend_cuda_path_on_one_gpu():
     (out,) = spawn_ranks(_worker, 1, timeout=300)
     assert out["rounded"] and out["coalesced"] and out["ring"] and out["delegated"], out
+    assert out["group_delegated"] == 1 and out["group_values"], out
     assert out["side_waits_for_base"] and out["side_idle_after"], out
     assert out["ddp_calls"] >= 3 * 2, out  # DDP's buckets (several per step at 1 KB) went through fastnet
     assert out["ddp_diff"] < 1e-3, out

@@ -7,12 +7,19 @@ import importlib.util
 import pytest
 import torch
 
-from fastnet.comm.nccl import NcclCommunicator, decode_unique_id, encode_unique_id
+from fastnet.comm.nccl import (NcclCommunicator, decode_unique_id, encode_unique_id, unique_id_bytes,
+                               unique_id_for_cupy)
 
 
 def test_unique_id_round_trip_and_errors():
-    uid = tuple(range(-64, 64))
-    assert decode_unique_id(encode_unique_id(uid)) == uid
+    raw = bytes(range(64, 192))  # CuPy >= 14 returns bytes
+    signed = tuple(b - 256 if b > 127 else b for b in raw)  # CuPy 13: signed chars
+    assert decode_unique_id(encode_unique_id(raw)) == raw
+    assert decode_unique_id(encode_unique_id(signed)) == raw
+    assert unique_id_for_cupy(raw, "14.2.0") == raw and unique_id_for_cupy(signed, "14.0.0rc1") == raw
+    assert unique_id_for_cupy(raw, "13.6.0") == signed and unique_id_for_cupy(list(raw), "13.0.0") == signed
+    with pytest.raises(ValueError, match="bytes"):
+        unique_id_bytes([300] * 128)
     with pytest.raises(ValueError, match="an NCCL unique id has 128 bytes, got 3"):
         encode_unique_id((1, 2, 3))
     with pytest.raises(ValueError, match="got 2"):
