@@ -195,7 +195,7 @@ class C10dCommunicator:
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum") -> None:
         from fastnet.comm.algorithms import ring_reduce_scatter_into
 
-        check_op(op)
+        check_op(op, input.dtype)
         if op == "avg":
             input, op = input / self.size, "sum"
         ring_reduce_scatter_into(self, output.view(-1), input.reshape(-1).contiguous(), op)

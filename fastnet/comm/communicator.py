@@ -92,9 +92,14 @@ class WorkList:
         return all(w.is_completed() for w in self.works)
 
 
-def check_op(op: str) -> None:
+def check_op(op: str, dtype: torch.dtype | None = None) -> None:
+    """Raises ValueError for an op not in :data:`OPS` (the valid ones named), and TypeError for
+    ``avg`` of a non-floating ``dtype`` (the communicators divide before the sum, which would
+    leave a floating buffer where the integer one is expected)."""
     if op not in OPS:
         raise ValueError(f"Unknown reduction op {op!r}; valid ops: {', '.join(OPS)}")
+    if op == "avg" and dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"op 'avg' needs a floating-point tensor, got {dtype}; use 'sum' and divide")
 
 
 class TorchCommunicator:
@@ -132,7 +137,7 @@ class TorchCommunicator:
         return dist.all_reduce(tensor, op=_TORCH_OPS[op], group=self.group, async_op=async_op)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum") -> None:
-        check_op(op)
+        check_op(op, input.dtype)
         if input.numel() != output.numel() * self.size:
             raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {self.size} × "
                              f"output {output.numel()}")

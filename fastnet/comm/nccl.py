@@ -230,7 +230,7 @@ class NcclCommunicator:
         return self._end(async_op)
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum") -> None:
-        check_op(op)
+        check_op(op, input.dtype)
         if input.numel() != output.numel() * self.size:
             raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {self.size} × "
                              f"output {output.numel()}")

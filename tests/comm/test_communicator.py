@@ -87,3 +87,15 @@ def test_reduce_scatter_and_all_gather_match_the_definition(world):
         assert "'prod'" in errors[2] and "sum, max, min" in errors[2]
     # every rank's all-gather is bitwise the same
     assert len({repr(results[r][0][("ag", "torch.float16", 1000)]) for r in results}) == 1
+
+
+def test_check_op_names_the_valid_ops_and_refuses_integer_avg():
+    from fastnet.comm.communicator import check_op
+
+    with pytest.raises(ValueError, match="Unknown reduction op 'mean'; valid ops: sum, avg, max, min"):
+        check_op("mean")
+    with pytest.raises(TypeError, match="op 'avg' needs a floating-point tensor, got torch.int64"):
+        check_op("avg", torch.int64)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        check_op("avg", dtype)
+    check_op("sum", torch.int64)
