@@ -512,6 +512,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
         self._cuda: _CudaPath | None = None  # created at the first CUDA collective fastnet takes
         self._cuda_attempts = 0  # creation attempts of _cuda (each its own store key)
         self._coalescing_cuda = False  # inside _start_coalescing(cuda) .. _end_coalescing(cuda)
+        self._aborted = False
         self._stream: torch.cuda.Stream | None = None  # the side stream: one NCCL order (_serialized)
         self.routed: collections.Counter[str] = collections.Counter()
 
@@ -589,7 +590,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
             work = super()._end_coalescing(device)
         finally:
             self._coalescing_cuda = False
-        if work is not None and torch.device(device).type == "cuda" and self._stream is not None:
+        if work is not None and torch.device(device).type == "cuda" and self._stream is not None and not self._aborted:
             with torch.cuda.stream(self._stream):
                 work.wait()
         return work
@@ -849,6 +850,7 @@ class FastnetProcessGroup(dist.ProcessGroup):
         """Abort every communicator of the group: fastnet's NCCL one (its watchdog stopped first,
         so that the aborted communicator is not reported as an error that ends the process) and
         ProcessGroupNCCL's."""
+        self._aborted = True  # (torch aborts inside an NCCL group: _end_coalescing then orders nothing)
         self._thread.close(timeout_s=0.0)
         if self._cuda is not None:
             self._cuda.abort()
