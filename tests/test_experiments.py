@@ -137,3 +137,46 @@ def test_cifar10_study_settings_differ_ignores_bookkeeping_only():
     assert study.settings_differ({**rec, "out_dir": "b", "data_dir": "data/y", "workers": 2}, rec) == []
     assert study.settings_differ({**rec, "base_lr": 0.08, "seed": 1}, rec) == [
         "base_lr: 0.1 there, 0.08 asked", "seed: '(unset)' there, 1 asked"]
+
+
+def _summarize_module():
+    sys.path.insert(0, str(CIFAR))
+    try:
+        import summarize
+    finally:
+        sys.path.remove(str(CIFAR))
+    return summarize
+
+
+def test_cifar10_record_rows_come_from_finished_runs_and_plot(tmp_path):
+    """summarize.py: rows read from a run directory (not typed), unfinished and repeated runs refused,
+    the shipped record well-formed, the plot written."""
+    summarize = _summarize_module()
+    run = tmp_path / "b4096_lars_s1"
+    run.mkdir()
+    (run / "study.yaml").write_text(yaml.safe_dump({"global_batch_size": 4096, "optimizer": "lars", "base_lr": 0.3,
+                                                    "reference_batch_size": 128, "epochs": 15, "seed": 1,
+                                                    "precision": "fp32"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 0, "top1": 20.0}) + "\n")
+    record = tmp_path / "results.yaml"
+    record.write_text("# a comment that stays\n")
+    with pytest.raises(SystemExit, match="has not finished"):
+        summarize.main(["record", str(run), "--series", "rule", "--record", str(record)])
+    summary = {"kind": "summary", "best_top1": 50.5, "test_top1": 49.75, "steps": 150, "mean_images_per_s": 400.4,
+               "wall_s": 1800.2}
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(summary) + "\n")
+    summarize.main(["record", str(run), "--series", "rule", "--note", "test", "--record", str(record)])
+    rows = summarize.load(record)
+    assert record.read_text().startswith("# a comment that stays\n")
+    assert rows == [{**rows[0], "run": "b4096_lars", "global_batch": 4096, "peak_lr": 9.6, "seed": 1,
+                     "val_top1": 50.5, "test_top1": 49.75, "images_per_s": 400, "series": "rule"}]
+    with pytest.raises(SystemExit, match="already in"):
+        summarize.main(["record", str(run), "--series", "rule", "--record", str(record)])
+    shipped = summarize.load()
+    keys = {"run", "profile", "series", "global_batch", "optimizer", "peak_lr", "epochs", "steps", "seed",
+            "precision", "val_top1", "test_top1", "source"}
+    assert shipped and all(keys <= set(r) and r["series"] in summarize.SERIES for r in shipped)
+    png = tmp_path / "acc.png"
+    summarize.main(["plot", "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
