@@ -60,13 +60,16 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         out["coalesced"] = all(bool((t == 2.0).all()) for t in ts)
         # 2b) inside an open NCCL group (_coalescing_manager with a device: ProcessGroupNCCL's
         #     ncclGroupStart) CUDA all-reduces go to ProcessGroupNCCL, batched, not to fastnet's ring
-        before = pg.routed["base:all_reduce_coalesced"]
+        def counts(prefix):
+            return sum(v for k, v in pg.routed.items() if k.startswith(prefix))
+
+        before = (counts("base:"), counts("fastnet:"))
         us = [torch.full((n,), 3.0 + 2.0 ** -11, device=dev) for n in (5, 6)]
         with dist._coalescing_manager(device=dev, async_ops=True) as cm:
             for u in us:
-                dist.all_reduce(u)
+                dist.all_reduce(u)  # torch >= 2.2: captured, then one allreduce_coalesced at the end
         cm.wait()
-        out["group_delegated"] = pg.routed["base:all_reduce_coalesced"] - before
+        out["group_delegated"] = (counts("base:") - before[0], counts("fastnet:") - before[1])
         out["group_values"] = all(bool((u == 3.0 + 2.0 ** -11).all()) for u in us)  # NCCL: no FP16 wire
         # 3) reduce-scatter / all-gather into tensors through fastnet's ring
         a, b = torch.arange(7.0, device=dev), torch.empty(7, device=dev)
@@ -125,7 +128,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 def test_backend_cuda_path_on_one_gpu():
     (out,) = spawn_ranks(_worker, 1, timeout=300)
     assert out["rounded"] and out["coalesced"] and out["ring"] and out["delegated"], out
-    assert out["group_delegated"] == 1 and out["group_values"], out
+    assert out["group_delegated"][0] >= 1 and out["group_delegated"][1] == 0 and out["group_values"], out
     assert out["side_waits_for_base"] and out["side_idle_after"], out
     assert out["ddp_calls"] >= 3 * 2, out  # DDP's buckets (several per step at 1 KB) went through fastnet
     assert out["ddp_diff"] < 1e-3, out
