@@ -166,11 +166,13 @@ def test_cifar10_record_rows_come_from_finished_runs_and_plot(tmp_path):
                "wall_s": 1800.2}
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(summary) + "\n")
-    summarize.main(["record", str(run), "--series", "rule", "--note", "test", "--record", str(record)])
+    summarize.main(["record", str(run), "--series", "rule", "--note", "test", "--record", str(record),
+                    "--metrics-dir", str(tmp_path / "kept")])
     rows = summarize.load(record)
     assert record.read_text().startswith("# a comment that stays\n")
     assert rows == [{**rows[0], "run": "b4096_lars", "global_batch": 4096, "peak_lr": 9.6, "seed": 1,
                      "val_top1": 50.5, "test_top1": 49.75, "images_per_s": 400, "series": "rule"}]
+    assert (tmp_path / "kept" / "cpu_b4096_lars_lr9.6_e15_s1.jsonl").read_text() == (run / "metrics.jsonl").read_text()
     with pytest.raises(SystemExit, match="already in"):
         summarize.main(["record", str(run), "--series", "rule", "--record", str(record)])
     shipped = summarize.load()

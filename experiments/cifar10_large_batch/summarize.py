@@ -8,7 +8,8 @@ A study spans sessions and machines, and a fresh checkout loses ``runs/``, so th
 plot of every batch size needs are kept in ``results.yaml`` beside this file: one row per run and
 seed (batch, optimizer, peak LR, epochs, steps, seed, best validation and test top-1, images/s,
 the series it belongs to, its source). ``record`` reads them from the run directories
-(``study.yaml`` and the summary record of ``metrics.jsonl``), so no number is typed by hand; the
+(``study.yaml`` and the summary record of ``metrics.jsonl``, which is kept in ``metrics/`` for the
+curves), so no number is typed by hand; the
 rows of runs whose directories were lost before this record existed name their source
 (docs/RESULTS.md and the date). ``plot`` draws test top-1 (mean ± half-range over seeds) against
 the global batch, one line per series, for the rows of one profile and epoch budget.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +32,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 RECORD = HERE / "results.yaml"
+METRICS = HERE / "metrics"
 SERIES = ("baseline", "rule", "tuned", "sweep")
 
 
@@ -40,8 +43,9 @@ def load(path: Path = RECORD) -> list[dict]:
     return yaml.safe_load(path.read_text()) or []
 
 
-def row_from_run(run_dir: Path, series: str, profile: str, note: str) -> dict:
-    """One record row from a finished run directory.
+def row_from_run(run_dir: Path, series: str, profile: str, note: str, keep: Path = METRICS) -> tuple[dict, Path, Path]:
+    """One record row from a finished run directory, its ``metrics.jsonl`` and where the record
+    keeps a copy of it (``metrics/``).
 
     Raises:
         SystemExit: the directory has no ``study.yaml`` or no summary record (not finished).
@@ -56,13 +60,18 @@ def row_from_run(run_dir: Path, series: str, profile: str, note: str) -> dict:
     if not summaries:
         raise SystemExit(f"{run_dir}: the run has not finished (no summary record)")
     cfg, s = yaml.safe_load(cfg_path.read_text()), summaries[-1]
-    return {"run": run_dir.name.rsplit("_s", 1)[0], "profile": profile, "series": series,
-            "global_batch": cfg["global_batch_size"], "optimizer": cfg["optimizer"],
-            "peak_lr": round(cfg["base_lr"] * cfg["global_batch_size"] / cfg["reference_batch_size"], 6),
+    peak = round(cfg["base_lr"] * cfg["global_batch_size"] / cfg["reference_batch_size"], 6)
+    run = run_dir.name.rsplit("_s", 1)[0]
+    # the per-epoch curves outlive runs/ (a few KB): kept beside the record, named by the row's key
+    kept = keep / f"{profile}_{run}_lr{peak:g}_e{cfg['epochs']}_s{cfg['seed']}.jsonl"
+    return {"run": run, "profile": profile, "series": series,
+            "global_batch": cfg["global_batch_size"], "optimizer": cfg["optimizer"], "peak_lr": peak,
             "epochs": cfg["epochs"], "steps": s["steps"], "seed": cfg["seed"], "precision": cfg["precision"],
             "val_top1": s["best_top1"], "test_top1": s.get("test_top1"),
             "images_per_s": round(s["mean_images_per_s"]), "wall_s": round(s["wall_s"]),
-            "source": f"{run_dir} ({datetime.date.today()}; {note})" if note else f"{run_dir} ({datetime.date.today()})"}
+            "source": f"{run_dir} ({datetime.date.today()}; {note})" if note else f"{run_dir} ({datetime.date.today()})",
+            "metrics": str(kept.relative_to(HERE.parents[1]) if kept.is_relative_to(HERE.parents[1]) else kept)}, \
+        metrics, kept
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     rec.add_argument("--profile", default="cpu", help="cpu or gpu (the run.py profile the runs used)")
     rec.add_argument("--note", default="", help="the machine and anything that makes the numbers comparable or not")
     rec.add_argument("--record", type=Path, default=RECORD)
+    rec.add_argument("--metrics-dir", type=Path, default=METRICS, help="where each run's metrics.jsonl is kept")
     pl = sub.add_parser("plot", help="the accuracy-vs-batch plot of one profile and epoch budget")
     pl.add_argument("--profile", default="cpu")
     pl.add_argument("--epochs", type=int, default=None, help="the epoch budget (default: the baseline's)")
@@ -122,12 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     rows = load(a.record)
     if a.cmd == "record":
-        new = [row_from_run(d, a.series, a.profile, a.note) for d in a.run_dirs]
+        found = [row_from_run(d, a.series, a.profile, a.note, a.metrics_dir) for d in a.run_dirs]
+        new = [row for row, _, _ in found]
         known = {(r["run"], r["profile"], r["peak_lr"], r["epochs"], r["seed"]) for r in rows}
         for r in new:
             if (r["run"], r["profile"], r["peak_lr"], r["epochs"], r["seed"]) in known:
                 raise SystemExit(f"{r['run']} (peak LR {r['peak_lr']}, {r['epochs']} epochs, seed {r['seed']}, "
                                  f"{r['profile']}) is already in {a.record}")
+        for _, src, kept in found:
+            kept.parent.mkdir(exist_ok=True)
+            shutil.copyfile(src, kept)
         with a.record.open("a") as f:  # appended as text: the record's comments and rows stay as they are
             for r in new:
                 f.write("- " + yaml.safe_dump(r, sort_keys=False, allow_unicode=True, default_flow_style=True,
