@@ -110,13 +110,19 @@ def test_cifar10_study_skips_finished_runs_and_resumes_interrupted_ones(tmp_path
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"Training curves: `{curves}`" in res.stdout
 
 
-def _study_module():
+def _cifar_module(name: str):
+    """``run`` or ``summarize`` from experiments/cifar10_large_batch/ (not a package)."""
+    import importlib
+
     sys.path.insert(0, str(CIFAR))
     try:
-        import run as study
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(CIFAR))
-    return study
+
+
+def _study_module():
+    return _cifar_module("run")
 
 
 def test_cifar10_study_overrides_for_every_run_and_per_run():
@@ -140,12 +146,7 @@ def test_cifar10_study_settings_differ_ignores_bookkeeping_only():
 
 
 def _summarize_module():
-    sys.path.insert(0, str(CIFAR))
-    try:
-        import summarize
-    finally:
-        sys.path.remove(str(CIFAR))
-    return summarize
+    return _cifar_module("summarize")
 
 
 def test_cifar10_record_rows_come_from_finished_runs_and_plot(tmp_path):
