@@ -54,14 +54,21 @@ def test_paper_config_starts_on_synthetic_imagenet(path, tmp_path):
     assert resolved["model"] == yaml.safe_load(path.read_text())["model"] and resolved["buckets"]
 
 
+def _cifar_module(name: str):
+    """``run`` or ``summarize`` from experiments/cifar10_large_batch/ (not a package)."""
+    import importlib
+
+    sys.path.insert(0, str(CIFAR))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(CIFAR))
+
+
 @pytest.mark.parametrize("name", ["b256_sgd", "b2048_sgd", "b4096_sgd", "b8192_sgd", "b2048_lars", "b4096_lars",
                                   "b8192_lars"])
 def test_cifar10_study_configs_resolve(name, tmp_path):
-    sys.path.insert(0, str(CIFAR))
-    try:
-        import run as study
-    finally:
-        sys.path.remove(str(CIFAR))
+    study = _cifar_module("run")
     cfg = study.config_for(name, {"data_dir": str(tmp_path)})
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -110,23 +117,8 @@ def test_cifar10_study_skips_finished_runs_and_resumes_interrupted_ones(tmp_path
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"Training curves: `{curves}`" in res.stdout
 
 
-def _cifar_module(name: str):
-    """``run`` or ``summarize`` from experiments/cifar10_large_batch/ (not a package)."""
-    import importlib
-
-    sys.path.insert(0, str(CIFAR))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(CIFAR))
-
-
-def _study_module():
-    return _cifar_module("run")
-
-
 def test_cifar10_study_overrides_for_every_run_and_per_run():
-    study = _study_module()
+    study = _cifar_module("run")
     common, per_run = study.split_overrides(["epochs=3", "b8192_lars.base_lr=0.08", "b8192_sgd.base_lr=0.025"],
                                             ["b8192_sgd", "b8192_lars"])
     assert common == {"epochs": 3}
@@ -138,21 +130,17 @@ def test_cifar10_study_overrides_for_every_run_and_per_run():
 
 
 def test_cifar10_study_settings_differ_ignores_bookkeeping_only():
-    study = _study_module()
+    study = _cifar_module("run")
     rec = {"base_lr": 0.1, "epochs": 15, "out_dir": "a", "data_dir": "/x", "workers": 0, "resume": "auto"}
     assert study.settings_differ({**rec, "out_dir": "b", "data_dir": "data/y", "workers": 2}, rec) == []
     assert study.settings_differ({**rec, "base_lr": 0.08, "seed": 1}, rec) == [
         "base_lr: 0.1 there, 0.08 asked", "seed: '(unset)' there, 1 asked"]
 
 
-def _summarize_module():
-    return _cifar_module("summarize")
-
-
 def test_cifar10_record_rows_come_from_finished_runs_and_plot(tmp_path):
     """summarize.py: rows read from a run directory (not typed), unfinished and repeated runs refused,
     the shipped record well-formed, the plot written."""
-    summarize = _summarize_module()
+    summarize = _cifar_module("summarize")
     run = tmp_path / "b4096_lars_s1"
     run.mkdir()
     (run / "study.yaml").write_text(yaml.safe_dump({"global_batch_size": 4096, "optimizer": "lars", "base_lr": 0.3,
