@@ -11,7 +11,8 @@ each element's final sum is computed on one rank and then copied to the others.
 * :func:`hierarchical_all_reduce` — intra-node ring reduce-scatter → inter-node ring all-reduce
   between ranks of equal local rank → intra-node ring all-gather (needs equal ranks per node);
   long messages run as a pipeline of segments (:func:`run_pipelined`), so the intra-node steps of
-  one segment overlap the inter-node steps of the previous ones.
+  one segment overlap the inter-node steps of the previous ones (where the two communicators may
+  run at the same time: NCCL's may not, :func:`fastnet.comm.communicator.serial`).
 * :func:`leader_all_reduce` — the variant of Jia et al. 2018 (§4.2, "hierarchical all-reduce"):
   intra-node reduce to a leader → all-reduce among the leaders (fastnet's ring, or the backend's
   collective) → intra-node broadcast; with k ranks per node and N ranks, 4(k−1) + 2(N/k − 1) steps
@@ -33,7 +34,7 @@ from typing import Any, Generator, NamedTuple, Sequence
 import torch
 
 from fastnet.comm import scratch
-from fastnet.comm.communicator import Communicator, Work, split_sizes
+from fastnet.comm.communicator import Communicator, Work, serial, split_sizes
 
 
 def _check(x: torch.Tensor) -> None:
@@ -68,14 +69,23 @@ next) once the driver has posted them and they completed. Its return value is th
 
 def post(messages: Sequence[RingStep]) -> list[Work]:
     """Post ``messages`` with one grouped ``exchange`` per communicator (in order of first
-    appearance, the same on every rank), so no unbatched send/recv is ever issued."""
+    appearance, the same on every rank), so no unbatched send/recv is ever issued. When the
+    communicators must not overlap (:func:`fastnet.comm.communicator.serial`: NCCL), each exchange
+    is ordered after the previous communicator's (its ``wait()``: a stream wait on NCCL), so a
+    round's exchanges run one communicator after the other, in the same order on every rank."""
     by_comm: dict[int, tuple[Communicator, list, list]] = {}
     for m in messages:
         entry = by_comm.setdefault(id(m.comm), (m.comm, [], []))
         n = m.comm.size
         entry[1].append((m.send, (m.comm.rank + 1) % n))
         entry[2].append((m.recv, (m.comm.rank - 1) % n))
-    return [comm.exchange(sends, recvs) for comm, sends, recvs in by_comm.values()]
+    one_at_a_time = len(by_comm) > 1 and serial(*(entry[0] for entry in by_comm.values()))
+    works = []
+    for comm, sends, recvs in by_comm.values():
+        if one_at_a_time and works:
+            works[-1].wait()
+        works.append(comm.exchange(sends, recvs))
+    return works
 
 
 def run_steps(steps: Steps) -> Any:
@@ -324,7 +334,9 @@ def hierarchical_all_reduce(intra: Communicator, inter: Communicator, x: torch.T
     ``segment_elems``: when ``x`` is longer, it is cut into segments of that many elements, run as
     a pipeline (:func:`run_pipelined`, depth = steps per segment): the intra-node phases of one
     segment overlap the inter-node ring of the previous ones, so the slower level (the network)
-    sets the time instead of the sum of both. None or 0: one segment.
+    sets the time instead of the sum of both (on communicators that may overlap: NCCL's run one
+    after the other, :func:`post`, while the steps of one level still pipeline). None or 0: one
+    segment.
 
     Raises:
         ValueError: ``x`` not 1-D contiguous, or a negative ``segment_elems``.
@@ -379,7 +391,11 @@ def _collective_segment(intra: Communicator, inter: Communicator, x: torch.Tenso
         intra.reduce_scatter(own, buf)
     else:
         own.copy_(buf)
-    work = inter.all_reduce(own, async_op=True) if inter.size > 1 else None
+    work = None
+    if inter.size > 1:
+        work = inter.all_reduce(own, async_op=True)
+        if serial(intra, inter):  # NCCL: the next segment's intra-node phase must not overlap it
+            work.wait()
     return x, buf, own, work
 
 
@@ -410,7 +426,9 @@ def collective_hierarchical_all_reduce(intra: Communicator, inter: Communicator,
     pipeline: segment i's inter-node all-reduce is asynchronous and overlaps segment i+1's
     intra-node reduce-scatter (two communicators, so two streams on NCCL), then segment i's
     all-gather follows. Every rank issues the same collectives in the same order on each
-    communicator. None or 0: one segment.
+    communicator. When the communicators must not overlap
+    (:func:`fastnet.comm.communicator.serial`: NCCL's rule), the segments run one collective after
+    the other. None or 0: one segment.
 
     Raises:
         ValueError: ``x`` not 1-D contiguous, or a negative ``segment_elems``.

@@ -29,7 +29,17 @@ class Work(Protocol):
 
 
 class Communicator(Protocol):
-    """A group of ``size`` processes; this one is ``rank`` (0-based, in the group)."""
+    """A group of ``size`` processes; this one is ``rank`` (0-based, in the group).
+
+    ``concurrent_safe`` (optional, default True): False when this communicator's operations must
+    not run at the same time as another communicator's in this process. NCCL's rule ("Using
+    multiple NCCL communicators concurrently", NCCL user guide): NCCL kernels spin until their
+    peers' data arrives, so two communicators' kernels running at once on one GPU "might work"
+    only while both fit on it; operations on different communicators must be serialized and issued
+    in the same order on every rank. fastnet's algorithms that drive two communicators at once
+    (the pipelined hierarchical all-reduces) then order each operation after the previous one
+    (:func:`serial`); on NCCL that is a stream wait, not a host wait.
+    """
 
     rank: int
     size: int
@@ -69,6 +79,13 @@ class Communicator(Protocol):
         """Collective over this group: ranks passing the same ``color`` form a new communicator,
         ordered by ``key`` (ties by rank); ``color=None`` joins none and gets None (MPI_Comm_split).
         TorchCommunicator splits the world communicator only (RuntimeError otherwise)."""
+
+
+def serial(*comms: "Communicator | None") -> bool:
+    """True when the operations of ``comms`` (None entries ignored) must not overlap each other:
+    one of them is not ``concurrent_safe`` (:class:`Communicator`; NCCL's rule for several
+    communicators in one process)."""
+    return not all(getattr(c, "concurrent_safe", True) for c in comms if c is not None)
 
 
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -122,6 +139,7 @@ class TorchCommunicator:
         self._global = dist.get_process_group_ranks(self.group)
         self.backend = dist.get_backend(self.group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
+        self.concurrent_safe = self.backend != "nccl"  # NCCL's rule for several communicators (Communicator)
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, size={self.size}, backend={self.backend})"

@@ -115,6 +115,8 @@ class _Work:
 
 class NcclCommunicator:
     """Communicator over a ``cupy.cuda.nccl.NcclCommunicator`` of ``size`` ranks (module docstring).
+    Not ``concurrent_safe``: fastnet's algorithms never run its operations at the same time as
+    another communicator's (:class:`fastnet.comm.communicator.Communicator`, NCCL's rule).
 
     Args:
         rank, size: this process's rank and the number of ranks (one GPU each).
@@ -128,6 +130,8 @@ class NcclCommunicator:
         tensor on this device, or a dtype NCCL lacks (the supported ones are named). ValueError:
         unknown op or mismatched sizes.
     """
+
+    concurrent_safe = False
 
     def __init__(self, rank: int, size: int, unique_id: bytes | Sequence[int],
                  device: torch.device | int | None = None,

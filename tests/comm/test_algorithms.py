@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fastnet.comm.algorithms import (RingStep, collective_hierarchical_all_reduce, hierarchical_all_reduce,
-                                    ring_all_reduce, run_pipelined)
+                                    post, ring_all_reduce, run_pipelined)
 from fastnet.comm.communicator import TorchCommunicator, split_sizes
 from fastnet.comm.topology import Hierarchy, Topology
 from tests.conftest import init_gloo, spawn_ranks
@@ -187,3 +187,69 @@ def test_split_sizes_and_input_checks():
     with pytest.raises(ValueError, match="segment_elems: -1"):
         hierarchical_all_reduce(One(), One(), torch.ones(4), segment_elems=-1)
     assert torch.equal(ring_all_reduce(One(), torch.arange(5.0)), torch.arange(5.0))
+
+
+class _OrderComm:
+    """A communicator that moves no data and logs the order of its posts and waits into ``log``."""
+
+    def __init__(self, name, log, size=2, concurrent_safe=True):
+        self.name, self.log, self.rank, self.size = name, log, 0, size
+        self.concurrent_safe = concurrent_safe
+
+    def _work(self, what):
+        self.log.append(("post", self.name, what))
+        comm = self
+
+        class Work:
+            def wait(self):
+                comm.log.append(("wait", comm.name, what))
+
+        return Work()
+
+    def exchange(self, sends, recvs):
+        return self._work("exchange")
+
+    def all_reduce(self, tensor, op="sum", async_op=False):
+        work = self._work("all_reduce")
+        if not async_op:
+            work.wait()
+            return None
+        return work
+
+    def reduce_scatter(self, output, input, op="sum"):
+        self._work("reduce_scatter").wait()
+
+    def all_gather(self, output, input):
+        self._work("all_gather").wait()
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_two_communicators_overlap_only_where_allowed(safe):
+    """NCCL's rule for several communicators in one process: with a communicator that is not
+    ``concurrent_safe``, every operation is posted only after the other communicator's last one was
+    waited on (on NCCL a stream wait), in the same order; gloo's may overlap (the pipelines)."""
+    log = []
+    intra, inter = _OrderComm("intra", log), _OrderComm("inter", log, concurrent_safe=safe)
+
+    def overlapping(entries):
+        """Posts made while another communicator had an operation posted and not yet waited on."""
+        open_ops, found = {}, 0
+        for kind, name, _ in entries:
+            if kind == "post":
+                found += any(n != name and k for n, k in open_ops.items())
+                open_ops[name] = open_ops.get(name, 0) + 1
+            else:
+                open_ops[name] = 0
+        return found
+
+    for w in post([RingStep(intra, torch.ones(1), torch.empty(1)), RingStep(inter, torch.ones(1), torch.empty(1))]):
+        w.wait()
+    assert [e[1] for e in log if e[0] == "post"] == ["intra", "inter"]  # first appearance, on every rank
+    assert (overlapping(log) > 0) == safe, log
+
+    log.clear()
+    collective_hierarchical_all_reduce(intra, inter, torch.zeros(40), segment_elems=10)
+    posts = [(e[1], e[2]) for e in log if e[0] == "post"]
+    assert posts[:3] == [("intra", "reduce_scatter"), ("inter", "all_reduce"), ("intra", "reduce_scatter")]
+    assert len(posts) == 4 * 3  # every segment: reduce-scatter, all-reduce, all-gather
+    assert (overlapping(log) > 0) == safe, log
