@@ -50,7 +50,8 @@ inside an open NCCL group (``batch_isend_irecv``, ``_coalescing_manager`` with a
 ProcessGroupNCCL directly, as without fastnet (serializing a send would deadlock the isend/irecv
 exchange; :meth:`FastnetProcessGroup._delegate`), and may overlap fastnet's collectives, as
 ProcessGroupNCCL's own point-to-point communicators overlap its collectives. A watchdog thread polls NCCL's asynchronous
-error and the oldest unfinished collective's age; on an error or the group's timeout it aborts the NCCL communicator (``ncclCommAbort``: kernels waiting
+error (of every fastnet NCCL communicator: the group's and the hierarchical algorithms' split ones)
+and the oldest unfinished collective's age; on an error or the group's timeout it aborts them (``ncclCommAbort``: kernels waiting
 on a dead peer return) and, as ProcessGroupNCCL's default error handling does, ends the process
 with the error on stderr, so no rank goes on with an aborted collective's contents. **Not yet run
 on a GPU.**
@@ -380,6 +381,9 @@ class _CudaPath:
             self.comm = NcclCommunicator.from_store(store, rank, size, key=f"unique_id/{attempt}", device=self.device,
                                                     timeout_s=timeout.total_seconds())
             self.reducer = make_reducer(self.comm)
+        hierarchy = getattr(self.reducer, "hierarchy", None)  # the hierarchical algorithms' split communicators
+        subs = [c for c in (hierarchy.intra, hierarchy.inter, hierarchy.leaders) if c is not None] if hierarchy else []
+        self.communicators = [*subs, self.comm]  # watched, aborted and destroyed together
         self._unfinished: collections.deque = collections.deque()  # (event, deadline, what), in order
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -417,7 +421,8 @@ class _CudaPath:
             if self._closed.is_set():  # stop() while this round ran: the communicator may be aborted
                 return
             try:
-                self.comm._comm.check_async_error()
+                for comm in self.communicators:
+                    comm._comm.check_async_error()
             except Exception as exc:  # noqa: BLE001 - NCCL's error, whatever CuPy wraps it in
                 self._fail(f"NCCL reported an error: {exc}")
                 return
@@ -429,16 +434,28 @@ class _CudaPath:
     def _fail(self, why: str) -> None:
         """Abort the communicator and end the process (ProcessGroupNCCL's default error handling):
         the aborted collectives' contents are undefined, so this rank must not go on."""
-        sys.stderr.write(f"[fastnet] rank {self.rank} on {self.device}: {why}; aborting the NCCL communicator "
+        sys.stderr.write(f"[fastnet] rank {self.rank} on {self.device}: {why}; aborting the NCCL communicators "
                          f"and ending the process\n")
         sys.stderr.flush()
         # ncclCommAbort frees device memory and can wait behind running kernels: the process ends
         # within 10 s whatever abort does (ProcessGroupNCCL has a heartbeat monitor for the same)
         threading.Timer(10.0, os._exit, (1,)).start()
         try:
-            self.comm._comm.abort()
+            self._abort_all()
         finally:
             os._exit(1)
+
+    def _abort_all(self) -> None:
+        """``ncclCommAbort`` on every communicator (the hierarchical algorithms' split ones too:
+        their kernels may be the ones waiting on a dead peer); the first error is raised after."""
+        error = None
+        for comm in self.communicators:
+            try:
+                comm._comm.abort()
+            except Exception as exc:  # noqa: BLE001 - abort the others first
+                error = error or exc
+        if error is not None:
+            raise error
 
     def stop(self) -> None:
         """Stop the watchdog (before the communicator is aborted or destroyed: its polls must not
@@ -448,15 +465,17 @@ class _CudaPath:
             self._watchdog.join(5.0)
 
     def close(self) -> None:
-        """Stop the watchdog and destroy the communicator once the side stream's work is done."""
+        """Stop the watchdog and destroy the communicators once their work is done."""
         self.stop()
-        self.comm.synchronize()
-        self.comm.close()
+        for comm in self.communicators:
+            comm.synchronize()
+        for comm in self.communicators:
+            comm.close()
 
     def abort(self) -> None:
-        """Stop the watchdog, then abort the communicator (``ncclCommAbort``)."""
+        """Stop the watchdog, then abort the communicators (``ncclCommAbort``)."""
         self.stop()
-        self.comm._comm.abort()
+        self._abort_all()
 
 
 class FastnetProcessGroup(dist.ProcessGroup):

@@ -449,3 +449,46 @@ def test_stuck_peer_times_out_instead_of_hanging():
     what, seconds = results[0]
     assert what != "no error" and "Error" in what, what
     assert seconds < 18, seconds  # the group's 5 s timeout, not the peer's 20 s sleep
+
+
+def test_cuda_path_aborts_and_destroys_every_communicator():
+    """The CUDA path's teardown covers the hierarchical algorithms' split communicators too (their
+    kernels may be the ones waiting on a dead peer): abort reaches every one even when one abort
+    fails (the first error is raised after), and close synchronizes all before destroying any.
+    Runs the teardown logic on stand-ins: building a real _CudaPath needs a GPU."""
+    import threading
+
+    from fastnet.comm.backend import _CudaPath
+
+    log = []
+
+    class Nccl:  # cupy.cuda.nccl.NcclCommunicator's teardown calls
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        def abort(self):
+            log.append(("abort", self.name))
+            if self.fail:
+                raise RuntimeError(f"abort of {self.name} failed")
+
+    class Comm:  # fastnet.comm.nccl.NcclCommunicator
+        def __init__(self, name, fail=False):
+            self.name, self._comm = name, Nccl(name, fail)
+
+        def synchronize(self):
+            log.append(("synchronize", self.name))
+
+        def close(self):
+            log.append(("close", self.name))
+
+    path = _CudaPath.__new__(_CudaPath)
+    path.communicators = [Comm("intra", fail=True), Comm("inter"), Comm("world")]
+    path._closed, path._watchdog = threading.Event(), threading.Thread(target=lambda: None)
+    path._watchdog.start()
+    with pytest.raises(RuntimeError, match="abort of intra failed"):
+        path.abort()
+    assert path._closed.is_set() and log == [("abort", "intra"), ("abort", "inter"), ("abort", "world")]
+    log.clear()
+    path.close()
+    assert log == [("synchronize", n) for n in ("intra", "inter", "world")] + [("close", n) for n in
+                                                                               ("intra", "inter", "world")]
