@@ -21,7 +21,7 @@ import torch
 
 from fastnet.comm import scratch
 from fastnet.comm.algorithms import ring_all_reduce
-from fastnet.comm.communicator import Communicator
+from fastnet.comm.communicator import Communicator, serial
 from fastnet.comm.cost_model import RUNNABLE, CostModel
 from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES, Hierarchy, Topology
 
@@ -155,13 +155,16 @@ class BucketReducer:
 
     def algorithm_for(self, nbytes: int) -> str:
         """The algorithm used for a bucket of ``nbytes`` bytes on the wire (resolves ``hybrid``;
-        ``hierarchical`` is not a candidate when nodes are unequal)."""
+        ``hierarchical`` is not a candidate when nodes are unequal). On communicators whose
+        operations run one after the other (NCCL, :func:`fastnet.comm.communicator.serial`) the
+        segments' levels do not overlap, so the prediction is the unpipelined one (segment 0)."""
         if self.algorithm != "hybrid":
             return self.algorithm
         candidates = RUNNABLE if self.topology.uniform else tuple(a for a in RUNNABLE
                                                                   if not a.startswith("hierarchical"))
+        pipelined = not serial(self.comm)
         return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node, candidates=candidates,
-                                      segment_bytes=self.segment_bytes)
+                                      segment_bytes=self.segment_bytes if pipelined else 0)
 
     def describe(self) -> list[tuple[str, str]]:
         """``(name, value)`` items that must agree across ranks (:func:`check_consistency`): the

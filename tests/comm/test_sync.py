@@ -86,3 +86,29 @@ def test_bad_arguments():
             AlgorithmAllReduce(Comm(), "ring", predivide_factor=bad)
     g = torch.ones(3)
     assert AlgorithmAllReduce(Comm(), "ring")([g]) == 0.0 and torch.equal(g, torch.ones(3))
+
+
+@pytest.mark.parametrize("concurrent_safe", [True, False])
+def test_hybrid_predicts_pipelines_only_where_levels_overlap(concurrent_safe):
+    """hybrid's choice for a big bucket: the pipelined hierarchical all-reduce where intra- and
+    inter-node steps overlap (gloo), the unpipelined prediction where the communicators run one
+    after the other (NCCL's rule, ``concurrent_safe = False``); the model below makes the two differ."""
+    from fastnet.comm.cost_model import CostModel, Link
+    from fastnet.comm.sync import BucketReducer
+
+    class Comm:  # rank 0 of 8 in nodes of 4; the choice reads only the topology, so split's results are stand-ins
+        rank, size = 0, 8
+
+        def __init__(self):
+            self.concurrent_safe = concurrent_safe
+
+        def split(self, color, key=0):
+            return None if color is None else Comm()
+
+    model = CostModel(native=Link.of(50, 0.125), intra=Link.of(30, 0.2), inter=Link.of(50, 0.125), p2p=Link(1e-5, 0))
+    segment, nbytes = 4 << 20, 64 << 20
+    reducer = BucketReducer(Comm(), "hybrid", ranks_per_node=4, cost_model=model, segment_bytes=segment)
+    pipelined = model.choose(nbytes, 8, 4, segment_bytes=segment)
+    unpipelined = model.choose(nbytes, 8, 4, segment_bytes=0)
+    assert (pipelined, unpipelined) == ("hierarchical", "native")
+    assert reducer.algorithm_for(nbytes) == (pipelined if concurrent_safe else unpipelined)
