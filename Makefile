@@ -29,7 +29,7 @@ train: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m fastnet.train --config $(CONFIG) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
