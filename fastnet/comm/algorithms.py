@@ -334,8 +334,9 @@ def hierarchical_all_reduce(intra: Communicator, inter: Communicator, x: torch.T
     ``segment_elems``: when ``x`` is longer, it is cut into segments of that many elements, run as
     a pipeline (:func:`run_pipelined`, depth = steps per segment): the intra-node phases of one
     segment overlap the inter-node ring of the previous ones, so the slower level (the network)
-    sets the time instead of the sum of both (on communicators that may overlap: NCCL's run one
-    after the other, :func:`post`, while the steps of one level still pipeline). None or 0: one
+    sets the time instead of the sum of both. On communicators that must not overlap (NCCL's,
+    :func:`post`) each round's exchanges run one communicator after the other, so segments gain
+    nothing there (:class:`fastnet.comm.topology.Hierarchy` does not segment them). None or 0: one
     segment.
 
     Raises:

@@ -432,7 +432,7 @@ class _CudaPath:
                 return
 
     def _fail(self, why: str) -> None:
-        """Abort the communicator and end the process (ProcessGroupNCCL's default error handling):
+        """Abort the communicators and end the process (ProcessGroupNCCL's default error handling):
         the aborted collectives' contents are undefined, so this rank must not go on."""
         sys.stderr.write(f"[fastnet] rank {self.rank} on {self.device}: {why}; aborting the NCCL communicators "
                          f"and ending the process\n")
@@ -458,17 +458,26 @@ class _CudaPath:
             raise error
 
     def stop(self) -> None:
-        """Stop the watchdog (before the communicator is aborted or destroyed: its polls must not
+        """Stop the watchdog (before the communicators are aborted or destroyed: its polls must not
         see an aborted communicator as an error)."""
         self._closed.set()
         if threading.current_thread() is not self._watchdog:
             self._watchdog.join(5.0)
 
     def close(self) -> None:
-        """Stop the watchdog and destroy the communicators once their work is done."""
+        """Stop the watchdog and destroy the communicators once their work is done; when one does
+        not finish (an error, its timeout), abort them all and raise its error (no communicator is
+        left to a destroy that would wait on a dead peer)."""
         self.stop()
-        for comm in self.communicators:
-            comm.synchronize()
+        try:
+            for comm in self.communicators:
+                comm.synchronize()
+        except BaseException:
+            try:
+                self._abort_all()
+            except Exception:  # noqa: BLE001 - the synchronize error is the one to report
+                pass
+            raise
         for comm in self.communicators:
             comm.close()
 
@@ -860,13 +869,15 @@ class FastnetProcessGroup(dist.ProcessGroup):
 
     def shutdown(self) -> None:
         self._thread.close()
-        if self._cuda is not None:
-            self._cuda.close()
-        if self._base_cuda is not None:
-            self._base_cuda.shutdown()
+        try:
+            if self._cuda is not None:
+                self._cuda.close()
+        finally:
+            if self._base_cuda is not None:
+                self._base_cuda.shutdown()
 
     def abort(self) -> None:
-        """Abort every communicator of the group: fastnet's NCCL one (its watchdog stopped first,
+        """Abort every communicator of the group: fastnet's NCCL ones (its watchdog stopped first,
         so that the aborted communicator is not reported as an error that ends the process) and
         ProcessGroupNCCL's."""
         self._aborted = True  # (torch aborts inside an NCCL group: _end_coalescing then orders nothing)

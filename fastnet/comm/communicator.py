@@ -139,7 +139,9 @@ class TorchCommunicator:
         self._global = dist.get_process_group_ranks(self.group)
         self.backend = dist.get_backend(self.group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else None
-        self.concurrent_safe = self.backend != "nccl"  # NCCL's rule for several communicators (Communicator)
+        # NCCL's rule for several communicators (Communicator): only CPU-only backends may overlap
+        # ("nccl", and mixed "cpu:gloo,cuda:nccl" or "undefined" groups, may put CUDA tensors on NCCL)
+        self.concurrent_safe = self.backend in ("gloo", "mpi")
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, size={self.size}, backend={self.backend})"

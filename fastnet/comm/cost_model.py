@@ -204,15 +204,22 @@ class CostModel:
         return sum(self.level_times(algorithm, nbytes, world_size, ranks_per_node, segment_bytes).values())
 
     def choose(self, nbytes: float, world_size: int, ranks_per_node: int | None = None,
-               candidates: Sequence[str] = RUNNABLE, segment_bytes: int = 0) -> str:
+               candidates: Sequence[str] = RUNNABLE, segment_bytes: int = 0, pipelined_levels: bool = True) -> str:
         """The hybrid algorithm's choice: the candidate with the smallest predicted time (ties: the
         earlier candidate; ``segment_bytes`` as in :meth:`time`). The ``hierarchical`` variants
-        are left out when nodes are unequal."""
+        are left out when nodes are unequal. ``pipelined_levels=False``: the two levels cannot
+        overlap (NCCL communicators, :func:`fastnet.comm.communicator.serial`), so the
+        hierarchical variants run unsegmented (:class:`fastnet.comm.topology.Hierarchy`) and are
+        predicted so; the ring keeps its segments."""
         n, k, _ = _shape(world_size, ranks_per_node)
         usable = [a for a in candidates if not a.startswith("hierarchical") or n % k == 0]
         if not usable:
             raise ValueError(f"no usable algorithm among {list(candidates)} for world size {n}, ranks_per_node {k}")
-        return min(usable, key=lambda a: (self.time(a, nbytes, n, k, segment_bytes), usable.index(a)))
+
+        def segment(a: str) -> int:
+            return 0 if not pipelined_levels and a.startswith("hierarchical") else segment_bytes
+
+        return min(usable, key=lambda a: (self.time(a, nbytes, n, k, segment(a)), usable.index(a)))
 
     def to_dict(self) -> dict[str, Any]:
         return {**{lv: dataclasses.asdict(getattr(self, lv)) for lv in _LEVELS},

@@ -157,14 +157,13 @@ class BucketReducer:
         """The algorithm used for a bucket of ``nbytes`` bytes on the wire (resolves ``hybrid``;
         ``hierarchical`` is not a candidate when nodes are unequal). On communicators whose
         operations run one after the other (NCCL, :func:`fastnet.comm.communicator.serial`) the
-        segments' levels do not overlap, so the prediction is the unpipelined one (segment 0)."""
+        two levels cannot overlap, so the hierarchical variants run, and are predicted, unsegmented."""
         if self.algorithm != "hybrid":
             return self.algorithm
         candidates = RUNNABLE if self.topology.uniform else tuple(a for a in RUNNABLE
                                                                   if not a.startswith("hierarchical"))
-        pipelined = not serial(self.comm)
         return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node, candidates=candidates,
-                                      segment_bytes=self.segment_bytes if pipelined else 0)
+                                      segment_bytes=self.segment_bytes, pipelined_levels=not serial(self.comm))
 
     def describe(self) -> list[tuple[str, str]]:
         """``(name, value)`` items that must agree across ranks (:func:`check_consistency`): the

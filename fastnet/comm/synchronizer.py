@@ -62,7 +62,8 @@ all-gather per bucket.
 
 Construction is collective: it splits ``comm`` into a dedicated communicator (so the comm thread's
 collectives never interleave with the caller's). While buckets are in flight, do not run other
-collectives that need this synchronizer's results.
+collectives that need this synchronizer's results; on NCCL, none at all on another communicator
+of this process (NCCL's rule for several communicators: :class:`fastnet.comm.communicator.Communicator`).
 """
 
 from __future__ import annotations
@@ -463,12 +464,14 @@ class GradientSynchronizer:
 
         def reduce() -> None:
             t0 = time.perf_counter()
-            if self.debug:
-                self._check_launch(bucket)
             if ready is None:
+                if self.debug:
+                    self._check_launch(bucket)
                 self.reducer(bucket.tensor, bucket.algorithm)
             else:
-                with torch.cuda.stream(self._stream):
+                with torch.cuda.stream(self._stream):  # after the previous bucket's collectives (_used_map)
+                    if self.debug:
+                        self._check_launch(bucket)
                     self._stream.wait_event(ready)
                     start = torch.cuda.Event(enable_timing=True)
                     start.record(self._stream)
@@ -489,7 +492,18 @@ class GradientSynchronizer:
     def _used_map(self) -> list[int]:
         """Collective on the comm thread's order: the used-map, MAX over ranks (int32 per parameter).
         After the first step, also the launch order: rank 0's bucket completion order, broadcast
-        (DDP rebuilds its buckets from rank 0's observed order after the first iteration)."""
+        (DDP rebuilds its buckets from rank 0's observed order after the first iteration).
+
+        CUDA: issued on the buckets' stream, so these collectives on ``self.comm`` start after the
+        last bucket's (which may run on the hierarchical algorithms' other communicators: NCCL's
+        rule, :class:`fastnet.comm.communicator.Communicator`)."""
+        if self._cuda:  # (without the comm thread the buckets ran on the caller's stream: wait for it)
+            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+            with torch.cuda.stream(self._stream):
+                return self._used_map_on_current_stream()
+        return self._used_map_on_current_stream()
+
+    def _used_map_on_current_stream(self) -> list[int]:
         device = getattr(self.comm, "device", None) or torch.device("cpu")
         used = torch.frombuffer(bytearray(self._used), dtype=torch.uint8).to(torch.int32).to(device)
         if self.comm.size > 1:

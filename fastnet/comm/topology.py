@@ -19,7 +19,7 @@ import torch
 
 from fastnet.comm.algorithms import (collective_hierarchical_all_reduce, hierarchical_all_reduce, leader_all_reduce,
                                     ring_all_reduce)
-from fastnet.comm.communicator import Communicator
+from fastnet.comm.communicator import Communicator, serial
 
 _HOST_BYTES = 128  # per rank in the host all-gather: 8 bytes of SHA-256 of the identity, then its first 120 bytes
 
@@ -127,7 +127,8 @@ class Hierarchy:
     ``ranks_per_node=None`` takes the nodes from the hosts (:func:`gather_hosts`, ``host_id``
     overriding this rank's identity); an int emulates nodes of that many consecutive ranks.
     ``leaders`` is None on ranks that do not lead their node. ``segment_bytes``: the hierarchical
-    all-reduce pipelines messages longer than this in segments of this size (0: no pipelining).
+    all-reduce pipelines messages longer than this in segments of this size (0: no pipelining;
+    never on communicators whose levels cannot overlap, NCCL's: :func:`fastnet.comm.communicator.serial`).
 
     Raises:
         ValueError: invalid ``ranks_per_node`` or negative ``segment_bytes``.
@@ -172,6 +173,8 @@ class Hierarchy:
             raise ValueError(f"hierarchical all-reduce needs equal ranks per node; ranks per host: "
                              f"{self.topology.describe()}: use algorithm 'leader' or 'hybrid'")
         segment = max(1, self.segment_bytes // x.element_size()) if self.segment_bytes else 0
+        if serial(self.intra, self.inter):  # NCCL: the levels run one after the other, segments gain nothing
+            segment = 0
         if algorithm == "hierarchical":
             return collective_hierarchical_all_reduce(self.intra, self.inter, x, segment)
         return hierarchical_all_reduce(self.intra, self.inter, x, segment)

@@ -253,3 +253,17 @@ def test_two_communicators_overlap_only_where_allowed(safe):
     assert posts[:3] == [("intra", "reduce_scatter"), ("inter", "all_reduce"), ("intra", "reduce_scatter")]
     assert len(posts) == 4 * 3  # every segment: reduce-scatter, all-reduce, all-gather
     assert (overlapping(log) > 0) == safe, log
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_hierarchy_segments_only_where_levels_overlap(safe):
+    """Hierarchy.all_reduce cuts a long bucket into pipeline segments where the two levels can
+    overlap (gloo); on communicators that run one after the other (NCCL) segments gain nothing, so
+    it runs one segment: one reduce-scatter, all-reduce and all-gather."""
+    log = []
+    h = Hierarchy.__new__(Hierarchy)  # the algorithm dispatch only; construction splits a real group
+    h.topology = Topology.of(0, 4, 2)
+    h.intra, h.inter = _OrderComm("intra", log), _OrderComm("inter", log, concurrent_safe=safe)
+    h.segment_bytes = 40  # 10 float32 elements: 4 segments of a 40-element bucket
+    h.all_reduce(torch.zeros(40), "hierarchical")
+    assert sum(e[0] == "post" for e in log) == (4 * 3 if safe else 3)

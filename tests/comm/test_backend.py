@@ -492,3 +492,15 @@ def test_cuda_path_aborts_and_destroys_every_communicator():
     path.close()
     assert log == [("synchronize", n) for n in ("intra", "inter", "world")] + [("close", n) for n in
                                                                                ("intra", "inter", "world")]
+    # a communicator that does not finish (a dead peer): all are aborted, none destroyed, its error raised
+    log.clear()
+    class Stuck(Comm):
+        def synchronize(self):
+            log.append(("synchronize", self.name))
+            raise RuntimeError("NCCL operations on rank 0 did not finish")
+
+    path.communicators = [Comm("intra"), Stuck("inter"), Comm("world")]
+    with pytest.raises(RuntimeError, match="did not finish"):
+        path.close()
+    assert log == [("synchronize", "intra"), ("synchronize", "inter"), ("abort", "intra"), ("abort", "inter"),
+                   ("abort", "world")]

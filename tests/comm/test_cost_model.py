@@ -188,3 +188,21 @@ def test_calibrate_fits_sweeps_of_different_shapes_together():
     rings = [r for r in rows if r["algorithm"] == "ring"]
     folded = calibrate(rings, 4, 2, base=CostModel(p2p=Link(0.0, 0.0)), levels=("intra", "inter"))
     assert folded.inter.alpha_s == pytest.approx(truth.inter.alpha_s + truth.p2p.alpha_s, rel=0.02)  # ~: segments add p2p steps
+
+
+def test_choose_without_pipelined_levels_unsegments_only_the_hierarchical_variants():
+    """``pipelined_levels=False`` (NCCL: the two levels cannot overlap, so Hierarchy runs them
+    unsegmented): the hierarchical variants are predicted unsegmented, the ring keeps its segments
+    (one communicator: nothing to serialize)."""
+    from fastnet.comm.cost_model import CostModel, Link
+
+    seg = 4 << 20
+    flat = CostModel(native=Link.of(50, 0.12453))  # 2 ranks, 64 MiB: segments cost the ring 3.5 ms
+    assert flat.choose(64 << 20, 2, 1, ("native", "ring"), segment_bytes=seg) == "native"
+    assert flat.choose(64 << 20, 2, 1, ("native", "ring"), segment_bytes=0) == "ring"
+    assert flat.choose(64 << 20, 2, 1, ("native", "ring"), segment_bytes=seg, pipelined_levels=False) == "native"
+    # 8 ranks in nodes of 4, slow native and inter: the pipeline is what makes hierarchical win
+    two_level = CostModel(native=Link.of(50, 0.125), intra=Link.of(30, 0.2), inter=Link.of(50, 0.125),
+                          p2p=Link(1e-5, 0))
+    assert two_level.choose(64 << 20, 8, 4, segment_bytes=seg) == "hierarchical"
+    assert two_level.choose(64 << 20, 8, 4, segment_bytes=seg, pipelined_levels=False) == "native"

@@ -109,6 +109,6 @@ def test_hybrid_predicts_pipelines_only_where_levels_overlap(concurrent_safe):
     segment, nbytes = 4 << 20, 64 << 20
     reducer = BucketReducer(Comm(), "hybrid", ranks_per_node=4, cost_model=model, segment_bytes=segment)
     pipelined = model.choose(nbytes, 8, 4, segment_bytes=segment)
-    unpipelined = model.choose(nbytes, 8, 4, segment_bytes=0)
+    unpipelined = model.choose(nbytes, 8, 4, segment_bytes=segment, pipelined_levels=False)
     assert (pipelined, unpipelined) == ("hierarchical", "native")
     assert reducer.algorithm_for(nbytes) == (pipelined if concurrent_safe else unpipelined)
