@@ -135,6 +135,13 @@ class Bench:
                                                       self.cost_model, self.segment_bytes)
         return self._reducers[algorithm].sum_
 
+    def segment_bytes_of(self, algorithm: str) -> int:
+        """The pipeline segment ``algorithm`` runs with here: none for the hierarchical variants on
+        communicators whose levels cannot overlap (NCCL's, :class:`fastnet.comm.topology.Hierarchy`)."""
+        from fastnet.comm.communicator import serial
+
+        return 0 if algorithm.startswith("hierarchical") and serial(self.comm) else self.segment_bytes
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -214,7 +221,8 @@ def run_size(bench: Bench, nbytes: int, dtype: torch.dtype, algorithm: str, iter
     size = count * elem
     algbw = size / med / 1e9
     return {"size": size, "count": count, "type": str(dtype).removeprefix("torch."), "algorithm": algorithm,
-            "time_us": med * 1e6, "algbw": algbw, "busbw": algbw * bus_factor(bench.size), "wrong": wrong}
+            "time_us": med * 1e6, "algbw": algbw, "busbw": algbw * bus_factor(bench.size), "wrong": wrong,
+            "segment_bytes": bench.segment_bytes_of(algorithm)}  # what calibrate() models the row with
 
 
 def model_shapes(name: str) -> list[torch.Size]:
@@ -334,7 +342,7 @@ def calibration_table(model: CostModel, rows: list[dict], world: int, ranks_per_
     for r in rows:
         if r["algorithm"] == "hybrid":
             continue
-        pred = model.time(r["algorithm"], r["size"], world, ranks_per_node, segment_bytes) * 1e6
+        pred = model.time(r["algorithm"], r["size"], world, ranks_per_node, r.get("segment_bytes", segment_bytes)) * 1e6
         lines.append(f"{r['size']:>12} {r['algorithm']:>12} {r['time_us']:>13.1f} {pred:>10.1f} "
                      f"{(pred - r['time_us']) / r['time_us']:>+7.1%}")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from fastnet.comm.bench import bus_factor, main, parse_size, sizes
+from fastnet.comm.bench import Bench, bus_factor, main, parse_size, sizes
 from fastnet.comm.cost_model import CostModel
 from tests.conftest import REPO, child_env
 
@@ -101,3 +101,14 @@ def test_fill_pattern_exposes_a_misplaced_chunk(dtype, world):
     assert (planted.to(dtype).double() != expected_sum(count, world, dtype)).sum() > 100
     constant = torch.full((count,), float(world * (world + 1) // 2))
     assert torch.equal(constant[100:300], constant[101:301])  # why the old fill could not see it
+
+
+def test_rows_record_the_segment_each_algorithm_ran_with():
+    """Calibration models each row with the segment it ran with: the hierarchical variants run
+    unsegmented on communicators whose levels cannot overlap (NCCL's), the ring keeps its segments."""
+    bench = Bench.__new__(Bench)  # the segment rule only; construction starts a process group
+    bench.segment_bytes = 4 << 20
+    for safe, hierarchical in ((True, 4 << 20), (False, 0)):
+        bench.comm = type("Comm", (), {"concurrent_safe": safe})()
+        assert bench.segment_bytes_of("hierarchical") == bench.segment_bytes_of("hierarchical_p2p") == hierarchical
+        assert bench.segment_bytes_of("ring") == bench.segment_bytes_of("native") == 4 << 20
