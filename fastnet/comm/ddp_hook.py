@@ -16,6 +16,15 @@ state's communication thread (FIFO, so every rank reduces DDP's buckets in the s
 communicator split off for the hook) and returns at once: the reduction overlaps the rest of
 backward, and DDP waits for the futures before the step. On CUDA the thread's side stream first
 waits for an event recorded on the backward stream and is synchronised before the future completes.
+
+On NCCL the hook's communicator is not DDP's, and the one collective DDP itself issues during
+backward — the used-map all-reduce of ``find_unused_parameters=True`` (and of ``static_graph``'s
+first iteration), launched once every bucket is ready — may run while the hook's last buckets
+are still being reduced. Two NCCL communicators running at once is the case NCCL's guide says
+"might work" (it does while both fit on the GPU; "Using multiple NCCL communicators concurrently").
+fastnet cannot order DDP's collective from the hook: where that matters, keep
+``find_unused_parameters=False`` with the hook on NCCL, or use :class:`fastnet.comm.GradientSynchronizer`
+(its used-map runs after its buckets, on their stream).
 """
 
 # No ``from __future__ import annotations`` here: DDP checks the hook's annotations as live types.
