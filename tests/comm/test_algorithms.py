@@ -82,7 +82,9 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 6])
+# 3 covers odd sizes and unequal nodes (2 + 1), 4 the 2 x 2 cluster, 6 both levels > 1 in both
+# shapes (3 x 2, 2 x 3); 5 added nothing they do not cover and cost a minute of the CI budget
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6])
 def test_algorithms_sum_exactly_and_agree_bitwise(world):
     out = {r: (res, err, sp) for r, res, err, sp in spawn_ranks(_worker, world)}
     keys = out[0][0].keys()
