@@ -136,11 +136,10 @@ class Bench:
         return self._reducers[algorithm].sum_
 
     def segment_bytes_of(self, algorithm: str) -> int:
-        """The pipeline segment ``algorithm`` runs with here: none for the hierarchical variants on
-        communicators whose levels cannot overlap (NCCL's, :class:`fastnet.comm.topology.Hierarchy`)."""
-        from fastnet.comm.communicator import serial
+        """The pipeline segment ``algorithm`` runs with here (:func:`fastnet.comm.topology.pipeline_segment_bytes`)."""
+        from fastnet.comm.topology import pipeline_segment_bytes
 
-        return 0 if algorithm.startswith("hierarchical") and serial(self.comm) else self.segment_bytes
+        return pipeline_segment_bytes(algorithm, self.segment_bytes, self.comm)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -497,31 +497,29 @@ class GradientSynchronizer:
         CUDA: issued on the buckets' stream, so these collectives on ``self.comm`` start after the
         last bucket's (which may run on the hierarchical algorithms' other communicators: NCCL's
         rule, :class:`fastnet.comm.communicator.Communicator`)."""
+        on_stream = contextlib.nullcontext()
         if self._cuda:  # (without the comm thread the buckets ran on the caller's stream: wait for it)
             self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
-            with torch.cuda.stream(self._stream):
-                return self._used_map_on_current_stream()
-        return self._used_map_on_current_stream()
-
-    def _used_map_on_current_stream(self) -> list[int]:
-        device = getattr(self.comm, "device", None) or torch.device("cpu")
-        used = torch.frombuffer(bytearray(self._used), dtype=torch.uint8).to(torch.int32).to(device)
-        if self.comm.size > 1:
-            self.comm.all_reduce(used, op="max")
-            if not self._order_agreed:
-                order = torch.tensor(self._completed, dtype=torch.int64, device=device)
-                self.comm.broadcast(order, 0)
-                self.launch_order = order.tolist()
-                self._order_agreed = True
-            if self._rebuild_pending and self._steps + 1 == REBUILD_STEP:
-                # after the buckets (FIFO): rank 0's busy times are final. Ready times + throughput.
-                busy = sum(b.device_busy_s() for b in self.buckets)  # CUDA: events (host time only queues)
-                wire = sum(b.wire_bytes(self._wire) for b in self.buckets)
-                measured = torch.tensor(self._ready_s + [wire / busy if busy > 0 else 0.0], dtype=torch.float64)
-                measured = measured.to(device)
-                self.comm.broadcast(measured, 0)
-                self._plan_input = measured.cpu().tolist()
-        return used.tolist()
+            on_stream = torch.cuda.stream(self._stream)
+        with on_stream:
+            device = getattr(self.comm, "device", None) or torch.device("cpu")
+            used = torch.frombuffer(bytearray(self._used), dtype=torch.uint8).to(torch.int32).to(device)
+            if self.comm.size > 1:
+                self.comm.all_reduce(used, op="max")
+                if not self._order_agreed:
+                    order = torch.tensor(self._completed, dtype=torch.int64, device=device)
+                    self.comm.broadcast(order, 0)
+                    self.launch_order = order.tolist()
+                    self._order_agreed = True
+                if self._rebuild_pending and self._steps + 1 == REBUILD_STEP:
+                    # after the buckets (FIFO): rank 0's busy times are final. Ready times + throughput.
+                    busy = sum(b.device_busy_s() for b in self.buckets)  # CUDA: events (host time only queues)
+                    wire = sum(b.wire_bytes(self._wire) for b in self.buckets)
+                    measured = torch.tensor(self._ready_s + [wire / busy if busy > 0 else 0.0], dtype=torch.float64)
+                    measured = measured.to(device)
+                    self.comm.broadcast(measured, 0)
+                    self._plan_input = measured.cpu().tolist()
+            return used.tolist()
 
     def synchronize(self) -> float:
         """Launch what is left, agree on the used parameters, wait for every bucket, and reset for

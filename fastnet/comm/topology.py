@@ -120,6 +120,13 @@ small against its transfer (4 MiB is 34 ms at 1 Gbit/s), small enough that filli
 the pipeline (steps − 1 segments) costs little on a 25 MiB fusion bucket."""
 
 
+def pipeline_segment_bytes(algorithm: str, segment_bytes: int, *comms: Communicator | None) -> int:
+    """The pipeline segment (bytes) ``algorithm`` runs with over ``comms``: ``segment_bytes``, but
+    none for the hierarchical variants where the two levels cannot overlap (NCCL's communicators,
+    :func:`fastnet.comm.communicator.serial`): there the segments would only add launches."""
+    return 0 if algorithm.startswith("hierarchical") and serial(*comms) else segment_bytes
+
+
 class Hierarchy:
     """Intra-node, inter-node (equal local rank) and leaders communicators of ``comm``.
 
@@ -172,9 +179,8 @@ class Hierarchy:
         if not self.topology.uniform:
             raise ValueError(f"hierarchical all-reduce needs equal ranks per node; ranks per host: "
                              f"{self.topology.describe()}: use algorithm 'leader' or 'hybrid'")
-        segment = max(1, self.segment_bytes // x.element_size()) if self.segment_bytes else 0
-        if serial(self.intra, self.inter):  # NCCL: the levels run one after the other, segments gain nothing
-            segment = 0
+        segment_bytes = pipeline_segment_bytes(algorithm, self.segment_bytes, self.intra, self.inter)
+        segment = max(1, segment_bytes // x.element_size()) if segment_bytes else 0
         if algorithm == "hierarchical":
             return collective_hierarchical_all_reduce(self.intra, self.inter, x, segment)
         return hierarchical_all_reduce(self.intra, self.inter, x, segment)
