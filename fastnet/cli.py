@@ -178,8 +178,13 @@ def _run(cfg: TrainConfig, state: dict | None, stale: list[Path], rank: int) -> 
         return 1
     if world.is_main:
         if summary is None:
-            _say(f"the run in {cfg.out_dir} had already finished ({state['progress']['global_step']} steps); nothing "
-                 f"to do. Extend it with --resume {cfg.out_dir} --epochs N (or --max-steps N)")
+            done = state["progress"]
+            if cfg.stop_at_target and done.get("steps_to_target") is not None:
+                _say(f"the run in {cfg.out_dir} had already reached its target top-1 {cfg.target_accuracy}% at step "
+                     f"{done['steps_to_target']}; nothing to do. Continue it with --no-stop-at-target")
+            else:
+                _say(f"the run in {cfg.out_dir} had already finished ({done['global_step']} steps); nothing "
+                     f"to do. Extend it with --resume {cfg.out_dir} --epochs N (or --max-steps N)")
         else:
             _say(f"best top-1 {summary['best_top1']:.2f}%  mean {summary['mean_images_per_s']:.0f} img/s  "
                  f"{summary['steps']} steps in {summary['wall_s']:.1f} s  -> {cfg.out_dir}/metrics.jsonl")

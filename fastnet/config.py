@@ -39,7 +39,7 @@ ENV_PREFIX = "FASTNET_"
 OTHER_ENV = {"FASTNET_KERNELS": "opt in to the fused CUDA kernels (fastnet.kernels)"}
 
 # Registries, spelt out here so that parsing needs no torch; tests check them against the registries.
-MODELS = ("small_cnn", "small_cnn_dropout", "resnet20", "resnet56", "resnet18_cifar", "resnet50", "alexnet",
+MODELS = ("small_cnn", "small_cnn_dropout", "resnet8", "resnet20", "resnet56", "resnet18_cifar", "resnet50", "alexnet",
           "alexnet_bn")
 DATASETS = ("digits", "cifar10", "fashion_mnist", "imagenet", "synthetic")
 ALGORITHMS = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")
@@ -110,6 +110,8 @@ class TrainConfig(BaseModel):
                                   "an error")
     loss_scale_hysteresis: int = Field(1, ge=1, description="overflowing steps in a row before the scale backs off")
     channels_last: bool = Field(False, description="NHWC memory format for the model and inputs")
+    compile: bool = Field(False, description="torch.compile the training forward and backward (Inductor; the "
+                          "first step compiles, evaluation stays eager)")
     seed: int = Field(0, ge=0, description="seed of the initial weights, the data order and augmentation")
     # input pipeline
     workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
@@ -125,6 +127,10 @@ class TrainConfig(BaseModel):
     target_accuracy: float | None = Field(None, gt=0, le=100, description="top-1 percent; the time to reach it is "
                                           "reported")
     eval_interval: int = Field(1, gt=0, description="epochs between evaluations")
+    eval_every_steps: int | None = Field(None, gt=0, description="also evaluate every N optimizer steps (steps to "
+                                         "a target accuracy, Shallue et al. 2019)")
+    stop_at_target: bool = Field(False, description="end the run at the first evaluation whose top-1 reaches "
+                                 "target_accuracy (steps and epochs to target in the summary)")
     log_interval: int = Field(10, gt=0, description="optimizer steps between step records (and progress lines)")
     progress: Literal["auto", "bar", "log", "none"] = Field(
         "auto", description="rank 0's progress: auto (a bar on a terminal, plain lines otherwise), bar, log, none")
@@ -193,6 +199,8 @@ class TrainConfig(BaseModel):
         if self.max_global_batch_size is not None and self.max_global_batch_size < self.global_batch_size:
             raise ValueError(f"max_global_batch_size {self.max_global_batch_size} is below global_batch_size "
                              f"{self.global_batch_size}")
+        if self.stop_at_target and self.target_accuracy is None:
+            raise ValueError("stop_at_target needs target_accuracy (the top-1 percent to stop at)")
         if self.cost_model is not None and not Path(self.cost_model).is_file():
             raise ValueError(f"cost_model {self.cost_model!r} is not a file (write one with `fastnet-bench "
                              f"--calibrate FILE`, or leave it unset)")

@@ -11,6 +11,8 @@ Records (one JSON object per line, ``"kind"`` says which):
   * ``epoch``: epoch, step, samples_seen, train_loss (mean of the epoch), eval_set (``val`` with
     ``val_samples``, else ``test``), top1, top5 (percent), eval_loss, eval_samples (images
     evaluated, summed over ranks), images_per_s, wall_s, comm_s;
+  * ``eval`` (with ``eval_every_steps``, between epoch ends): epoch, step, samples_seen, eval_set,
+    top1, top5, eval_loss, eval_samples, wall_s;
   * ``test`` (only with ``val_samples``): the test set evaluated once with the final model;
   * ``resume``: step, epoch, world_size, accumulation_steps, checkpoint (path), changed (option:
     [checkpoint's value, new value]), replanned (the changed options that re-planned the schedule),
@@ -18,7 +20,8 @@ Records (one JSON object per line, ``"kind"`` says which):
   * ``buckets`` (once, when the synchronizer re-cut its buckets from measured ready times): step,
     buckets (as in config.yaml's ``buckets``), launch_order;
   * ``summary``: best_top1, final_top1 (on the eval set), test_top1, eval_set, time_to_target_s
-    (None if not reached), target_accuracy, mean_images_per_s (training only), wall_s, steps,
+    (None if not reached), target_accuracy, steps_to_target and epochs_to_target (optimizer steps and
+    training epochs at the first evaluation at or above the target; None if not reached), mean_images_per_s (training only), wall_s, steps,
     world_size, param_checksums and state_checksums (parameters + buffers), one per rank.
 """
 

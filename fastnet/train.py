@@ -66,6 +66,8 @@ class Progress:
     best_top1: float = 0.0
     final_top1: float | None = None
     time_to_target_s: float | None = None
+    steps_to_target: int | None = None  # optimizer steps at the first evaluation at or above the target
+    samples_to_target: int | None = None  # training images seen by then (epochs to target = this / train set)
     elapsed_s: float = 0.0  # wall seconds of earlier sessions of this run
     train_s: float = 0.0  # wall seconds spent in training steps (not evaluation)
     overflow_skips: int = 0  # steps skipped by loss scaling (inf/NaN gradients)
@@ -167,6 +169,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     val_set = None
     if cfg.val_samples:  # choices are made on held-out training images; the test set is read once, at the end
         splits.train, val_set = hold_out(splits, cfg.val_samples)
+    train_images = len(splits.train)
     torch.manual_seed(cfg.seed)  # identical initial weights; rank 0's are broadcast anyway
     model = build_model(cfg.model, splits.num_classes, splits.image_size).to(world.device)
     if cfg.channels_last:
@@ -176,6 +179,9 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     broadcast_from_rank0(model, world)
     model = precision.prepare(model)  # fp16/bf16: cast (norms stay FP32), FP32 masters, flat buffers
     torch.manual_seed(cfg.seed + world.rank)  # per-rank stream for dropout and the like
+    # Training goes through the compiled module; evaluation, checkpoints and the gradient hooks see `model`
+    # itself (the compiled module shares its parameters), so nothing else changes with --compile.
+    train_forward = torch.compile(model) if cfg.compile else model
 
     train_set = EpochSeeded(splits.train, cfg.seed)
     sampler = ResumableDistributedSampler(train_set, world.size, world.rank, cfg.seed, block_size=cfg.micro_batch_size)
@@ -189,7 +195,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     total_steps = sum(e.steps for e in plan)
     stop_step = min(total_steps, cfg.max_steps or total_steps)
     progress = Progress(**state["progress"]) if state is not None else Progress()
-    if progress.global_step >= stop_step:
+    if progress.global_step >= stop_step or (cfg.stop_at_target and progress.steps_to_target is not None):
         return None  # every rank holds the same checkpoint: all return here
 
     peak_lr = cfg.scaled_lr
@@ -254,7 +260,21 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved, rng),
                              cfg.checkpoint_path)
 
+    def evaluate_and_track() -> dict[str, float]:
+        """Evaluate on the eval set (collective) and record best top-1 and the first step at the target."""
+        sync_buffers(model, world, cfg.buffer_sync)  # every rank evaluates the same model
+        ev = evaluate(model, eval_set_loader, world, precision, cfg.channels_last)
+        progress.final_top1 = ev["top1"]
+        progress.best_top1 = max(progress.best_top1, ev["top1"])
+        if cfg.target_accuracy is not None and progress.steps_to_target is None and \
+                ev["top1"] >= cfg.target_accuracy:
+            progress.time_to_target_s = wall()
+            progress.steps_to_target = progress.global_step
+            progress.samples_to_target = progress.samples_seen
+        return ev
+
     session_start = time.perf_counter()
+    evaluated_at_stop = False  # the stop came from an evaluation at this step (stop_at_target)
     model.train()
     window = {"t": time.perf_counter(), "samples": 0, "comm": 0.0, "busy": 0.0, "hidden": 0.0}
     epoch_comm = 0.0
@@ -280,7 +300,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                     x = x.contiguous(memory_format=torch.channels_last)
                 accumulate_only = grad_sync.no_sync() if grad_sync and micro < accum - 1 else contextlib.nullcontext()
                 with precision.autocast():
-                    loss = criterion(model(precision.cast_input(x)).float(), y) / accum
+                    loss = criterion(train_forward(precision.cast_input(x)).float(), y) / accum
                 if grad_sync is not None and micro == accum - 1:
                     grad_sync.prepare_for_backward(loss)  # find_unused_parameters: mark unused ones ready now
                 with accumulate_only:
@@ -332,6 +352,16 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                           flush=True)
                 window = {"t": now, "samples": 0, "comm": 0.0, "busy": 0.0, "hidden": 0.0}
             bar.update(1)
+            if cfg.eval_every_steps and progress.global_step % cfg.eval_every_steps == 0 and \
+                    progress.step_in_epoch < steps_per_epoch and progress.global_step < stop_step:
+                ev = evaluate_and_track()  # mid-epoch; the epoch's last step is evaluated below
+                metrics.write("eval", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
+                              eval_set="val" if val_set is not None else "test", **ev, wall_s=wall())
+                if show == "log":
+                    print(f"step {progress.global_step}: top1 {ev['top1']:.2f}%", file=sys.stderr, flush=True)
+                if cfg.stop_at_target and progress.steps_to_target is not None:
+                    stop_step, evaluated_at_stop = progress.global_step, True
+                step_t0 = time.perf_counter()
             if cfg.checkpoint_interval and progress.global_step % cfg.checkpoint_interval == 0:
                 save()
                 step_t0 = time.perf_counter()
@@ -340,14 +370,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         if epoch_done:
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
         stopped = progress.global_step >= stop_step
-        if (epoch_done and (epoch + 1) % cfg.eval_interval == 0) or stopped:
-            sync_buffers(model, world, cfg.buffer_sync)  # every rank evaluates the same model
-            ev = evaluate(model, eval_set_loader, world, precision, cfg.channels_last)
-            progress.final_top1 = ev["top1"]
-            progress.best_top1 = max(progress.best_top1, ev["top1"])
-            if cfg.target_accuracy is not None and progress.time_to_target_s is None and \
-                    ev["top1"] >= cfg.target_accuracy:
-                progress.time_to_target_s = wall()
+        if (epoch_done and (epoch + 1) % cfg.eval_interval == 0) or (stopped and not evaluated_at_stop):
+            ev = evaluate_and_track()
             metrics.write("epoch", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
                           train_loss=epoch_loss / max(epoch_steps, 1), eval_set="val" if val_set is not None else "test",
                           **ev,
@@ -357,6 +381,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                 tqdm.write(f"epoch {epoch} step {progress.global_step}: loss {epoch_loss / max(epoch_steps, 1):.4f} "
                            f"top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}% ({ev['eval_samples']} images) "
                            f"{progress.samples_seen / max(progress.train_s, 1e-9):.0f} img/s", file=sys.stderr)
+        if cfg.stop_at_target and progress.steps_to_target is not None:
+            stopped = True
         save()
 
     test_top1 = progress.final_top1
@@ -378,6 +404,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         "best_top1": progress.best_top1, "final_top1": progress.final_top1, "test_top1": test_top1,
         "eval_set": "val" if val_set is not None else "test",
         "time_to_target_s": progress.time_to_target_s, "target_accuracy": cfg.target_accuracy,
+        "steps_to_target": progress.steps_to_target,
+        "epochs_to_target": None if progress.samples_to_target is None else progress.samples_to_target / train_images,
         "mean_images_per_s": progress.samples_seen / max(progress.train_s, 1e-9), "wall_s": wall(),
         "steps": progress.global_step, "overflow_skips": progress.overflow_skips, "loss_scale": precision.loss_scale,
         "world_size": world.size, "accumulation_steps": accum,

@@ -8,7 +8,7 @@ Models:
     each residual block initialised to zero (Goyal et al. 2017, §5.1, ``zero_init_residual``).
   * ``alexnet``: torchvision AlexNet.
   * ``alexnet_bn``: AlexNet with BatchNorm after every conv and hidden fc layer (You et al. 2017).
-  * ``resnet20`` / ``resnet56``: CIFAR ResNets of He et al. 2016, §4.2 (6n+2 layers, option-A shortcuts).
+  * ``resnet8`` / ``resnet20`` / ``resnet56``: CIFAR ResNets of He et al. 2016, §4.2 (6n+2 layers, option-A shortcuts).
   * ``resnet18_cifar``: torchvision ResNet-18 with the usual CIFAR stem (3×3 stride-1 first conv,
     no max-pool), 11.2M parameters.
   * ``small_cnn``: a four-conv CNN for small images (the embedded digits dataset);
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torchvision
 
 from fastnet.models.alexnet_bn import alexnet_bn
-from fastnet.models.cifar_resnet import resnet20, resnet56
+from fastnet.models.cifar_resnet import resnet8, resnet20, resnet56
 from fastnet.models.small_cnn import small_cnn
 
 
@@ -48,6 +48,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "alexnet": _alexnet,
     "alexnet_bn": lambda num_classes, image_size: alexnet_bn(num_classes),
     "resnet18_cifar": _resnet18_cifar,
+    "resnet8": lambda num_classes, image_size: resnet8(num_classes),
     "resnet20": lambda num_classes, image_size: resnet20(num_classes),
     "resnet56": lambda num_classes, image_size: resnet56(num_classes),
     "small_cnn": lambda num_classes, image_size: small_cnn(num_classes),

@@ -59,6 +59,11 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def resnet8(num_classes: int = 10) -> CifarResNet:
+    """ResNet-8 (n = 1, 78k parameters): the model of Shallue et al. 2019's CIFAR-10 workload."""
+    return CifarResNet(8, num_classes)
+
+
 def resnet20(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(20, num_classes)
 
