@@ -83,7 +83,13 @@ class TrainConfig(BaseModel):
     nesterov: bool = Field(False, description="Nesterov momentum")
     weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay (LARS: not on biases/BN, see lars_exclude)")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient eta")
-    trust_clip: bool = Field(False, description="LARS: cap the local LR at 1 (LARC clip mode)")
+    trust_clip: bool = Field(False, description="LARS: LARC's clip mode, each adapted tensor's LR is min(local LR, "
+                             "global LR) instead of their product (Apex LARC(clip=True))")
+    lars_excluded_lr: float | None = Field(None, ge=0, description="LARS: peak LR of the excluded tensors (biases, "
+                                           "BN), warmed up and decayed by the same schedule (default: the global "
+                                           "peak LR, as the reference LARS)")
+    log_update_ratio: bool = Field(False, description="log ||dw||/||w|| of the adapted and excluded tensors on "
+                                   "logged steps (update_ratio_adapted / _excluded)")
     lars_exclude: Literal["1d", "bn_bias", "none"] = Field("1d", description="LARS: tensors with no weight decay "
                                                             "and no adaptation (1d: biases and BN gamma/beta)")
     lars_eps: float = Field(1e-9, ge=0, description="LARS: added to the norms' denominator")
@@ -199,6 +205,9 @@ class TrainConfig(BaseModel):
         if self.max_global_batch_size is not None and self.max_global_batch_size < self.global_batch_size:
             raise ValueError(f"max_global_batch_size {self.max_global_batch_size} is below global_batch_size "
                              f"{self.global_batch_size}")
+        if self.lars_excluded_lr is not None and self.optimizer != "lars":
+            raise ValueError(f"lars_excluded_lr {self.lars_excluded_lr} needs optimizer 'lars' (optimizer "
+                             f"{self.optimizer!r} has no excluded group); unset it or use --optimizer lars")
         if self.stop_at_target and self.target_accuracy is None:
             raise ValueError("stop_at_target needs target_accuracy (the top-1 percent to stop at)")
         if self.cost_model is not None and not Path(self.cost_model).is_file():
@@ -433,7 +442,7 @@ def merge_resumed(saved: Mapping[str, Any], cfg: TrainConfig) -> TrainConfig:
 # How each option may change when a run is resumed (README, "Resuming a run").
 # Re-planned: the LR schedule is rebuilt for the new values and continues at the checkpoint's step
 # (the LR of step s is the new plan's LR of step s: the run is extended as if it had been planned so).
-REPLANNED = ("epochs", "max_steps", "base_lr", "reference_batch_size", "lr_schedule", "lr_milestones", "lr_gamma",
+REPLANNED = ("epochs", "max_steps", "base_lr", "lars_excluded_lr", "reference_batch_size", "lr_schedule", "lr_milestones", "lr_gamma",
              "poly_power", "warmup_epochs")
 # Taken as given from the resumed step on: optimizer hyperparameters and everything about how the run
 # executes (world size and micro-batch: the accumulation steps are re-derived, the sampler keeps its place).

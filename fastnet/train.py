@@ -44,6 +44,7 @@ from fastnet.metrics import MetricsWriter
 from fastnet.models import build_model
 from fastnet.optim import build_optimizer, build_schedule
 from fastnet.optim.schedules import position_schedule
+from fastnet.optim.update_ratio import UpdateRatio
 from fastnet.precision import Precision
 
 
@@ -203,12 +204,14 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                                 trust_coefficient=cfg.trust_coefficient, trust_clip=cfg.trust_clip,
                                 lars_exclude=cfg.lars_exclude, eps=cfg.lars_eps,
+                                excluded_lr=cfg.lars_excluded_lr,
                                 map_groups=precision.optimizer_params)
     scheduler = build_schedule(cfg.lr_schedule, optimizer, total_steps=total_steps,
                                warmup_steps=min(total_steps, round(cfg.warmup_epochs * steps_per_epoch)),
                                warmup_start_lr=min(cfg.base_lr, peak_lr), steps_per_epoch=steps_per_epoch,
                                milestones_epochs=cfg.lr_milestones, gamma=cfg.lr_gamma, power=cfg.poly_power)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    update_ratio = UpdateRatio(optimizer) if cfg.log_update_ratio else None
     grad_sync = None
     if world.distributed:  # gradients become views into its buckets (or its buckets slice the FP16 buffers)
         grad_sync = GradientSynchronizer(
@@ -320,8 +323,12 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                 raise NonFiniteLossError(
                     f"non-finite loss {global_loss} at step {progress.global_step + 1} (epoch {epoch}); "
                     f"lower base_lr ({cfg.base_lr}), add warm-up, or check the data")
+            logged = (progress.global_step + 1) % cfg.log_interval == 0
+            if update_ratio is not None and logged:
+                update_ratio.before()
             if not precision.step(optimizer, skip=grad_sync.unused_parameters if grad_sync else None):
                 progress.overflow_skips += 1
+            ratios = update_ratio.after() if update_ratio is not None and logged else {}
             if grad_sync is not None and precision.masters is None:
                 grad_sync.zero_grad()  # keeps p.grad as views into the buckets
             else:
@@ -339,12 +346,13 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             window["samples"] += batch
             window["comm"] += comm_s
             lr = optimizer.param_groups[0]["lr"]
-            if progress.global_step % cfg.log_interval == 0:
+            if logged:
                 ips = window["samples"] / max(now - window["t"], 1e-9)
                 metrics.write("step", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
-                              global_batch_size=batch, train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale, images_per_s=ips,
-                              wall_s=wall(), comm_s=window["comm"], comm_busy_s=window["busy"],
-                              comm_hidden_s=window["hidden"])
+                              global_batch_size=batch, train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale,
+                              images_per_s=ips, wall_s=wall(), comm_s=window["comm"], comm_busy_s=window["busy"],
+                              comm_hidden_s=window["hidden"],
+                              **{f"update_ratio_{name}": r for name, r in ratios.items()})
                 bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                 if show == "log":
                     print(f"epoch {epoch} step {progress.step_in_epoch}/{steps_per_epoch} ({progress.global_step}/"

@@ -148,7 +148,7 @@ extern "C" __global__ void lars_update_f32(const long long* w_ptrs, const long l
     int t = block_tensor[blockIdx.x];
     __shared__ float scale, wd;
     if (threadIdx.x == 0) {
-        float lam = 1.f;
+        float lam = 1.f, tensor_lr = lr;
         wd = 0.f;
         if (!excluded[t]) {
             double sw = 0.0, sg = 0.0;  // in block order: deterministic
@@ -156,9 +156,9 @@ extern "C" __global__ void lars_update_f32(const long long* w_ptrs, const long l
             float wn = sqrtf((float)sw), gn = sqrtf((float)sg);
             wd = weight_decay;
             if (wn > 0.f && gn > 0.f) lam = trust_coefficient * wn / (gn + weight_decay * wn + eps);
-            if (clip) lam = fminf(lam, 1.f);
+            tensor_lr = clip ? fminf(lam, lr) : lam * lr;  // LARC's clip: min(lambda, lr)
         }
-        scale = lam * lr;
+        scale = tensor_lr;
     }
     __syncthreads();
     const float s = scale, decay = wd;

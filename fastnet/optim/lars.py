@@ -5,15 +5,17 @@ For each parameter tensor ``w`` with gradient ``g`` (one "layer"), global LR ``�
 coefficient ``η``, weight decay ``β``, momentum ``m``:
 
   1. local LR   ``λ = η·‖w‖ / (‖g‖ + β·‖w‖ + ε)``; ``λ = 1`` when ``‖w‖ = 0`` or ``‖g‖ = 0``;
-     with trust clipping (the "clip" mode of LARC), ``λ ← min(λ, 1)``, so the effective LR
-     ``γ_t·λ`` never exceeds the global LR;
-  2. update     ``u = γ_t·λ·(g + β·w)``;
+  2. update     ``u = γ_t·λ·(g + β·w)``; with trust clipping (the "clip" mode of LARC, NVIDIA Apex
+     ``apex.parallel.LARC``: ``λ ← min(λ/γ_t, 1)``) the tensor's LR is ``min(λ, γ_t)`` instead of
+     ``γ_t·λ``: the local LR λ is used as an LR of its own, capped at the global one;
   3. momentum   ``v ← m·v + u``  (``v₀ = 0``);
   4. step       ``w ← w − v``, or with Nesterov ``w ← w − (u + m·v)``.
 
 Excluded parameters (by default every tensor with ``ndim <= 1``: biases and BatchNorm/LayerNorm
 γ, β — Jia et al. 2018, §3.2) get neither weight decay nor adaptation: ``λ = 1``, ``β = 0``,
-i.e. plain momentum SGD at the global LR.
+i.e. plain momentum SGD at their group's LR — the global LR in the reference (the TensorFlow/MLPerf
+LARS), or a peak LR of their own (:func:`param_groups` ``excluded_lr``), decayed by the same
+schedule.
 
 Two code paths, chosen by ``foreach`` like ``torch.optim``: a multi-tensor path (``torch._foreach_*``;
 all norms in one pass, trust ratios computed as one device tensor, then one host sync per
@@ -44,12 +46,16 @@ def _check_hparams(lr: float, momentum: float, weight_decay: float, trust_coeffi
         raise ValueError(f"Invalid nesterov with momentum {momentum}: Nesterov needs momentum > 0")
 
 
-def _trust_ratio(w_norm: Tensor, g_norm: Tensor, *, trust_coefficient: float, weight_decay: float, eps: float,
-                 clip: bool) -> Tensor:
+def _trust_ratio(w_norm: Tensor, g_norm: Tensor, *, trust_coefficient: float, weight_decay: float,
+                 eps: float) -> Tensor:
     """``λ`` of step 1 for any shape of norms (elementwise); stays on the norms' device."""
     ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
-    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
-    return ratio.clamp(max=1.0) if clip else ratio
+    return torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+
+
+def _tensor_lr(lam: Tensor, lr: float, clip: bool) -> Tensor:
+    """An adapted tensor's LR (step 2): ``γ·λ``, or LARC's clip ``min(λ, γ)``."""
+    return lam.clamp(max=lr) if clip else lam * lr
 
 
 def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None], excluded: list[bool],
@@ -60,8 +66,8 @@ def _single_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Te
             u = g.mul(lr)
         else:
             lam = _trust_ratio(torch.linalg.vector_norm(w), torch.linalg.vector_norm(g),
-                               trust_coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps, clip=clip)
-            u = g.add(w, alpha=weight_decay).mul_(lam * lr)
+                               trust_coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps)
+            u = g.add(w, alpha=weight_decay).mul_(_tensor_lr(lam, lr, clip))
         if momentum > 0:
             buf = bufs[i]
             if buf is None:
@@ -90,8 +96,8 @@ def _multi_tensor_lars(params: list[Tensor], grads: list[Tensor], bufs: list[Ten
             wa, ga = [ws[k] for k in adapt], [gs[k] for k in adapt]
             w_norm = torch.stack(torch._foreach_norm(wa))
             g_norm = torch.stack(torch._foreach_norm(ga))
-            scale = _trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient, weight_decay=weight_decay,
-                                 eps=eps, clip=clip) * lr
+            scale = _tensor_lr(_trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient,
+                                            weight_decay=weight_decay, eps=eps), lr, clip)
             # One host sync: per-tensor scales as Python floats keep every _foreach op on its fused
             # fast path (a list of 0-dim device tensors would fall back to one kernel per tensor).
             d = torch._foreach_add(ga, wa, alpha=weight_decay) if weight_decay else torch._foreach_mul(ga, 1.0)
@@ -146,7 +152,8 @@ class LARS(Optimizer):
             False: none is; None: the ``exclude`` rule decides per tensor).
         lr: global LR ``γ`` (the scheduler's value). momentum: ``m``. weight_decay: ``β``.
         trust_coefficient: ``η`` (default 0.001). eps: ``ε`` in the local-LR denominator.
-        nesterov: Nesterov momentum. trust_clip: cap ``λ`` at 1 (LARC "clip" mode).
+        nesterov: Nesterov momentum. trust_clip: LARC's "clip" mode (Apex ``LARC(clip=True)``): an
+            adapted tensor's LR is ``min(λ, γ)`` instead of ``γ·λ``.
         exclude: per-tensor rule for groups with ``lars_exclude=None``; default :func:`exclude_1d`.
         foreach: multi-tensor path (True) or per-parameter path (False); None (default) picks, like
             torch.optim, the multi-tensor path when all of a group's tensors are on CUDA and the
@@ -230,7 +237,8 @@ def _is_norm_or_bias(module: torch.nn.Module, name: str) -> bool:
 EXCLUDE_RULES = ("1d", "bn_bias", "none")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, exclude: str = "1d") -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude: str = "1d",
+                 excluded_lr: float | None = None) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into an adapted group and an excluded group.
 
     ``exclude``: ``"1d"`` (every tensor with ``ndim <= 1``), ``"bn_bias"`` (parameters of
@@ -238,14 +246,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude: str = "1d
     ``weight_decay = 0`` and ``lars_exclude = True`` (no LARS adaptation; Jia et al. 2018, §3.2); the
     other has ``weight_decay`` and ``lars_exclude = False``. Empty groups are left out. Any
     torch.optim optimizer accepts the groups (the extra key is ignored by those that don't use it).
+    ``excluded_lr``: the excluded group's own peak LR (its ``lr``: the schedules of
+    :mod:`fastnet.optim.schedules` warm it up from the same start LR, or from itself if lower, and
+    decay it by the same factor as the global one); None (the reference) leaves it at the global LR. With one
+    γ for both groups, the adapted tensors move at most ``γ·η`` of their norm per step while biases
+    and BN take plain momentum steps of ``γ·g``: at a large-batch γ (e.g. 19.2 at 8192) the excluded
+    group overheats long before the adapted one is fast.
 
     Raises:
-        ValueError: an unknown rule (the valid ones are listed) or a negative weight decay.
+        ValueError: an unknown rule (the valid ones are listed), a negative weight decay or excluded_lr.
     """
     if exclude not in EXCLUDE_RULES:
         raise ValueError(f"Unknown lars_exclude rule {exclude!r}; valid rules: {', '.join(EXCLUDE_RULES)}")
     if weight_decay < 0:
         raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+    if excluded_lr is not None and not excluded_lr >= 0:
+        raise ValueError(f"Invalid excluded_lr: {excluded_lr} (must be >= 0, or None for the global LR)")
     adapted, excluded = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -254,5 +270,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude: str = "1d
             skip = (exclude == "1d" and p.ndim <= 1) or (exclude == "bn_bias" and _is_norm_or_bias(module, name))
             (excluded if skip else adapted).append(p)
     groups = [{"params": adapted, "weight_decay": weight_decay, "lars_exclude": False},
-              {"params": excluded, "weight_decay": 0.0, "lars_exclude": True}]
+              {"params": excluded, "weight_decay": 0.0, "lars_exclude": True,
+               **({"lr": excluded_lr} if excluded_lr is not None else {})}]
     return [g for g in groups if g["params"]]

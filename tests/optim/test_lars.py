@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastnet.optim.lars import LARS
+from fastnet.optim.lars import LARS, param_groups
 
 PATHS = [pytest.param(True, id="foreach"), pytest.param(False, id="reference")]
 DTYPES = [torch.float32, torch.float64]
@@ -68,13 +68,53 @@ def test_excluded_1d_params_get_plain_momentum_sgd(foreach, dtype):
 @pytest.mark.parametrize("foreach", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("clip", [False, True])
-def test_trust_clipping(foreach, dtype, clip):
-    # η‖w‖/‖g‖ = 10·2/1 = 20 > 1: clipped to 1 when trust_clip
+@pytest.mark.parametrize("eta", [10.0, 0.01])
+def test_trust_clipping_is_larcs(foreach, dtype, clip, eta):
+    # λ = η‖w‖/‖g‖ = 2η: 20 (above γ = 0.1) or 0.02 (below). LARC's clip (Apex: λ ← min(λ/γ, 1), then
+    # the step at γ) gives the tensor the LR min(λ, γ); unclipped it is γ·λ.
     w = _param([[2.0, 0.0]], dtype)
-    _step([(w, [[0.0, 1.0]])], lr=0.1, momentum=0.0, weight_decay=0.0, trust_coefficient=10.0, eps=0.0,
+    _step([(w, [[0.0, 1.0]])], lr=0.1, momentum=0.0, weight_decay=0.0, trust_coefficient=eta, eps=0.0,
           trust_clip=clip, foreach=foreach)
-    lam = 1.0 if clip else 20.0
-    torch.testing.assert_close(w.detach(), torch.tensor([[2.0, -0.1 * lam]], dtype=dtype), **TOL[dtype])
+    lam = 2 * eta
+    tensor_lr = min(lam, 0.1) if clip else 0.1 * lam
+    torch.testing.assert_close(w.detach(), torch.tensor([[2.0, -tensor_lr]], dtype=dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("foreach", PATHS)
+def test_excluded_group_takes_its_own_lr_through_the_schedule(foreach):
+    """param_groups(excluded_lr=…): biases/BN step at their own peak LR, warmed up from the same start
+    LR; the adapted tensors are unchanged by it (the reference is excluded_lr=None)."""
+    from fastnet.optim import build_schedule
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(8, 4)
+    opts = [LARS(param_groups(net, 5e-4, "1d", excluded_lr=lr_ex), lr=2.0, momentum=0.0, foreach=foreach)
+            for net, lr_ex in zip(nets, (None, 0.5))]
+    scheds = [build_schedule("poly", o, total_steps=4, warmup_steps=2, warmup_start_lr=0.2, steps_per_epoch=4)
+              for o in opts]
+    # warm-up from the same start (0.2) to each group's own peak (2.0, 0.5), then the same decay factor
+    expected = [(0.2, 0.2), (1.1, 0.35), (2.0, 0.5)]
+    for step in range(3):
+        before = [[p.detach().clone() for p in net.parameters()] for net in nets]
+        lrs = [[g["lr"] for g in o.param_groups] for o in opts]
+        for net, o in zip(nets, opts):
+            o.zero_grad()
+            net(x).square().sum().backward()
+        grads = [[p.grad.clone() for p in net.parameters()] for net in nets]
+        for o, s in zip(opts, scheds):
+            o.step()
+            s.step()
+        for k, name in enumerate(("weight", "bias", "bn_weight", "bn_bias")):
+            if name == "weight":  # adapted: identical in both (same weights and gradients so far)
+                torch.testing.assert_close(nets[1][0].weight, nets[0][0].weight)
+                continue
+            p = list(nets[1].parameters())[k]
+            torch.testing.assert_close(p.detach(), before[1][k] - lrs[1][1] * grads[1][k])
+        assert lrs[0][1] == lrs[0][0] and lrs[1] == pytest.approx(expected[step])
+    with pytest.raises(ValueError, match="excluded_lr"):
+        param_groups(nets[0], 0.0, "1d", excluded_lr=-1.0)
 
 
 @pytest.mark.parametrize("foreach", PATHS)
