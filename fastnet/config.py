@@ -88,6 +88,12 @@ class TrainConfig(BaseModel):
     lars_excluded_lr: float | None = Field(None, ge=0, description="LARS: peak LR of the excluded tensors (biases, "
                                            "BN), warmed up and decayed by the same schedule (default: the global "
                                            "peak LR, as the reference LARS)")
+    grad_noise_scale: Literal["auto", "on", "off"] = Field(
+        "auto", description="measure the gradient noise scale B_simple (McCandlish et al. 2018) from the local and "
+        "all-reduced gradients, or from the micro-batches with one process (auto: where there are two batch sizes; "
+        "on: refuse a run without them)")
+    noise_scale_ema: float = Field(0.95, ge=0, lt=1, description="decay of the noise scale's moving averages "
+                                   "per step")
     log_update_ratio: bool = Field(False, description="log ||dw||/||w|| of the adapted and excluded tensors on "
                                    "logged steps (update_ratio_adapted / _excluded)")
     lars_exclude: Literal["1d", "bn_bias", "none"] = Field("1d", description="LARS: tensors with no weight decay "

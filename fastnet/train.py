@@ -42,6 +42,7 @@ from fastnet.data import (EpochSeeded, ResumableDistributedSampler, build_datase
 from fastnet.distributed import World, all_reduce_sum, broadcast_from_rank0, gather_objects, sync_buffers
 from fastnet.metrics import MetricsWriter
 from fastnet.models import build_model
+from fastnet.noise_scale import GradientNoiseScale, MicroBatchGradNorms
 from fastnet.optim import build_optimizer, build_schedule
 from fastnet.optim.schedules import position_schedule
 from fastnet.optim.update_ratio import UpdateRatio
@@ -107,11 +108,12 @@ def evaluate(model: nn.Module, loader, world: World, precision: Precision, chann
 
 
 def _checkpoint_state(cfg: TrainConfig, model, optimizer, scheduler, precision, progress: Progress,
-                      rng: list[Any]) -> dict[str, Any]:
+                      rng: list[Any], noise: GradientNoiseScale | None = None) -> dict[str, Any]:
     return {
         "version": ckpt.VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
         "progress": dataclasses.asdict(progress), "rng": rng, "config": cfg.to_dict(),
+        "noise_scale": noise.state_dict() if noise is not None else None,
     }
 
 
@@ -211,6 +213,15 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                                warmup_start_lr=min(cfg.base_lr, peak_lr), steps_per_epoch=steps_per_epoch,
                                milestones_epochs=cfg.lr_milestones, gamma=cfg.lr_gamma, power=cfg.poly_power)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # The gradient noise scale needs two batch sizes: the local and the global batch (world size >= 2), or
+    # the micro-batches and their accumulation (one process).
+    two_batch_sizes = world.distributed or max(e.accumulation_steps for e in plan) >= 2
+    if cfg.grad_noise_scale == "on" and not two_batch_sizes:
+        raise ValueError(f"grad_noise_scale needs two batch sizes: world size >= 2, or micro_batch_size "
+                         f"({cfg.micro_batch_size}) below global_batch_size ({cfg.global_batch_size}) so that "
+                         f"micro-batches accumulate; or --grad-noise-scale auto/off")
+    noise = GradientNoiseScale(cfg.noise_scale_ema) if cfg.grad_noise_scale != "off" and two_batch_sizes else None
+    micro_norms = MicroBatchGradNorms() if noise is not None and not world.distributed else None
     update_ratio = UpdateRatio(optimizer) if cfg.log_update_ratio else None
     grad_sync = None
     if world.distributed:  # gradients become views into its buckets (or its buckets slice the FP16 buffers)
@@ -222,11 +233,14 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             rebuild_buckets=cfg.rebuild_buckets,
             storage=precision.masters.grad_location if precision.masters is not None else None,
             timeout_s=cfg.timeout_s, find_unused_parameters=cfg.find_unused_parameters,
-            predivide_factor=cfg.grad_predivide_factor, debug=cfg.distributed_debug)
+            predivide_factor=cfg.grad_predivide_factor, debug=cfg.distributed_debug,
+            measure_grad_norms=noise is not None)
 
     if state is not None:
         _load_checkpoint(state, model, optimizer, scheduler, precision, progress.global_step)
         ckpt.restore_rng(state["rng"], world.rank, world.size, cfg.seed, progress.global_step)
+        if noise is not None and state.get("noise_scale"):
+            noise.load_state_dict(state["noise_scale"])
 
     out_dir = Path(cfg.out_dir)
     metrics = MetricsWriter(out_dir, world.is_main)
@@ -260,7 +274,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         rng = gather_objects(ckpt.rng_state(), world)
         if world.is_main:
             saved = dataclasses.replace(progress, elapsed_s=wall())
-            ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved, rng),
+            ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved, rng, noise),
                              cfg.checkpoint_path)
 
     def evaluate_and_track() -> dict[str, float]:
@@ -296,6 +310,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         step_t0 = time.perf_counter()
         while progress.step_in_epoch < steps_per_epoch and progress.global_step < stop_step:
             loss_sum = torch.zeros((), device=world.device)
+            if micro_norms is not None:
+                micro_norms.reset()
             for micro in range(accum):
                 x, y = next(it)
                 x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
@@ -308,10 +324,24 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                     grad_sync.prepare_for_backward(loss)  # find_unused_parameters: mark unused ones ready now
                 with accumulate_only:
                     precision.backward(loss)
+                if micro_norms is not None and accum >= 2:
+                    micro_norms.after_backward(precision.grad_buffers(model.parameters()))
                 loss_sum += loss.detach().float()
             if grad_sync:
                 grad_sync.synchronize()
-            global_loss = all_reduce_sum([loss_sum.item()], world)[0] / world.size  # the step's one host sync
+            noise_pair = None  # (|g_small|², |g_big|²) in the gradients' (loss-scaled) units
+            if grad_sync is not None and noise is not None:
+                noise_pair, b_small = grad_sync.grad_sq_norms(), cfg.micro_batch_size * accum
+            elif micro_norms is not None and accum >= 2:
+                noise_pair, b_small = micro_norms.result(), cfg.micro_batch_size
+            if noise_pair is None:
+                global_loss = all_reduce_sum([loss_sum.item()], world)[0] / world.size  # the step's one host sync
+            else:  # still one host sync: the loss and both norms together
+                host = torch.stack([loss_sum.double(), *noise_pair]).tolist()
+                summed = all_reduce_sum(host[:2], world)  # |g_small|² averaged over the ranks
+                global_loss = summed[0] / world.size
+                unscale = precision.loss_scale ** 2  # this step's scale (the step below may change it)
+                noise.update(summed[1] / world.size / unscale, host[2] / unscale, b_small, batch)
             comm_s = grad_sync.exposed_seconds() if grad_sync else 0.0  # not hidden behind backward
             busy_s = grad_sync.busy_seconds() if grad_sync else 0.0
             window["busy"] += busy_s
@@ -352,7 +382,9 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                               global_batch_size=batch, train_loss=global_loss, lr=lr, loss_scale=precision.loss_scale,
                               images_per_s=ips, wall_s=wall(), comm_s=window["comm"], comm_busy_s=window["busy"],
                               comm_hidden_s=window["hidden"],
-                              **{f"update_ratio_{name}": r for name, r in ratios.items()})
+                              **{f"update_ratio_{name}": r for name, r in ratios.items()},
+                              **({"grad_noise_scale": noise.b_simple, "grad_sq_norm": noise.grad_sq_norm,
+                                  "grad_trace": noise.trace} if noise is not None else {}))
                 bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                 if show == "log":
                     print(f"epoch {epoch} step {progress.step_in_epoch}/{steps_per_epoch} ({progress.global_step}/"
@@ -413,6 +445,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         "eval_set": "val" if val_set is not None else "test",
         "time_to_target_s": progress.time_to_target_s, "target_accuracy": cfg.target_accuracy,
         "steps_to_target": progress.steps_to_target,
+        "grad_noise_scale": noise.b_simple if noise is not None else None,
         "epochs_to_target": None if progress.samples_to_target is None else progress.samples_to_target / train_images,
         "mean_images_per_s": progress.samples_seen / max(progress.train_s, 1e-9), "wall_s": wall(),
         "steps": progress.global_step, "overflow_skips": progress.overflow_skips, "loss_scale": precision.loss_scale,

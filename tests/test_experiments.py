@@ -171,3 +171,75 @@ def test_cifar10_record_rows_come_from_finished_runs_and_plot(tmp_path):
     png = tmp_path / "acc.png"
     summarize.main(["plot", "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the steps-to-target study (experiments/cifar10_steps_to_target) ------------------------------
+STEPS = REPO / "experiments" / "cifar10_steps_to_target"
+
+
+def _steps_study():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("steps_to_target_study", STEPS / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("batch", [256, 512, 1024, 2048, 4096, 8192])
+def test_steps_study_configs_resolve(batch, tmp_path):
+    study = _steps_study()
+    cfg = study.train_config(batch, "lars", 2.0, 1, study.study_settings(), str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    resolved, _ = parse_cli(["--config", str(path)])
+    assert resolved.global_batch_size == batch and resolved.scaled_lr == pytest.approx(2.0)  # the peak LR asked
+    assert resolved.stop_at_target and resolved.target_accuracy == study.study_settings()["target_accuracy"]
+    steps_per_epoch = study.TRAIN_IMAGES // batch
+    assert resolved.eval_every_steps == -(-steps_per_epoch // 4)  # four evaluations per epoch
+    with pytest.raises(SystemExit, match="no budget for global batch 384"):
+        study.train_config(384, "sgd", 0.1, 0, study.study_settings(), None)
+
+
+def _row(batch, opt, lr, seed, curve, status="reached", target=60.0):
+    return {"run": f"b{batch}_{opt}_lr{lr}_s{seed}", "global_batch": batch, "optimizer": opt, "peak_lr": lr,
+            "seed": seed, "target_accuracy": target, "status": status, "budget_steps": 100, "val_curve": curve,
+            "steps_to_target": None, "epochs_to_target": None, "best_val_top1": max((t for _, t in curve), default=0),
+            "wall_s": 1}
+
+
+def test_steps_study_reads_steps_to_target_from_the_curves_and_picks_the_best_lr():
+    study = _steps_study()
+    rows = [
+        _row(256, "sgd", 0.1, 0, [[10, 40.0], [20, 61.0], [30, 66.0]], target=65.0),  # higher target: usable
+        _row(256, "sgd", 0.1, 1, [[10, 50.0], [20, 58.0], [40, 60.5]]),
+        _row(256, "sgd", 0.2, 0, [[10, 60.0]], target=55.0),  # stopped at a lower target: not usable
+        _row(256, "sgd", 0.4, 0, [[10, 20.0]], status="diverged"),
+        _row(4096, "lars", 8.0, 0, [[5, 30.0], [10, 50.0]], status="budget"),
+    ]
+    got = {r["run"]: r for r in study.usable(rows, 60.0)}
+    assert "b256_sgd_lr0.2_s0" not in got
+    assert got["b256_sgd_lr0.1_s0"]["steps_to_target"] == 20 and got["b256_sgd_lr0.1_s1"]["steps_to_target"] == 40
+    assert got["b256_sgd_lr0.1_s0"]["epochs_to_target"] == pytest.approx(20 * 256 / 45000, abs=1e-3)
+    assert got["b256_sgd_lr0.4_s0"]["status"] == "diverged" and got["b4096_lars_lr8.0_s0"]["status"] == "budget"
+    best = study.best_per_batch(list(got.values()))
+    assert best[(256, "sgd")]["peak_lr"] == 0.1 and best[(256, "sgd")]["median_steps"] == 30  # median of 20, 40
+    lines = study.table_lines(list(got.values()))
+    assert lines[0] == "| global batch | optimizer | peak LR | seeds | steps to target | epochs to target |"
+    assert "| 256 | sgd | 0.1 | 2 | 30 |" in lines[2]
+    assert lines[3].startswith("| 4096 | lars | 8 | 1 | not reached in 100 |")
+
+
+@pytest.mark.slow
+def test_steps_study_run_stops_at_the_target_and_records_divergence(tmp_path):
+    """run_one on the digits data: stops at the first evaluation at the target; a NaN run is 'diverged'."""
+    study = _steps_study()
+    base = {"dataset": "digits", "model": "small_cnn", "workers": 0, "val_samples": 300, "global_batch_size": 64,
+            "micro_batch_size": 32, "epochs": 8, "base_lr": 0.1, "eval_every_steps": 5, "target_accuracy": 50.0,
+            "stop_at_target": True, "precision": "fp32", "log_interval": 5}
+    summary, records, status = study.run_one(base, tmp_path / "ok")
+    assert status == "reached"
+    first = next(step for step, top1 in study.curve(records) if top1 >= 50.0)
+    assert summary["steps_to_target"] == first == summary["steps"]  # stopped right there
+    summary, _, status = study.run_one({**base, "base_lr": 1e6, "target_accuracy": 99.9}, tmp_path / "nan")
+    assert summary is None and status == "diverged"

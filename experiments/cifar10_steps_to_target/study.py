@@ -131,9 +131,24 @@ def run_one(cfg: dict, out: Path) -> tuple[dict | None, list[dict], str]:
     return summary, records, "reached" if summary.get("steps_to_target") is not None else "budget"
 
 
+def usable(rows: list[dict], target: float) -> list[dict]:
+    """The rows that answer "steps to ``target``": runs that went on at least until a target as high
+    (or to their budget), with ``steps_to_target``/``epochs_to_target``/``status`` read for
+    ``target`` from the evaluations they recorded (``val_curve``: the first at or above it)."""
+    out = []
+    for r in rows:
+        if r["target_accuracy"] < target and r["status"] == "reached":
+            continue  # stopped at a lower target: its curve ends before this one
+        first = next((step for step, top1 in r["val_curve"] if top1 >= target), None)
+        status = "reached" if first is not None else ("diverged" if r["status"] == "diverged" else "budget")
+        out.append({**r, "target_accuracy": target, "status": status, "steps_to_target": first,
+                    "epochs_to_target": None if first is None else round(first * r["global_batch"] / TRAIN_IMAGES, 3)})
+    return out
+
+
 def cmd_run(a: argparse.Namespace) -> None:
     study = study_settings()
-    done = {r["run"] for r in load_results() if r["target_accuracy"] == study["target_accuracy"]}
+    done = {r["run"] for r in usable(load_results(), study["target_accuracy"])}
     for seed in a.seeds:
         for lr in a.peak_lr:
             key = run_key(a.batch, a.optimizer, lr, seed)
@@ -210,7 +225,7 @@ def sweep_lines(rows: list[dict]) -> list[str]:
 
 
 def cmd_table(a: argparse.Namespace) -> None:
-    rows = [r for r in load_results() if r["target_accuracy"] == study_settings()["target_accuracy"]]
+    rows = usable(load_results(), study_settings()["target_accuracy"])
     print("\n".join(table_lines(rows)))
     if a.sweep:
         print()
@@ -224,7 +239,7 @@ def cmd_plot(a: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     target = study_settings()["target_accuracy"]
-    best = best_per_batch([r for r in load_results() if r["target_accuracy"] == target])
+    best = best_per_batch(usable(load_results(), target))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for opt, style in (("sgd", "o-"), ("lars", "s-")):
         pts = sorted((b, v["median_steps"]) for (b, o), v in best.items() if o == opt and math.isfinite(v["median_steps"]))

@@ -96,11 +96,18 @@ def _elapsed_s(start, end) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm as a 0-dim float64 tensor, accumulated in float32 at least (FP16 buckets)."""
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(t, dtype=acc).double().square()
+
+
 class Bucket:
     """One fusion bucket: ``tensor`` (1-D, the members' gradients), the ``params`` in it (reverse
     registration order) and the ``algorithm`` that reduces it."""
 
-    __slots__ = ("index", "tensor", "params", "algorithm", "pending", "future", "done_event", "start_event", "busy_s")
+    __slots__ = ("index", "tensor", "params", "algorithm", "pending", "future", "done_event", "start_event", "busy_s",
+                 "local_sq")
 
     def __init__(self, index: int, tensor: torch.Tensor, params: list[nn.Parameter], algorithm: str) -> None:
         self.index, self.tensor, self.params, self.algorithm = index, tensor, params, algorithm
@@ -108,6 +115,7 @@ class Bucket:
         self.future: concurrent.futures.Future | None = None
         self.done_event = self.start_event = None
         self.busy_s = 0.0  # seconds the communication thread spent on it this step
+        self.local_sq: torch.Tensor | None = None  # this rank's squared gradient norm before the all-reduce
 
     @property
     def nbytes(self) -> int:
@@ -182,6 +190,10 @@ class GradientSynchronizer:
             times (module docstring, 2b; only with ``overlap`` and more than one rank).
         min_bucket_bytes: the smallest rebuilt bucket on the wire, bytes (DDP's first bucket is
             1 MiB); the last bucket of a dtype may be smaller.
+        measure_grad_norms: measure the squared L2 norm of this rank's gradient just before each
+            bucket's all-reduce and of the averaged one after it (:meth:`grad_sq_norms`; the
+            gradient noise scale, :mod:`fastnet.noise_scale`): one extra pass over each bucket on
+            the communication thread/stream and one after :meth:`synchronize`.
 
     Raises:
         ValueError: bad algorithm / wire dtype / threshold (valid values listed), parameters,
@@ -195,13 +207,16 @@ class GradientSynchronizer:
                  storage: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
                  timeout_s: float | None = None, find_unused_parameters: bool = False,
                  predivide_factor: float | None = None, host_id: str | None = None, debug: bool = False,
-                 rebuild_buckets: bool = True, min_bucket_bytes: int = 1 << 20) -> None:
+                 rebuild_buckets: bool = True, min_bucket_bytes: int = 1 << 20,
+                 measure_grad_norms: bool = False) -> None:
         if fusion_threshold_bytes <= 0:
             raise ValueError(f"Invalid fusion threshold: {fusion_threshold_bytes} bytes (must be > 0)")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"Unknown wire dtype {wire_dtype!r}; valid wire dtypes: {', '.join(WIRE_DTYPES)}")
         self.params = [p for p in params if p.requires_grad]
         self.overlap, self.timeout_s = overlap, timeout_s
+        self.measure_grad_norms = measure_grad_norms
+        self._grad_sq: tuple[torch.Tensor, torch.Tensor] | None = None
         self.find_unused_parameters, self.debug = find_unused_parameters, debug
         self.comm = comm.split(0, comm.rank) if comm.size > 1 else comm  # dedicated: never interleaves
         self.reducer = BucketReducer(self.comm, algorithm, wire_dtype, ranks_per_node, cost_model,
@@ -467,6 +482,7 @@ class GradientSynchronizer:
             if ready is None:
                 if self.debug:
                     self._check_launch(bucket)
+                self._measure_local(bucket)
                 self.reducer(bucket.tensor, bucket.algorithm)
             else:
                 with torch.cuda.stream(self._stream):  # after the previous bucket's collectives (_used_map)
@@ -475,6 +491,7 @@ class GradientSynchronizer:
                     self._stream.wait_event(ready)
                     start = torch.cuda.Event(enable_timing=True)
                     start.record(self._stream)
+                    self._measure_local(bucket)
                     self.reducer(bucket.tensor, bucket.algorithm)
                     bucket.done_event = torch.cuda.Event(enable_timing=True)
                     bucket.done_event.record(self._stream)
@@ -482,6 +499,26 @@ class GradientSynchronizer:
             bucket.busy_s = time.perf_counter() - t0
 
         bucket.future = self._thread.submit(reduce)
+
+    def _measure_local(self, bucket: Bucket) -> None:
+        """This rank's squared norm of the bucket before its all-reduce (float32 accumulation, 0-dim
+        tensor on the bucket's device and stream; no host sync)."""
+        if self.measure_grad_norms:
+            bucket.local_sq = _sq_norm(bucket.tensor)
+
+    def grad_sq_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last synchronized step's ``(|g_local|², |g_averaged|²)``: squared L2 norms of this
+        rank's gradient before the all-reduce and of the averaged gradient after it, over every
+        bucket, as 0-dim float64 tensors on the gradients' device (in the gradients' scale: FP16
+        buckets carry the loss scale). No host sync.
+
+        Raises:
+            RuntimeError: built without ``measure_grad_norms``, or before the first :meth:`synchronize`.
+        """
+        if not self.measure_grad_norms or self._grad_sq is None:
+            raise RuntimeError("grad_sq_norms() needs GradientSynchronizer(measure_grad_norms=True) and a "
+                               "synchronized step first")
+        return self._grad_sq
 
     def _check_launch(self, bucket: Bucket) -> None:
         check_consistency(self.comm, [("launched bucket", f"{bucket.index}: {str(bucket.tensor.dtype)[6:]} x "
@@ -546,6 +583,7 @@ class GradientSynchronizer:
                     if self.debug:
                         self._check_launch(b)
                     t0 = time.perf_counter()
+                    self._measure_local(b)
                     self.reducer(b.tensor, b.algorithm)
                     b.busy_s = time.perf_counter() - t0
                     continue
@@ -555,6 +593,13 @@ class GradientSynchronizer:
             used = self._wait(used_future, "all-reduce of the used-map") if used_future else self._used_map()
         else:
             used = list(self._used)
+        if self.measure_grad_norms and self.buckets:
+            zero = torch.zeros((), dtype=torch.float64, device=self.buckets[0].tensor.device)
+            local = sum((b.local_sq if b.local_sq is not None else
+                         _sq_norm(b.tensor)  # world size 1
+                         for b in self.buckets), zero)
+            reduced = sum((_sq_norm(b.tensor) for b in self.buckets), zero)
+            self._grad_sq = (local, reduced)
         self.unused_parameters = []
         for i, p in enumerate(self.params):
             if used[i]:
@@ -614,6 +659,7 @@ class GradientSynchronizer:
     def _reset(self) -> None:
         for b in self.buckets:
             b.pending, b.future, b.done_event, b.start_event, b.busy_s = len(b.params), None, None, None, 0.0
+            b.local_sq = None
         self._next = self._launched_early = self._arrived = 0
         self._completed = []
         self._t0 = None
