@@ -94,8 +94,10 @@ def append_result(row: dict) -> None:
 def commit(message: str) -> None:
     """``git commit`` results.yaml alone (other staged or unstaged changes stay as they are)."""
     for _ in range(10):  # another git command may hold the index lock for a moment
-        res = subprocess.run(["git", "commit", "-q", "-m", message, "--", str(RESULTS)], cwd=REPO,
-                             capture_output=True, text=True)
+        res = subprocess.run(["git", "add", "--", str(RESULTS)], cwd=REPO, capture_output=True, text=True)
+        if res.returncode == 0:
+            res = subprocess.run(["git", "commit", "-q", "-m", message, "--", str(RESULTS)], cwd=REPO,
+                                 capture_output=True, text=True)
         if res.returncode == 0 or "nothing" in res.stdout + res.stderr:
             return
         time.sleep(3)
