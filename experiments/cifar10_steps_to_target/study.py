@@ -88,7 +88,7 @@ def append_result(row: dict) -> None:
         rows = load_results()
         rows.append(row)
         RESULTS.write_text("# Steps-to-target study: one row per finished run, written by study.py (never typed).\n"
-                           + yaml.safe_dump(rows, sort_keys=False, width=120))
+                           + yaml.safe_dump(rows, sort_keys=False, width=120, default_flow_style=None))
 
 
 def commit(message: str) -> None:
