@@ -175,9 +175,17 @@ class BucketReducer:
                  else "not used")]
 
     def __call__(self, bucket: torch.Tensor, algorithm: str | None = None) -> None:
-        """Average the 1-D ``bucket`` in place (any floating dtype); ``algorithm`` overrides the choice."""
+        """Average the 1-D ``bucket`` in place (any floating dtype); ``algorithm`` overrides the choice.
+
+        One wire rule for SUM (:meth:`sum_wire_`) and AVG, at every world size: the values are
+        rounded to the wire dtype even with one rank (as torch's ``fp16_compress_hook``), so a
+        result never depends on whether a peer was there to send to."""
         n = self.comm.size
-        if n == 1 or bucket.numel() == 0:
+        if bucket.numel() == 0:
+            return
+        if n == 1:
+            if self.wire_dtype not in (None, bucket.dtype):
+                bucket.copy_(bucket.to(self.wire_dtype))
             return
         pre = self.predivide_factor
         bucket.div_(pre)  # divide before the sum (in place: the bucket is overwritten by the result anyway)

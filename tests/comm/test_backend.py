@@ -504,3 +504,32 @@ def test_cuda_path_aborts_and_destroys_every_communicator():
         path.close()
     assert log == [("synchronize", "intra"), ("synchronize", "inter"), ("abort", "intra"), ("abort", "inter"),
                    ("abort", "world")]
+
+
+def _gpu_ddp_check_worker(rank: int, world: int, port: int, queue) -> None:
+    """The GPU test's DDP check (tests/comm/test_backend_gpu.py, check 5) on CPU: the same model, cap and
+    steps through the fastnet backend, fastnet's routing forced on at one rank as there."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tests.comm.test_backend_gpu import DDP_BUCKET_CAP_MB, DDP_DIMS, DDP_STEPS, ddp_model
+
+    _init(rank, world, port, {})
+    try:
+        pg = dist.group.WORLD
+        pg._MIN_SIZE = 1  # route one rank through fastnet, as the GPU test does
+        ddp = DDP(ddp_model(), bucket_cap_mb=DDP_BUCKET_CAP_MB)
+        before = pg.routed["fastnet:all_reduce"]
+        g = torch.Generator().manual_seed(1)
+        for _ in range(DDP_STEPS):
+            ddp(torch.randn(8, DDP_DIMS[0], generator=g)).square().mean().backward()
+        queue.put(pg.routed["fastnet:all_reduce"] - before)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gpu_ddp_check_gets_several_buckets_per_step():
+    from tests.comm.test_backend_gpu import DDP_MIN_CALLS
+
+    (calls,) = spawn_ranks(_gpu_ddp_check_worker, 1)
+    assert calls >= DDP_MIN_CALLS, calls

@@ -23,6 +23,18 @@ import torch
 
 from tests.conftest import REPO, child_env, spawn_ranks
 
+# DDP through the backend (check 5): layers whose weights pass the 1 KB bucket cap, so that after DDP's
+# bucket rebuild each step has 3 buckets (the first step has 1: DDP's first bucket is 1 MiB). A model
+# under the cap (676 parameters) gets one bucket per step. Counted on CPU with gloo by
+# tests/comm/test_backend.py::test_gpu_ddp_check_gets_several_buckets_per_step.
+DDP_DIMS, DDP_BUCKET_CAP_MB, DDP_STEPS, DDP_MIN_CALLS = (64, 64, 64, 4), 0.001, 3, 1 + 3 + 3
+
+
+def ddp_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [m for a, b in zip(DDP_DIMS[:-1], DDP_DIMS[1:]) for m in (torch.nn.Linear(a, b), torch.nn.ReLU())]
+    return torch.nn.Sequential(*layers[:-1])
+
 pytestmark = pytest.mark.gpu
 
 
@@ -103,16 +115,13 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         out["side_idle_after"] = pg._stream.query()
         # 5) DDP on CUDA through the backend: the same parameters as local training (one rank, AVG is
         #    the identity up to the FP16 wire's rounding of the gradients)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(dev)
-        ref = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(dev)
-        ref.load_state_dict(model.state_dict())
-        ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.001)
+        model, ref = ddp_model().to(dev), ddp_model().to(dev)
+        ddp = DDP(model, device_ids=[0], bucket_cap_mb=DDP_BUCKET_CAP_MB)
         opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ddp, ref)]
         before = pg.routed["fastnet:all_reduce"]
         g = torch.Generator(device=dev).manual_seed(1)
-        for _ in range(3):
-            xb = torch.randn(8, 16, device=dev, generator=g)
+        for _ in range(DDP_STEPS):
+            xb = torch.randn(8, DDP_DIMS[0], device=dev, generator=g)
             for m, o in zip((ddp, ref), opts):
                 o.zero_grad()
                 m(xb).square().mean().backward()
@@ -130,7 +139,7 @@ def test_backend_cuda_path_on_one_gpu():
     assert out["rounded"] and out["coalesced"] and out["ring"] and out["delegated"], out
     assert out["group_delegated"][0] >= 1 and out["group_delegated"][1] == 0 and out["group_values"], out
     assert out["side_waits_for_base"] and out["side_idle_after"], out
-    assert out["ddp_calls"] >= 3 * 2, out  # DDP's buckets (several per step at 1 KB) went through fastnet
+    assert out["ddp_calls"] >= DDP_MIN_CALLS, out  # DDP's buckets went through fastnet (tests/comm/test_backend.py)
     assert out["ddp_diff"] < 1e-3, out
     assert "base:all_reduce" in out["routed"], out  # the integer all-reduce was delegated
 

@@ -112,3 +112,21 @@ def test_hybrid_predicts_pipelines_only_where_levels_overlap(concurrent_safe):
     unpipelined = model.choose(nbytes, 8, 4, segment_bytes=segment, pipelined_levels=False)
     assert (pipelined, unpipelined) == ("hierarchical", "native")
     assert reducer.algorithm_for(nbytes) == (pipelined if concurrent_safe else unpipelined)
+
+
+@pytest.mark.parametrize("wire", ["none", "fp16", "bf16"])
+def test_one_wire_rule_for_sum_and_avg_at_world_size_one(wire):
+    """SUM (sum_wire_) and AVG (__call__) round to the wire dtype alike, also with one rank: the
+    backend's GPU test at world size 1 sees the same rounding for both ops."""
+    from fastnet.comm.sync import BucketReducer
+
+    class Comm:
+        rank, size = 0, 1
+
+    reducer = BucketReducer(Comm(), "ring", wire)
+    value = 2 + 2**-11  # exact in float32, rounds to 2 in fp16 and bf16
+    expected = value if wire == "none" else 2.0
+    for op in (reducer.sum_wire_, reducer):
+        b = torch.full((5,), value)
+        op(b)
+        assert torch.equal(b, torch.full((5,), expected)), (op, b)
