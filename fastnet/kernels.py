@@ -2,7 +2,8 @@
 
 Each operation takes lists of tensors and runs, on CUDA tensors with CuPy installed, one kernel
 launch for the whole list (compiled at first use by ``cupy.RawModule``, cached per device, launched
-on PyTorch's current stream; tensors are passed by device address through a tensor table), and
+on PyTorch's current stream; tensors are passed by device address, lists of them through a tensor
+table; float32, float16 and bfloat16), and
 otherwise its PyTorch reference twin, which is also the test oracle.
 
 The CUDA path is **opt-in** (``FASTNET_KERNELS=1``, read once at import) until it has run on a GPU:
@@ -192,20 +193,35 @@ def group_by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[in
 
 def _code(dtype: torch.dtype) -> str:
     if dtype not in _CODES:
-        raise TypeError(f"fastnet's kernels take float32 and float16 tensors, got {dtype}")
+        raise TypeError(f"fastnet's kernels take float32, float16 and bfloat16 tensors, got {dtype}")
     return _CODES[dtype]
 
 
-def _launch(name: str, device: torch.device, total: int, args: tuple, blocks: int | None = None) -> None:
+def kernel_args(args: tuple) -> tuple:
+    """The launch arguments as the kernels' C signatures take them: a tensor as its device address
+    (``np.uint64(data_ptr())``: a ``T*`` parameter; no DLPack handshake, which CuPy refuses for
+    bfloat16), a Python float as ``float``, anything else as ``int``."""
     import numpy as np
 
+    return tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else
+                 np.float32(a) if isinstance(a, float) else np.int32(a) for a in args)
+
+
+def _launch(name: str, device: torch.device, total: int, args: tuple, blocks: int | None = None) -> None:
+    """Launch kernel ``name`` on ``device``'s current PyTorch stream, inside that device (CuPy's
+    current device selects the module and context). Every tensor argument is recorded on the stream,
+    so a table evicted from the LRU caches while the kernel still reads it is not handed out again
+    by PyTorch's caching allocator before the kernel is done."""
     cupy = _cupy()
-    fn = _module(device.index).get_function(name)
+    stream = torch.cuda.current_stream(device)
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a.record_stream(stream)
     grid = blocks if blocks is not None else max(1, min(-(-total // _THREADS), 65535))
-    cargs = tuple(cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else
-                  np.float32(a) if isinstance(a, float) else np.int32(a) for a in args)
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-        fn((grid,), (_THREADS,), cargs)
+    with cupy.cuda.Device(device.index):
+        fn = _module(device.index).get_function(name)
+        with cupy.cuda.ExternalStream(stream.cuda_stream):
+            fn((grid,), (_THREADS,), kernel_args(args))
 
 
 def _check_lengths(**lists: Sequence) -> None:

@@ -75,8 +75,9 @@ def test_every_launched_kernel_exists_in_the_source():
     src = kernels.kernel_source()
     defined = set(re.findall(r"__global__ void (\w+)\(", src)) | {
         m for m in re.findall(r"DEFINE_\w+\((\w+),", src)}
-    launched = {"pack_f32_f32", "pack_f32_f16", "pack_f16_f16", "pack_f16_f32", "unpack_unscale_f32",
-                "unpack_unscale_f16", "copy_f32_f32", "copy_f32_f16", "lars_norms_f32", "lars_update_f32"}
+    codes = sorted(set(kernels._CODES.values()))  # every dtype the dispatcher sends to a kernel
+    launched = {f"pack_{a}_{b}" for a in codes for b in codes} | {f"unpack_unscale_{c}" for c in codes} | \
+        {"copy_f32_" + c for c in codes} | {"lars_norms_f32", "lars_update_f32"}
     assert launched <= defined, launched - defined
     assert f"#define CHUNK {kernels.CHUNK}" in src
 
@@ -91,3 +92,18 @@ def test_kernel_metadata_is_built_once_per_tensor_list():
     assert nblocks == 4 and bt.tolist() == [0, 0, 0, 1] and bs.tolist() == [0, kernels.CHUNK, 2 * kernels.CHUNK, 0]
     assert fb.tolist() == [0, 3, 4, 4] and ex.tolist() == [0, 1, 0]
     assert kernels._lars_blocks("cpu", (2 * kernels.CHUNK + 1, 3, 0), (False, True, False))[0] is nt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_arguments_are_raw_addresses_for_every_kernel_dtype(dtype):
+    """Tensors reach CuPy as device addresses (a T* parameter), never through DLPack, which CuPy
+    refuses for bfloat16 (CuPy 13; 14 without ml_dtypes): the bf16 kernels would raise at launch."""
+    import inspect
+
+    import numpy as np
+
+    t = torch.zeros(3, dtype=dtype)
+    args = kernels.kernel_args((t, 0.5, 7))
+    assert args == (np.uint64(t.data_ptr()), np.float32(0.5), np.int32(7))
+    assert [type(a) for a in args] == [np.uint64, np.float32, np.int32]
+    assert "from_dlpack" not in inspect.getsource(kernels)
