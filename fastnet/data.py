@@ -5,7 +5,8 @@ Every dataset yields ``(image, label)`` with ``image`` a float32 tensor of shape
 
 Registry (:data:`DATASETS`):
   * ``digits``: scikit-learn's bundled handwritten digits (UCI optdigits test set, 1,797 8×8 images,
-    10 classes), upscaled to 16×16 (``image_size`` changes it); a fixed 1,438 / 359 train/test split. Needs no download.
+    10 classes), upscaled to 16×16 (``image_size`` changes it); a fixed 1,438 / 359 train/test split. Needs no download;
+    without scikit-learn, ``<data_dir>/digits.npz`` (:func:`export_digits`) holds the same data.
   * ``cifar10``: CIFAR-10 from ``data_dir``, the first layout found of: the official python
     batches (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``; read with ``pickle``, so
     trusted files only), the official tarball ``cifar-10-python.tar.gz`` (extracted beside itself),
@@ -99,15 +100,42 @@ def _normalize(mean, std) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
-def _digits(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+def _load_digits(data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits as ``(images (1797, 8, 8) float64 in [0, 16], labels (1797,) int64)``: from
+    ``<data_dir>/digits.npz`` (arrays ``images``, ``target``: the same data, exported by
+    :func:`export_digits` for a machine without scikit-learn) when it exists, else scikit-learn."""
+    if data_dir and (Path(data_dir) / "digits.npz").is_file():
+        with np.load(Path(data_dir) / "digits.npz", allow_pickle=False) as f:
+            return torch.from_numpy(f["images"]), torch.from_numpy(f["target"])
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RuntimeError("the digits dataset needs scikit-learn (pip install scikit-learn) or a digits.npz in "
+                           "--data-dir (python -c 'from fastnet.data import export_digits; export_digits(DIR)' "
+                           "where scikit-learn is installed)") from None
+    bunch = load_digits()
+    return torch.from_numpy(bunch.images), torch.from_numpy(bunch.target)
+
+
+def export_digits(data_dir: str) -> Path:
+    """Write scikit-learn's digits to ``<data_dir>/digits.npz`` (about 20 KB) for machines without
+    scikit-learn (the GPU device image); returns the path."""
     from sklearn.datasets import load_digits
 
-    size = image_size or 16
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images).float().div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+    path = Path(data_dir) / "digits.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, images=bunch.images.astype(np.uint8), target=bunch.target.astype(np.int64))
+    return path
+
+
+def _digits(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+    size = image_size or 16
+    raw_images, target = _load_digits(data_dir)
+    images = raw_images.float().div_(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
     images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     images = images.clamp_(0, 1).mul_(255).round_().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.from_numpy(bunch.target).long()
+    labels = target.long()
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(20180730))  # fixed split
     n_test = len(labels) // 5
     test_idx, train_idx = perm[:n_test], perm[n_test:]

@@ -23,7 +23,10 @@ def free_port() -> int:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_")}
+    """The environment of a child process: no ``FASTNET_<OPTION>`` settings (they would change the
+    trainer's options), except ``FASTNET_KERNELS``, which is no option: it switches the fused CUDA
+    kernels on, and ``.ci/gpu`` sets it for the GPU tests (their trainer runs included)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTNET_") or k == "FASTNET_KERNELS"}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra})
     return env
 

@@ -333,3 +333,36 @@ def test_cifar10_present_knows_every_layout(tmp_path):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "cifar-10-python.tar.gz").touch()
     assert cifar10_present(tmp_path / "t")
+
+
+def test_digits_from_an_exported_file_equal_scikit_learns(tmp_path, monkeypatch):
+    """digits.npz (for the GPU image, which lacks scikit-learn) gives the same splits, bit for bit;
+    without scikit-learn and without the file the error says both ways out."""
+    import builtins
+
+    from fastnet.data import build_datasets, export_digits
+
+    export_digits(str(tmp_path))
+    a, b = build_datasets("digits"), build_datasets("digits", str(tmp_path))
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    assert torch.equal(build_datasets("digits", str(tmp_path)).train.images, a.train.images)
+    with pytest.raises(RuntimeError, match="scikit-learn .* or a digits.npz"):
+        build_datasets("digits")
+
+
+def test_child_processes_keep_fastnet_kernels_only(monkeypatch):
+    """FASTNET_KERNELS (no trainer option) reaches the GPU tests' trainer runs; option variables do not."""
+    from tests.conftest import child_env
+
+    monkeypatch.setenv("FASTNET_KERNELS", "1")
+    monkeypatch.setenv("FASTNET_EPOCHS", "7")
+    env = child_env()
+    assert env["FASTNET_KERNELS"] == "1" and "FASTNET_EPOCHS" not in env

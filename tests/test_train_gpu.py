@@ -4,9 +4,13 @@ import pytest
 import torch
 
 from fastnet.metrics import read_metrics
-from tests.conftest import FAST, run_trainer
+from tests.conftest import FAST, REPO, run_trainer
 
 pytestmark = pytest.mark.gpu
+
+# The device image has no scikit-learn: `.ci/gpu prepare` exports the digits to data/digits.npz.
+DIGITS_DIR = REPO / "data"
+FAST = [*FAST, "--data-dir", str(DIGITS_DIR)] if (DIGITS_DIR / "digits.npz").is_file() else FAST
 
 
 @pytest.mark.parametrize("precision", ["fp32", "amp", "fp16", "bf16"])
