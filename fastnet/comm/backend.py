@@ -75,6 +75,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import inspect
 import os
 import sys
 import threading
@@ -352,6 +353,37 @@ def _serialized(stream: torch.cuda.Stream, call, tensors: Sequence[torch.Tensor]
             if t.is_cuda:
                 t.record_stream(stream)
     return work
+
+
+class _Works(dist._Work):
+    """Several base-backend Works as one: ``wait`` waits for each, ``get_future`` completes with
+    ``result`` once all have (:func:`_coalesced_or_each`)."""
+
+    def __init__(self, works: list, result) -> None:
+        super().__init__()
+        self._works, self._result = works, result
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        for w in self._works:
+            w.wait(timeout) if timeout is not None else w.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+    def get_future(self) -> torch.futures.Future:
+        return torch.futures.collect_all([w.get_future() for w in self._works]).then(lambda _: self._result)
+
+
+def _coalesced_or_each(base, name: str, each: str, outputs, inputs, opts):
+    """``base.<name>(outputs, inputs, opts)`` (``all_gather_single_coalesced`` /
+    ``reduce_scatter_single_coalesced``) where the base backend has it; torch 2.11's ``Backend``
+    has neither (``.ci/gpu`` prints the hasattr lines), so there one ``base.<each>(out, in, opts)``
+    (``_allgather_base`` / ``_reduce_scatter_base``) per pair, their Works waited together."""
+    fn = getattr(base, name, None)
+    if fn is not None:
+        return fn(outputs, inputs, opts)
+    return _Works([getattr(base, each)(o, i, opts) for o, i in zip(outputs, inputs)], list(outputs))
 
 
 def _flat(*items) -> list[torch.Tensor]:
@@ -816,7 +848,8 @@ class FastnetProcessGroup(dist.ProcessGroup):
         if not self._ring_pairs_ok(outputs, inputs):
             self.routed["base:all_gather_coalesced"] += 1
             return self._delegate(_flat(outputs, inputs),
-                                  lambda b: b.all_gather_single_coalesced(outputs, inputs, opts))
+                                  lambda b: _coalesced_or_each(b, "all_gather_single_coalesced", "_allgather_base",
+                                                               outputs, inputs, opts))
         return self._run("all_gather_coalesced", [*outputs, *inputs],
                          lambda _, comm: [self._all_gather(comm, o, i) for o, i in zip(outputs, inputs)], outputs)
 
@@ -833,7 +866,8 @@ class FastnetProcessGroup(dist.ProcessGroup):
         if op is None or not self._ring_pairs_ok(outputs, inputs, op):
             self.routed["base:reduce_scatter_coalesced"] += 1
             return self._delegate(_flat(outputs, inputs),
-                                  lambda b: b.reduce_scatter_single_coalesced(outputs, inputs, opts))
+                                  lambda b: _coalesced_or_each(b, "reduce_scatter_single_coalesced",
+                                                               "_reduce_scatter_base", outputs, inputs, opts))
         return self._run("reduce_scatter_coalesced", [*outputs, *inputs],
                          lambda _, comm: [self._reduce_scatter(comm, o, i, op) for o, i in zip(outputs, inputs)],
                          outputs)
@@ -888,6 +922,37 @@ class FastnetProcessGroup(dist.ProcessGroup):
             self._base_cuda.abort()
 
 
+def batch_groups_subclasses(source: str) -> bool:
+    """Whether ``torch.distributed.batch_isend_irecv`` (its ``source``) groups the point-to-point ops
+    of a ``ProcessGroup`` subclass such as fastnet's: torch 2.14 checks ``isinstance(group,
+    ProcessGroup)``; torch 2.11 checks ``type(group) is ProcessGroup`` (torch/distributed/
+    distributed_c10d.py, v2.11.0), which is False for a subclass, so the ops went out one by one and a
+    two-way NCCL exchange could deadlock (each send waiting for a receive queued behind the peer's send)."""
+    return "type(group) is ProcessGroup" not in source
+
+
+def _batch_isend_irecv(p2p_op_list):
+    """``torch.distributed.batch_isend_irecv`` where torch's own does not group a subclass's ops
+    (:func:`batch_groups_subclasses`): on fastnet's group with a base backend that supports
+    coalescing (ProcessGroupNCCL), the ops are issued inside ``_coalescing_manager`` as torch 2.14
+    does (one NCCL group; :meth:`FastnetProcessGroup._start_coalescing`); anything else goes to
+    torch's own function unchanged."""
+    c10d = dist.distributed_c10d
+    c10d._check_p2p_op_list(p2p_op_list)
+    group = p2p_op_list[0].group or c10d._get_default_group()
+    device = p2p_op_list[0].tensor.device
+    if not isinstance(group, FastnetProcessGroup) or \
+            not getattr(group._get_backend(device), "supports_coalescing", False):
+        return _TORCH_BATCH_ISEND_IRECV(p2p_op_list)
+    with c10d._coalescing_manager(group, device, async_ops=True) as cm:
+        for p2p in p2p_op_list:
+            p2p.op(p2p.tensor, p2p.peer, p2p.group, p2p.tag)
+    return cm.works
+
+
+_TORCH_BATCH_ISEND_IRECV = dist.distributed_c10d.batch_isend_irecv
+
+
 def _create(store, rank: int, size: int, timeout: datetime.timedelta) -> FastnetProcessGroup:
     return FastnetProcessGroup(store, rank, size, timeout)
 
@@ -902,6 +967,8 @@ def register() -> None:
         _registered = True
         return
     dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu", "cuda"])
+    if not batch_groups_subclasses(inspect.getsource(_TORCH_BATCH_ISEND_IRECV)):  # torch 2.11 (see above)
+        dist.batch_isend_irecv = dist.distributed_c10d.batch_isend_irecv = _batch_isend_irecv
     _registered = True
 
 

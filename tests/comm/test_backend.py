@@ -533,3 +533,88 @@ def test_gpu_ddp_check_gets_several_buckets_per_step():
 
     (calls,) = spawn_ranks(_gpu_ddp_check_worker, 1)
     assert calls >= DDP_MIN_CALLS, calls
+
+
+def test_coalesced_delegation_falls_back_to_one_call_per_pair_without_the_coalesced_method():
+    """torch 2.11's Backend has no all_gather_single_coalesced / reduce_scatter_single_coalesced: the
+    delegated coalesced call then issues one _allgather_base per pair and waits for them together."""
+    from fastnet.comm.backend import _coalesced_or_each
+
+    class Work:
+        def __init__(self):
+            self.waited = False
+
+        def wait(self, timeout=None):
+            self.waited = True
+            return True
+
+        def is_completed(self):
+            return self.waited
+
+        def get_future(self):
+            fut = torch.futures.Future()
+            fut.set_result(None)
+            return fut
+
+    class OldBackend:  # world size 2 stand-in: the "other rank" holds the same input
+        def __init__(self):
+            self.works = []
+
+        def _allgather_base(self, out, inp, opts):
+            out.copy_(torch.cat([inp, inp]))
+            self.works.append(Work())
+            return self.works[-1]
+
+    base = OldBackend()
+    outs, ins = [torch.zeros(4), torch.zeros(6)], [torch.arange(2.0), torch.arange(3.0)]
+    work = _coalesced_or_each(base, "all_gather_single_coalesced", "_allgather_base", outs, ins, None)
+    assert len(base.works) == 2 and not work.is_completed()
+    work.wait()
+    assert work.is_completed() and all(w.waited for w in base.works)
+    assert torch.equal(outs[1], torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0, 2.0]))
+    assert work.get_future().wait() == outs
+
+    class NewBackend:
+        def all_gather_single_coalesced(self, outputs, inputs, opts):
+            return ("coalesced", len(outputs))
+
+    assert _coalesced_or_each(NewBackend(), "all_gather_single_coalesced", "_allgather_base", outs, ins, None) == \
+        ("coalesced", 2)
+
+
+def test_batch_isend_irecv_grouping_detected_per_torch_version():
+    """torch 2.14 groups a ProcessGroup subclass's p2p ops (isinstance); torch 2.11's check
+    (``type(group) is ProcessGroup``, distributed_c10d.py at v2.11.0) excludes it: only then does fastnet
+    put its own batch_isend_irecv in place."""
+    import inspect
+
+    import torch.distributed as dist
+
+    from fastnet.comm import backend
+
+    torch_211 = "    if type(group) is ProcessGroup and group._get_backend(device).supports_coalescing:\n"
+    assert not backend.batch_groups_subclasses(torch_211)
+    assert backend.batch_groups_subclasses(inspect.getsource(backend._TORCH_BATCH_ISEND_IRECV))  # this torch
+    assert dist.batch_isend_irecv is backend._TORCH_BATCH_ISEND_IRECV  # so torch's own stays
+
+
+def _p2p_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    from fastnet.comm.backend import _batch_isend_irecv
+
+    _init(rank, world, port, {})
+    try:
+        send, recv = torch.full((5,), float(rank + 1)), torch.zeros(5)
+        peer = 1 - rank
+        ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+        for work in _batch_isend_irecv(ops):  # gloo: no coalescing, torch's own path
+            work.wait()
+        queue.put((rank, recv.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fastnet_batch_isend_irecv_exchanges_on_cpu():
+    for rank, got in spawn_ranks(_p2p_worker, 2):
+        assert got == [float(2 - rank)] * 5
