@@ -214,6 +214,12 @@ class TrainConfig(BaseModel):
         if self.lars_excluded_lr is not None and self.optimizer != "lars":
             raise ValueError(f"lars_excluded_lr {self.lars_excluded_lr} needs optimizer 'lars' (optimizer "
                              f"{self.optimizer!r} has no excluded group); unset it or use --optimizer lars")
+        if self.sync_batchnorm and self.overlap:
+            raise ValueError("sync_batchnorm with overlap: SyncBatchNorm's all-reduces (issued by autograd during "
+                             "backward) and the gradient buckets' (issued by the communication thread as they fill) "
+                             "would reach NCCL in a different order on each rank, on two communicators (NCCL's "
+                             "rule for several communicators: a possible hang); add --no-overlap (the buckets are "
+                             "then all-reduced after backward, after every SyncBatchNorm all-reduce)")
         if self.stop_at_target and self.target_accuracy is None:
             raise ValueError("stop_at_target needs target_accuracy (the top-1 percent to stop at)")
         if self.cost_model is not None and not Path(self.cost_model).is_file():

@@ -225,8 +225,9 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     update_ratio = UpdateRatio(optimizer) if cfg.log_update_ratio else None
     grad_sync = None
     if world.distributed:  # gradients become views into its buckets (or its buckets slice the FP16 buffers)
+        bucket_comm = build_communicator(cfg.communicator, timeout_s=cfg.timeout_s)
         grad_sync = GradientSynchronizer(
-            build_communicator(cfg.communicator, timeout_s=cfg.timeout_s), model.parameters(), algorithm=cfg.allreduce,
+            bucket_comm, model.parameters(), algorithm=cfg.allreduce,
             fusion_threshold_bytes=int(cfg.fusion_mb * (1 << 20)), wire_dtype=cfg.wire_dtype,
             ranks_per_node=cfg.ranks_per_node,  # None: nodes from the hosts
             cost_model=CostModel.load(cfg.cost_model) if cfg.cost_model else None, overlap=cfg.overlap,
@@ -438,8 +439,9 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         checksums = gathered
     else:
         checksums = [checksums]
-    if grad_sync is not None:
+    if grad_sync is not None:  # every rank closes the same communicators in the same order
         grad_sync.close()
+        bucket_comm.close()
     summary = {
         "best_top1": progress.best_top1, "final_top1": progress.final_top1, "test_top1": test_top1,
         "eval_set": "val" if val_set is not None else "test",

@@ -52,12 +52,20 @@ def test_scaled_lr_linear_rule():
     (["--lr-milestones", "60,30"], "lr_milestones.*increasing"),
     (["--min-loss-scale", "1e9"], "min_loss_scale 1000000000.0 exceeds init_loss_scale"),
     (["--bogus", "1"], "Unknown option.*'bogus'.*valid options:"),
+    (["--sync-batchnorm"], "sync_batchnorm with overlap.*different order on each rank.*--no-overlap"),
+    (["--lars-excluded-lr", "0.1"], "lars_excluded_lr 0.1 needs optimizer 'lars'"),
+    (["--stop-at-target"], "stop_at_target needs target_accuracy"),
     (["--modle", "resnet20"], "'modle' \\(did you mean 'model'\\?\\)"),
     (["positional"], "Expected an option"),
 ])
 def test_bad_values_name_the_value(tokens, match):
     with pytest.raises(ValueError, match=match):
         parse_cli(tokens)
+
+
+def test_sync_batchnorm_without_overlap_is_accepted():
+    cfg, _ = parse_cli(["--sync-batchnorm", "--no-overlap"])
+    assert cfg.sync_batchnorm and not cfg.overlap
 
 
 @pytest.mark.parametrize("key", FLOAT_OPTIONS)

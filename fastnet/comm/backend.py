@@ -414,7 +414,7 @@ class _CudaPath:
                                                     timeout_s=timeout.total_seconds())
             self.reducer = make_reducer(self.comm)
         hierarchy = getattr(self.reducer, "hierarchy", None)  # the hierarchical algorithms' split communicators
-        subs = [c for c in (hierarchy.intra, hierarchy.inter, hierarchy.leaders) if c is not None] if hierarchy else []
+        subs = hierarchy.communicators() if hierarchy else []
         self.communicators = [*subs, self.comm]  # watched, aborted and destroyed together
         self._unfinished: collections.deque = collections.deque()  # (event, deadline, what), in order
         self._lock = threading.Lock()

@@ -75,6 +75,11 @@ class Communicator(Protocol):
 
     def barrier(self) -> None: ...
 
+    def close(self) -> None:
+        """Release the communicator (NCCL: ``ncclCommDestroy``; torch.distributed and MPI groups:
+        nothing, their library frees them at shutdown). Every rank closes its communicators in the
+        same order (the owners' ``close`` methods do), so a destroy that waits on peers cannot stall."""
+
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":
         """Collective over this group: ranks passing the same ``color`` form a new communicator,
         ordered by ``key`` (ties by rank); ``color=None`` joins none and gets None (MPI_Comm_split).
@@ -221,6 +226,9 @@ class TorchCommunicator:
         ops = [dist.P2POp(dist.isend, t, self._global[peer], self.group) for t, peer in sends if t.numel()]
         ops += [dist.P2POp(dist.irecv, t, self._global[peer], self.group) for t, peer in recvs if t.numel()]
         return WorkList(dist.batch_isend_irecv(ops) if ops else [])
+
+    def close(self) -> None:
+        """Nothing: torch.distributed destroys its groups in ``destroy_process_group``."""
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

@@ -63,7 +63,9 @@ class HookState:
         return out
 
     def close(self) -> None:
+        """Stop the thread and close the communicators the all-reduce split off (the hierarchy's)."""
         self.thread.close()
+        self.sync.close()
 
 
 def fastnet_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

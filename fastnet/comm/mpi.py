@@ -151,6 +151,9 @@ class MPICommunicator:
         works += [self.irecv(t, peer) for t, peer in recvs if t.numel()]
         return WorkList(works)
 
+    def close(self) -> None:
+        """Nothing: MPI frees its communicators at ``MPI_Finalize``."""
+
     def barrier(self) -> None:
         self.comm.Barrier()
 

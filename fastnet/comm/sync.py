@@ -208,6 +208,12 @@ class BucketReducer:
         bucket.copy_(wire)
         scratch.give(wire)
 
+    def close(self) -> None:
+        """Close the hierarchy's communicators (:meth:`fastnet.comm.topology.Hierarchy.close`); not
+        ``comm``, which the caller owns."""
+        if self.hierarchy is not None:
+            self.hierarchy.close()
+
     def sum_(self, x: torch.Tensor, algorithm: str | None = None) -> None:
         """SUM all-reduce of the 1-D ``x`` in place with this reducer's algorithm (``hybrid``
         resolved for ``x``'s bytes) or ``algorithm``; no division, no wire cast."""
@@ -267,6 +273,10 @@ class AlgorithmAllReduce:
     @property
     def algorithm(self) -> str:
         return self.reducer.algorithm
+
+    def close(self) -> None:
+        """Close the communicators this all-reduce split off ``comm`` (the hierarchy's)."""
+        self.reducer.close()
 
     def __call__(self, grads: Sequence[torch.Tensor]) -> float:
         """Average ``grads`` in place over all ranks; returns the seconds spent (one sync point).

@@ -177,6 +177,10 @@ class GradientSynchronizer:
             (None: nodes from the hosts; ``host_id`` overrides this rank's host identity).
         cost_model: link parameters for ``hybrid``.
         overlap: launch buckets from the backward hooks (True) or all in :meth:`synchronize` (False).
+            With True the buckets' collectives are issued by the communication thread while backward
+            runs: code that issues NCCL collectives of its own during backward on another
+            communicator (SyncBatchNorm) needs False, or the two orders may differ across ranks
+            (NCCL's rule for several communicators; the trainer refuses the combination).
         storage: ``p -> (flat 1-D tensor, offset)`` where ``p``'s gradient already lives (the FP16
             master-weight buffers); None allocates bucket buffers and points ``p.grad`` at views.
         timeout_s: :meth:`synchronize` raises RuntimeError after waiting this long (None: the
@@ -219,6 +223,7 @@ class GradientSynchronizer:
         self._grad_sq: tuple[torch.Tensor, torch.Tensor] | None = None
         self.find_unused_parameters, self.debug = find_unused_parameters, debug
         self.comm = comm.split(0, comm.rank) if comm.size > 1 else comm  # dedicated: never interleaves
+        self._caller_comm, self._closed = comm, False
         self.reducer = BucketReducer(self.comm, algorithm, wire_dtype, ranks_per_node, cost_model,
                                      predivide_factor=predivide_factor, host_id=host_id)
         self._threshold, self._wire, self._storage_fn = fusion_threshold_bytes, WIRE_DTYPES[wire_dtype], storage
@@ -710,10 +715,17 @@ class GradientSynchronizer:
                  "bytes": b.nbytes, "params": len(b.params), "algorithm": b.algorithm} for b in self.buckets]
 
     def close(self) -> None:
-        """Remove the hooks and stop the communication thread."""
+        """Remove the hooks, stop the communication thread, and close the communicators this
+        synchronizer made (the hierarchy's, then its own split of ``comm``; the same order on every
+        rank). ``comm`` itself stays open: the caller owns it. Idempotent."""
         for h in self._handles:
             h.remove()
         self._handles = []
         if self._thread is not None:
             self._thread.close()
             self._thread = None
+        if not self._closed:
+            self._closed = True
+            self.reducer.close()
+            if self.comm is not self._caller_comm:
+                self.comm.close()

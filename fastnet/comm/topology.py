@@ -153,7 +153,21 @@ class Hierarchy:
         self.comm, self.segment_bytes = comm, segment_bytes
         self.intra = comm.split(t.node, t.local_rank)
         self.inter = comm.split(t.local_rank, t.node)
-        self.leaders = comm.split(0 if t.local_rank == 0 else None, t.node)
+        # The leaders (local rank 0 of each node, in node order) are exactly the inter-node group of
+        # local rank 0: shared rather than split again (one NCCL communicator fewer per leader).
+        self.leaders = self.inter if t.local_rank == 0 else None
+
+    def communicators(self) -> list["Communicator"]:
+        """This rank's communicators of the hierarchy, each once, in the same order on every rank:
+        intra-node, inter-node (which is also the leaders' on a node's local rank 0). So with
+        ``--communicator nccl`` and a hierarchical or leader algorithm a rank holds 4 NCCL
+        communicators: the trainer's, the synchronizer's own split of it, intra and inter."""
+        return [c for c in (self.intra, self.inter) if c is not None]
+
+    def close(self) -> None:
+        """Close :meth:`communicators` (intra, then inter; the same order on every rank)."""
+        for c in self.communicators():
+            c.close()
 
     ALGORITHMS = ("hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "ring")
 
