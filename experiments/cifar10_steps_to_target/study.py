@@ -177,6 +177,9 @@ def cmd_run(a: argparse.Namespace) -> None:
                 f"epochs from {cfg['base_lr']:.4g}, then {cfg['lr_schedule']}",
                 "date": str(datetime.date.today()), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
                 "val_curve": curve(records),
+                # B_simple (McCandlish et al.; micro-batches of 256 vs the global batch) at each logged step
+                "noise_scale_curve": [[r["step"], round(r["grad_noise_scale"], 1)] for r in records
+                                      if r["kind"] == "step" and r.get("grad_noise_scale") is not None],
             }
             append_result(row)
             print(f"{key}: {status}, steps to target {row['steps_to_target']}, best val {row['best_val_top1']}",
