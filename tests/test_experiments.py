@@ -243,3 +243,14 @@ def test_steps_study_run_stops_at_the_target_and_records_divergence(tmp_path):
     assert summary["steps_to_target"] == first == summary["steps"]  # stopped right there
     summary, _, status = study.run_one({**base, "base_lr": 1e6, "target_accuracy": 99.9}, tmp_path / "nan")
     assert summary is None and status == "diverged"
+
+
+def test_steps_study_plot_draws_both_optimizers(tmp_path, monkeypatch):
+    study = _steps_study()
+    rows = [_row(b, opt, 0.1, 0, [[steps, 61.0]]) for opt, pts in
+            (("sgd", [(256, 800), (512, 420), (1024, 260)]), ("lars", [(256, 900), (512, 480)])) for b, steps in pts]
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results.yaml")
+    (tmp_path / "results.yaml").write_text(yaml.safe_dump(rows))
+    out = tmp_path / "plot.png"
+    study.main(["plot", "--out", str(out)])
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
