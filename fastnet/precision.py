@@ -30,6 +30,7 @@ import math
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from fastnet import kernels
@@ -379,12 +380,14 @@ class Precision:
         """Unscale, check, step, update the scale. Call after the gradients are all-reduced, so every
         rank sees the same inf/NaN and takes the same decision. Returns whether the step was taken.
         ``skip``: model parameters used on no rank (:meth:`MasterWeights.step`; with ``fp32``/``amp``
-        their ``grad`` is already None). One host sync (the overflow flag) with
+        their ``grad`` is already None); required with FP16/BF16 masters in a torch.distributed
+        process of several ranks (None would skip per rank, by the rank's own gradients). One host sync (the overflow flag) with
         ``fp16``/``bf16``/``amp``; none with ``fp32``.
 
         Raises:
             FloatingPointError: inf/NaN gradients with loss scaling off, or overflow that persists at
-                the minimum loss scale (:class:`DynamicLossScaler`)."""
+                the minimum loss scale (:class:`DynamicLossScaler`).
+            RuntimeError: ``skip=None`` with masters in a multi-rank torch.distributed process."""
         if self.grad_scaler is not None:
             scale = self.grad_scaler.get_scale()
             self.grad_scaler.step(optimizer)
@@ -393,6 +396,13 @@ class Precision:
         if self.masters is None:
             optimizer.step()
             return True
+        if skip is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                f"Precision.step(optimizer) without skip= in a process of {dist.get_world_size()} ranks: the "
+                f"masters to skip would be those without a gradient on this rank, which differ across ranks "
+                f"(a parameter used on one rank only), and the ranks' weights would silently diverge. Pass "
+                f"skip=sync.unused_parameters (fastnet's GradientSynchronizer: used on no rank), or skip=() "
+                f"where every rank has every gradient (DDP)")
         found_inf = bool(self.masters.unscale_(1.0 / self.scaler.scale).item())
         if found_inf and not self.scaler.enabled:
             raise FloatingPointError(f"inf/NaN gradients with precision {self.name!r} and loss scaling off; "

@@ -226,7 +226,7 @@ def _inf_worker(rank: int, world: int, port: int, queue) -> None:
                 prec.masters.grad_flat[torch.float16][7] = float("inf")  # only rank 1 overflows
             sync(prec.grad_buffers(net.parameters()))
             before = (prec.masters.master.clone(), [p.detach().clone() for p in net.parameters()], prec.loss_scale)
-            taken.append((prec.step(opt), before[2], prec.loss_scale,
+            taken.append((prec.step(opt, skip=()), before[2], prec.loss_scale,  # every rank has every gradient
                           torch.equal(prec.masters.master, before[0]),
                           all(torch.equal(a, b) for a, b in zip(net.parameters(), before[1]))))
             prec.zero_grad(opt)
@@ -290,3 +290,59 @@ def test_fusion_buckets_tile_the_flat_buffers_at_parameter_boundaries(threshold)
         assert len(buckets) == len(m.layout)
     with pytest.raises(ValueError, match="Invalid fusion threshold: 0 bytes"):
         m.buckets(0)
+
+
+class _OneRankBranch(torch.nn.Module):
+    """``b`` takes part on rank 0 only: its gradient exists on one rank (its average, on both)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(x) if self.rank == 0 else x
+
+
+def _forgetting_loop_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    from fastnet.comm import GradientSynchronizer
+    from fastnet.comm.communicator import TorchCommunicator
+    from tests.conftest import init_gloo
+
+    init_gloo(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        prec = Precision("fp16", CPU, loss_scaling=False)
+        model = prec.prepare(_OneRankBranch(rank))
+        opt = torch.optim.SGD(prec.optimizer_params([{"params": list(model.parameters())}]), lr=0.5)
+        sync = GradientSynchronizer(TorchCommunicator(), model.parameters(), algorithm="ring",
+                                    storage=prec.masters.grad_location)
+        x = torch.ones(2, 4, dtype=torch.float16)
+        model(x).float().square().mean().backward()
+        sync.synchronize()
+        try:
+            prec.step(opt)  # the forgetting loop: no skip=
+            error = None
+        except RuntimeError as exc:
+            error = str(exc)
+        prec.step(opt, skip=sync.unused_parameters)  # the documented call
+        masters = [t.clone() for t in [prec.masters.master]]
+        gathered = [torch.empty_like(masters[0]) for _ in range(world)]
+        dist.all_gather(gathered, masters[0])
+        queue.put((rank, error, all(torch.equal(gathered[0], g) for g in gathered)))
+        sync.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_step_without_skip_is_refused_in_a_multi_rank_process():
+    """Issue 39 (3): with skip=None the masters skipped were the rank's own gradient-less ones, so a
+    parameter used on one rank only left the ranks' FP16 masters different after one step, silently."""
+    from tests.conftest import spawn_ranks
+
+    for rank, error, same in spawn_ranks(_forgetting_loop_worker, 2):
+        assert error is not None and "skip=sync.unused_parameters" in error and "2 ranks" in error, (rank, error)
+        assert same, rank  # with skip= the ranks agree bit for bit
