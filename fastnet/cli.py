@@ -166,10 +166,17 @@ def _run(cfg: TrainConfig, state: dict | None, stale: list[Path], rank: int) -> 
         summary = recorded()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends as one line + exit 1
         me = world.rank if world is not None else rank
-        if me == 0 or not (isinstance(exc, AGREED) or is_peer_failure(exc)):
+        peer = is_peer_failure(exc)
+        # torchrun's agent gathers every rank's error file and names the first failure; under any other
+        # launcher (srun, mpiexec, a scheduler, by hand) nobody does, so each rank a peer stopped says so
+        agent = bool(os.environ.get("TORCHELASTIC_ERROR_FILE") or os.environ.get("TORCHELASTIC_RUN_ID"))
+        if me == 0 or not (isinstance(exc, AGREED) or peer) or (peer and not agent):
             where = f" (rank {me})" if world is not None and world.distributed else ""
-            cause = " — a peer rank failed; torchrun's summary names the root cause" \
-                if is_peer_failure(exc) and me == 0 else ""
+            cause = ""
+            if peer:
+                cause = " — a peer rank failed; torchrun's summary names the root cause" if agent else \
+                    f" — rank {me} lost a peer rank (it died, hung or was stopped; the message above names the " \
+                    f"connection where the backend says it); its own output says why, if it could"
             _say(f"error{where}: {type(exc).__name__}: {' '.join(str(exc).split())}{cause}")
         if world is not None and world.distributed:
             sys.stdout.flush()

@@ -90,9 +90,13 @@ def test_nonfinite_loss_stops_with_step_number(tmp_path):
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
 
 
-def test_dead_rank_makes_survivor_exit_within_timeout(tmp_path):
-    """Two ranks started by hand (no torchrun to clean up); rank 1 is SIGKILLed mid-training."""
+@pytest.mark.parametrize("killed", [1, 0])
+def test_dead_rank_makes_survivor_exit_within_timeout(tmp_path, killed):
+    """Two ranks started by hand (no torchrun to collect errors or clean up); one is SIGKILLed
+    mid-training: the survivor exits within the timeout and says, with its rank, that it lost a peer,
+    naming no launcher that is not there (rank 0 dying used to leave the others silent)."""
     out, port = tmp_path / "dead", free_port()
+    survivor = 1 - killed
     args = [sys.executable, "-m", "fastnet.train", *FAST, "--global-batch-size", "64", "--micro-batch-size", "32",
             "--epochs", "50", "--log-interval", "1", "--timeout-s", "20", "--out-dir", str(out)]
     procs = []
@@ -107,16 +111,18 @@ def test_dead_rank_makes_survivor_exit_within_timeout(tmp_path):
             assert time.monotonic() < deadline, "training never started"
             assert procs[0].poll() is None, procs[0].communicate()[1]
             time.sleep(0.2)
-        os.kill(procs[1].pid, signal.SIGKILL)
+        os.kill(procs[killed].pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        _, err = procs[0].communicate(timeout=60)
+        _, err = procs[survivor].communicate(timeout=60)
         waited = time.monotonic() - killed_at
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert procs[0].returncode == 1, err
-    assert "fastnet-train: error (rank 0)" in err
+    assert procs[survivor].returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("fastnet-train: error")]
+    assert len(lines) == 1 and f"error (rank {survivor})" in lines[0] and f"rank {survivor} lost a peer" in lines[0], err
+    assert "torchrun" not in err
     assert waited < 20 + 15, waited
 
 
