@@ -9,7 +9,11 @@ Layout of a checkpoint (a dict of tensors and plain Python values):
   ``config`` (the resolved config, for reference).
 
 A write goes to ``<name>.tmp`` in the same directory, is fsync'ed, then renamed over the target,
-so a crash mid-write never replaces a good checkpoint with a broken one.
+so a crash mid-write never replaces a good checkpoint with a broken one; a failed write (a full disk)
+removes its temporary file and leaves every earlier checkpoint as it was. The ``keep`` newest are
+kept (``last.pt``, then ``last.1.pt``, ...: renamed down one place just before the new one takes
+``last.pt``), and a resume from a directory falls back to the newest that loads (a torn or truncated
+file is skipped, saying so).
 """
 
 from __future__ import annotations
@@ -25,15 +29,36 @@ VERSION = 1
 LAST = "last.pt"
 
 
-def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, rename). Returns the path."""
+def older(path: Path, k: int) -> Path:
+    """The ``k``-th older checkpoint beside ``path`` (``last.pt`` -> ``last.1.pt``; k = 0: ``path``)."""
+    return path if k == 0 else path.with_name(f"{path.stem}.{k}{path.suffix}")
+
+
+def save_atomic(state: dict[str, Any], path: str | os.PathLike, keep: int = 1, rotate: bool = True) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename), keeping the ``keep - 1``
+    previous ones as ``<stem>.1<suffix>`` ... (the oldest dropped). ``rotate=False`` replaces
+    ``path`` alone (a second save of the same step must not push an older step out). Returns the path.
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC); the temporary file is removed and the earlier
+            checkpoints are untouched. ValueError: ``keep < 1``.
+    """
+    if keep < 1:
+        raise ValueError(f"Invalid keep: {keep} (must be >= 1)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    for k in range(keep - 1 if rotate else 0, 0, -1):  # last.(k-1) -> last.k, oldest first; the oldest kept goes
+        if older(path, k - 1).is_file():
+            os.replace(older(path, k - 1), older(path, k))
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -41,6 +66,29 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Create ``directory`` and write a probe file in it, so an unwritable checkpoint directory is an
+    error at the start, not after hours of training.
+
+    Raises:
+        ValueError: it cannot be created or written (the reason and the way out named).
+    """
+    d = Path(directory)
+    probe = d / f".fastnet-write-test-{os.getpid()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"checkpoint directory {str(d)!r} is not writable ({type(exc).__name__}: {exc.strerror or exc}); "
+                         f"fix its permissions or space, or choose another with --checkpoint-dir / --out-dir") from None
+
+
+def candidates(directory: Path, keep: int = 8) -> list[Path]:
+    """The checkpoints of a checkpoints directory, newest first: ``last.pt``, ``last.1.pt``, ..."""
+    return [p for p in (older(directory / LAST, k) for k in range(keep)) if p.is_file()]
 
 
 def resolve_resume_path(resume: str) -> Path:
@@ -52,12 +100,12 @@ def resolve_resume_path(resume: str) -> Path:
     """
     p = Path(resume)
     if p.is_dir():
-        candidates = [p / LAST, p / "checkpoints" / LAST]
-        found = [c for c in candidates if c.is_file()]
+        looked = [p / LAST, p / "checkpoints" / LAST]
+        found = [c for c in looked if candidates(c.parent)]
         if not found:
             raise FileNotFoundError(f"--resume {resume!r}: no checkpoint in that directory (looked for "
-                                    f"{' and '.join(repr(str(c)) for c in candidates)}); refusing to start a fresh run "
-                                    f"instead")
+                                    f"{' and '.join(repr(str(c)) for c in looked)} and their older copies); refusing "
+                                    f"to start a fresh run instead")
         return found[0]
     if not p.is_file():
         raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint file or run directory; refusing to start a "
@@ -76,11 +124,31 @@ def load(resume: str, map_location: str | torch.device = "cpu") -> dict[str, Any
     """Load a checkpoint written by :func:`save_atomic` (``weights_only=True``: tensors and plain
     values only, so a checkpoint cannot run code). ``state["path"]`` is set to the file read.
 
+    ``resume`` naming a directory (a run's out_dir or its checkpoints): the newest of ``last.pt``,
+    ``last.1.pt``, ... that loads; the ones skipped are listed in ``state["skipped"]`` as
+    ``(path, reason)``. A file named explicitly is that file or an error.
+
     Raises:
         FileNotFoundError: missing file. ValueError: unreadable, truncated or not a fastnet checkpoint
-            (the message names the file and the run's ``config.yaml`` beside it, if there is one).
+            (every candidate, for a directory; the message names the file and the run's
+            ``config.yaml`` beside it, if there is one).
     """
-    path = resolve_resume_path(resume)
+    path = resolve_resume_path(resume)  # for a directory: <dir>/last.pt, which a torn save may have left missing
+    if Path(resume).is_dir():
+        skipped = []
+        for cand in candidates(path.parent):
+            try:
+                state = _load_file(cand, map_location)
+            except ValueError as exc:
+                skipped.append((str(cand), str(exc)))
+                continue
+            state["skipped"] = skipped
+            return state
+        raise ValueError("; ".join(reason for _, reason in skipped))
+    return _load_file(path, map_location)
+
+
+def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     config = next((c for c in (path.parent / "config.yaml", path.parent.parent / "config.yaml") if c.is_file()), None)
     origin = f" (its run's config: {str(config)!r})" if config else ""
     try:

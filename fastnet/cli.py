@@ -49,7 +49,10 @@ def _say(message: str) -> None:
 
 def run_files(cfg: TrainConfig) -> list[Path]:
     """The files of an earlier run that a new run in ``cfg.out_dir`` would overwrite or append to."""
-    return [p for p in [*(Path(cfg.out_dir) / f for f in RUN_FILES), cfg.checkpoint_path] if p.exists()]
+    from fastnet.checkpoint import candidates
+
+    return [p for p in [*(Path(cfg.out_dir) / f for f in RUN_FILES), *candidates(cfg.checkpoint_path.parent)]
+            if p.exists()]
 
 
 def check_fresh_out_dir(cfg: TrainConfig) -> list[Path]:
@@ -77,16 +80,16 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, list[Path]]:
         ValueError / FileNotFoundError: a missing or broken checkpoint, options that cannot change
             within a run (listed), or an out_dir that holds another run.
     """
+    from fastnet import checkpoint as ckpt
     from fastnet.config import merge_resumed, resume_conflicts
 
+    ckpt.check_writable(cfg.checkpoint_path.parent)  # at the start, not at the first checkpoint hours later
     resume = cfg.resume
-    if resume == "auto":
-        resume = str(cfg.checkpoint_path) if cfg.checkpoint_path.is_file() else None
+    if resume == "auto":  # the run's checkpoints directory: the newest checkpoint there that loads
+        resume = str(cfg.checkpoint_path.parent) if ckpt.candidates(cfg.checkpoint_path.parent) else None
     if resume is None:
         cfg = cfg.model_copy(update={"resume": None})
         return cfg, None, check_fresh_out_dir(cfg)
-    from fastnet import checkpoint as ckpt
-
     state = ckpt.load(resume, map_location="cpu")
     saved = state.get("config") or {}
     merged = merge_resumed(saved, cfg.model_copy(update={"resume": resume}))
@@ -136,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"error: {exc}")
         return 2
     if rank == 0:
+        for path, why in (state or {}).get("skipped", []):
+            _say(f"note: skipped checkpoint {path}: {why}")
         for note in notes:
             _say(f"note: {note}")
         if cfg.progress != "none":

@@ -130,6 +130,8 @@ class TrainConfig(BaseModel):
     # bookkeeping
     out_dir: str = Field("runs/default", description="run directory: config.yaml, metrics.jsonl, checkpoints/")
     checkpoint_dir: str | None = Field(None, description="checkpoints (default: <out_dir>/checkpoints)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (last.pt, last.1.pt, ...); a resume "
+                                  "falls back to the newest that loads")
     checkpoint_interval: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: at each "
                                      "epoch end only)")
     resume: str | None = Field(None, description="continue a run: its out_dir, its checkpoints directory or a "

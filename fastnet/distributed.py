@@ -11,10 +11,11 @@ the survivors' next collective raises instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -137,8 +138,10 @@ def sync_buffers(module: torch.nn.Module, world: World, policy: str = "average")
     timm's ``distribute_bn(reduce=True)``), the others (integer counters) from rank 0;
     ``broadcast``: every buffer from rank 0 (DDP's ``broadcast_buffers``, done here before each
     evaluation and checkpoint instead of every forward); ``none``: nothing (ranks keep their own
-    statistics). Running statistics are only read in eval mode, so syncing them does not change
-    training.
+    statistics). Running statistics are only read in eval mode, but each training step updates them
+    from their current value, so syncing the live ones would make the later statistics depend on when
+    syncs happen: the trainer syncs inside :func:`synced_buffers` (a copy for evaluation and
+    checkpoints) and only once for good, at the end.
 
     Raises:
         ValueError: an unknown policy (valid ones listed).
@@ -163,6 +166,25 @@ def sync_buffers(module: torch.nn.Module, world: World, policy: str = "average")
         for b in bufs:
             b.copy_(flat[off:off + b.numel()].view_as(b))
             off += b.numel()
+
+
+@contextlib.contextmanager
+def synced_buffers(module: torch.nn.Module, world: World, policy: str = "average") -> Iterator[None]:
+    """Within the block ``module`` holds the agreed buffers (:func:`sync_buffers`, collective);
+    afterwards each rank's own again, bit for bit. Evaluations and checkpoints read the agreed
+    statistics while training goes on with the live ones, so when they happen never changes the run
+    (an exact resume restores each rank's live buffers: the checkpoint's ``buffers``)."""
+    if not world.distributed or policy == "none":
+        yield
+        return
+    live = [b.detach().clone() for b in module.buffers()]
+    sync_buffers(module, world, policy)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(module.buffers(), live):
+                b.copy_(saved)
 
 
 def gather_objects(obj: object, world: World) -> list[object] | None:

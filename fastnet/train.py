@@ -39,7 +39,8 @@ from fastnet.comm.communicator import build_communicator
 from fastnet.config import REPLANNED, TrainConfig, accumulation_steps, check_world, config_changes, epoch_plan
 from fastnet.data import (EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, hold_out,
                           train_loader)
-from fastnet.distributed import World, all_reduce_sum, broadcast_from_rank0, gather_objects, sync_buffers
+from fastnet.distributed import (World, all_reduce_sum, broadcast_from_rank0, gather_objects, sync_buffers,
+                                 synced_buffers)
 from fastnet.metrics import MetricsWriter
 from fastnet.models import build_model
 from fastnet.noise_scale import GradientNoiseScale, MicroBatchGradNorms
@@ -108,12 +109,17 @@ def evaluate(model: nn.Module, loader, world: World, precision: Precision, chann
 
 
 def _checkpoint_state(cfg: TrainConfig, model, optimizer, scheduler, precision, progress: Progress,
-                      rng: list[Any], noise: GradientNoiseScale | None = None) -> dict[str, Any]:
+                      rng: list[Any], noise: GradientNoiseScale | None = None,
+                      buffers: list[Any] | None = None) -> dict[str, Any]:
+    """The checkpoint: ``model`` holds the buffers agreed over the ranks (an evaluation model);
+    ``buffers`` each rank's live ones (a list by rank, or None with one rank), restored on an exact
+    resume so that the running statistics continue as in the uninterrupted run."""
     return {
         "version": ckpt.VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
         "progress": dataclasses.asdict(progress), "rng": rng, "config": cfg.to_dict(),
         "noise_scale": noise.state_dict() if noise is not None else None,
+        "buffers": buffers,
     }
 
 
@@ -242,6 +248,11 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         ckpt.restore_rng(state["rng"], world.rank, world.size, cfg.seed, progress.global_step)
         if noise is not None and state.get("noise_scale"):
             noise.load_state_dict(state["noise_scale"])
+        per_rank = state.get("buffers")
+        if per_rank is not None and len(per_rank) == world.size:  # this rank's live statistics (an exact resume)
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), per_rank[world.rank]):
+                    b.copy_(saved)
 
     out_dir = Path(cfg.out_dir)
     metrics = MetricsWriter(out_dir, world.is_main)
@@ -264,6 +275,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     show = cfg.progress if cfg.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
     show = show if world.is_main else "none"
 
+    last_saved = [progress.global_step if state is not None else -1]  # the step of the newest checkpoint
+
     def save() -> None:  # collective: buffers agreed, every rank's RNG gathered to rank 0
         if not parameters_finite(model, world):  # never replace a good checkpoint with a broken one
             where = cfg.checkpoint_path
@@ -271,17 +284,27 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                 f"parameters became inf/NaN by step {progress.global_step} (epoch {progress.epoch}); no checkpoint "
                 f"written" + (f", the last good one stays at {where}" if where.exists() else "") +
                 f". Lower base_lr ({cfg.base_lr}) or weight_decay, add warm-up, or use loss scaling")
-        sync_buffers(model, world, cfg.buffer_sync)
         rng = gather_objects(ckpt.rng_state(), world)
-        if world.is_main:
-            saved = dataclasses.replace(progress, elapsed_s=wall())
-            ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved, rng, noise),
-                             cfg.checkpoint_path)
+        live = gather_objects([b.detach().cpu().clone() for b in model.buffers()], world) if world.distributed \
+            else None  # each rank's running statistics, as they go on
+        with synced_buffers(model, world, cfg.buffer_sync):  # the checkpoint's model: the agreed ones
+            if world.is_main:
+                saved = dataclasses.replace(progress, elapsed_s=wall())
+                try:
+                    ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved, rng, noise,
+                                                       live), cfg.checkpoint_path, keep=cfg.keep_checkpoints,
+                                     rotate=progress.global_step != last_saved[0])
+                    last_saved[0] = progress.global_step
+                except OSError as exc:
+                    kept = ", ".join(str(p) for p in ckpt.candidates(cfg.checkpoint_path.parent)) or "none yet"
+                    raise OSError(exc.errno, f"writing the checkpoint of step {progress.global_step} to "
+                                  f"{cfg.checkpoint_path} failed ({exc.strerror or exc}); the earlier checkpoints "
+                                  f"are untouched: {kept}") from None
 
     def evaluate_and_track() -> dict[str, float]:
         """Evaluate on the eval set (collective) and record best top-1 and the first step at the target."""
-        sync_buffers(model, world, cfg.buffer_sync)  # every rank evaluates the same model
-        ev = evaluate(model, eval_set_loader, world, precision, cfg.channels_last)
+        with synced_buffers(model, world, cfg.buffer_sync):  # every rank evaluates the same model
+            ev = evaluate(model, eval_set_loader, world, precision, cfg.channels_last)
         progress.final_top1 = ev["top1"]
         progress.best_top1 = max(progress.best_top1, ev["top1"])
         if cfg.target_accuracy is not None and progress.steps_to_target is None and \
