@@ -131,10 +131,13 @@ class TorchCommunicator:
     NCCL's tensor collectives on nccl and fastnet's ring (:func:`fastnet.comm.algorithms.ring_reduce_scatter_into`,
     :func:`~fastnet.comm.algorithms.ring_all_gather_into`) on gloo, whose own are several times slower
     (measured in issue 19's profile); point-to-point traffic of the algorithms goes through
-    :meth:`exchange`. Raises ValueError for an unknown op or mismatched sizes.
+    :meth:`exchange`. ``timeout_s`` bounds the groups :meth:`split` creates (their connection set-up
+    included; torch's default for a new group is 30 minutes, whatever the world group's), and is
+    inherited by them. Raises ValueError for an unknown op or mismatched sizes.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float | None = None) -> None:
+        self.timeout_s = timeout_s
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call fastnet.distributed.setup() or "
                                "torch.distributed.init_process_group() first")
@@ -250,9 +253,10 @@ class TorchCommunicator:
             if _NEW_GROUP_SORTS_ONLY and ranks != sorted(ranks):
                 raise RuntimeError(f"this torch ({torch.__version__}) orders new groups by rank only; "
                                    f"split keys giving the order {ranks} need torch with new_group(sort_ranks=)")
-            group = dist.new_group(ranks, **({} if _NEW_GROUP_SORTS_ONLY else {"sort_ranks": False}))
+            timeout = {"timeout": datetime.timedelta(seconds=self.timeout_s)} if self.timeout_s else {}
+            group = dist.new_group(ranks, **timeout, **({} if _NEW_GROUP_SORTS_ONLY else {"sort_ranks": False}))
             if c == color:
-                mine = TorchCommunicator(group)
+                mine = TorchCommunicator(group, self.timeout_s)
         return mine
 
 
@@ -277,7 +281,7 @@ def build_communicator(name: str, *, group: dist.ProcessGroup | None = None,
     if name not in COMMUNICATORS:
         raise ValueError(f"Unknown communicator {name!r}; valid communicators: {', '.join(COMMUNICATORS)}")
     if name == "torch":
-        return TorchCommunicator(group)
+        return TorchCommunicator(group, timeout_s)
     if name == "nccl":
         from fastnet.comm.nccl import NcclCommunicator
 
@@ -303,7 +307,7 @@ def world_communicator(timeout_s: float | None = None) -> TorchCommunicator:
         if not dist.is_initialized():  # world size 1: a one-rank gloo group keeps the API uniform
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=datetime.timedelta(seconds=timeout_s or 300.0))
-    return TorchCommunicator()
+    return TorchCommunicator(timeout_s=timeout_s)
 
 
 def split_sizes(length: int, parts: int) -> Sequence[int]:

@@ -99,3 +99,36 @@ def test_check_op_names_the_valid_ops_and_refuses_integer_avg():
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         check_op("avg", dtype)
     check_op("sum", torch.int64)
+
+
+def _split_timeout_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    from fastnet.comm.communicator import build_communicator
+    from tests.conftest import init_gloo
+
+    init_gloo(rank, world, port)
+    try:
+        seen = []
+        real = dist.new_group
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs.get("timeout"))
+            return real(*args, **kwargs)
+
+        dist.new_group = spy
+        comm = build_communicator("torch", timeout_s=7.0)
+        sub = comm.split(rank % 2, rank)
+        queue.put((rank, [t.total_seconds() if t is not None else None for t in seen], sub.timeout_s))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_split_groups_get_the_runs_timeout():
+    """Issue 39 (4): a group fastnet creates gets the run's timeout (torch's default for a new group is
+    30 minutes, whatever the world group's), so no connection set-up outlives timeout_s."""
+    from tests.conftest import spawn_ranks
+
+    for rank, timeouts, inherited in spawn_ranks(_split_timeout_worker, 2):
+        assert timeouts and all(t == 7.0 for t in timeouts), timeouts
+        assert inherited == 7.0
