@@ -41,7 +41,7 @@ OTHER_ENV = {"FASTNET_KERNELS": "opt in to the fused CUDA kernels (fastnet.kerne
 # Registries, spelt out here so that parsing needs no torch; tests check them against the registries.
 MODELS = ("small_cnn", "small_cnn_dropout", "resnet8", "resnet20", "resnet56", "resnet18_cifar", "resnet50", "alexnet",
           "alexnet_bn")
-DATASETS = ("digits", "cifar10", "fashion_mnist", "imagenet", "synthetic")
+DATASETS = ("digits", "cifar10", "fashion_mnist", "imagenet", "imagefolder", "synthetic")
 ALGORITHMS = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")
 Milestones = Annotated[tuple[float, ...], NoDecode]  # "30,60" or "30 60" from env / CLI, a list in YAML
 
@@ -56,8 +56,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
 
     # what to train
-    model: Literal[MODELS] = Field("small_cnn", description="network (torchvision ResNet-50/AlexNet, AlexNet-BN, "
-                                   "CIFAR ResNets of He et al., a small CNN)")
+    model: str = Field("small_cnn", description="network: fastnet's (" + ", ".join(MODELS) + "), any torchvision "
+                       "classification model by name (resnet18, vit_b_16, ...), or timm:NAME (the timm extra)")
     dataset: Literal[DATASETS] = Field("digits", description="training data; digits is embedded (no download)")
     data_dir: str | None = Field(None, description="directory of the dataset's files (see README)")
     num_classes: int | None = Field(None, ge=2, description="classes (default: the dataset's own)")
@@ -145,6 +145,9 @@ class TrainConfig(BaseModel):
                                          "a target accuracy, Shallue et al. 2019)")
     stop_at_target: bool = Field(False, description="end the run at the first evaluation whose top-1 reaches "
                                  "target_accuracy (steps and epochs to target in the summary)")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to <out_dir>/tensorboard "
+                              "(loss, LR, loss scale, images/s, communication, top-1/top-5, noise scale; the viz "
+                              "extra)")
     log_interval: int = Field(10, gt=0, description="optimizer steps between step records (and progress lines)")
     progress: Literal["auto", "bar", "log", "none"] = Field(
         "auto", description="rank 0's progress: auto (a bar on a terminal, plain lines otherwise), bar, log, none")
@@ -189,6 +192,15 @@ class TrainConfig(BaseModel):
     def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if any(v < 0 for v in value) or list(value) != sorted(value):
             raise ValueError(f"must be increasing epochs >= 0, got {list(value)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODELS:  # torchvision / timm names: checked against their registries (imports them)
+            from fastnet.models import check_model_name
+
+            check_model_name(value)
         return value
 
     @field_validator("progress", mode="before")

@@ -18,6 +18,8 @@ Registry (:data:`DATASETS`):
   * ``fashion_mnist``: torchvision's FashionMNIST reader over ``data_dir/FashionMNIST/raw``.
   * ``imagenet``: ``data_dir/train`` and ``data_dir/val`` as torchvision ImageFolders, with the
     standard RandomResizedCrop(224)+flip for training and resize 256 / center 224 for evaluation.
+  * ``imagefolder``: any ``data_dir/train`` + ``data_dir/val`` ImageFolder tree, as ``imagenet``
+    (its transforms; the classes are the folders; ``image_size`` default 224).
   * ``synthetic``: random images of any size, for throughput runs.
 
 Determinism: training augmentations draw from a generator seeded by (seed, epoch, sample index)
@@ -316,19 +318,39 @@ def _fashion_mnist(data_dir: str | None, image_size: int | None, samples: int, n
     return DataSplits(train, test, 10, 28)
 
 
-def _imagenet(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
-    expected = "train/<class>/*.JPEG and val/<class>/*.JPEG (ImageFolder layout, one folder per class)"
+def _image_folders(what: str, data_dir: str | None, image_size: int | None) -> DataSplits:
+    """``data_dir/train`` and ``data_dir/val`` as torchvision ImageFolders with ImageNet's transforms
+    (RandomResizedCrop + flip for training; resize to 256/224 of the size, center crop for evaluation).
+
+    Raises:
+        ValueError: a missing train/ or val/, a folder without images, or different class folders.
+    """
+    expected = "train/<class>/*.jpg and val/<class>/*.jpg (ImageFolder layout, one folder per class)"
     if not data_dir or not (Path(data_dir) / "train").is_dir() or not (Path(data_dir) / "val").is_dir():
-        raise ValueError(f"ImageNet not found in data_dir {data_dir!r}: expected {expected}")
+        raise ValueError(f"{what} not found in data_dir {data_dir!r}: expected {expected}")
     size = image_size or 224
     norm = [v2.ToImage(), *_normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train = tv_datasets.ImageFolder(str(Path(data_dir) / "train"),
-                                    transform=v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *norm]))
-    test = tv_datasets.ImageFolder(str(Path(data_dir) / "val"),
-                                   transform=v2.Compose([v2.Resize(size * 256 // 224), v2.CenterCrop(size), *norm]))
-    if train.classes != test.classes:
-        raise ValueError(f"ImageNet train/ and val/ in {data_dir!r} have different class folders")
-    return DataSplits(train, test, len(train.classes), size)
+    tfs = {"train": v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *norm]),
+           "val": v2.Compose([v2.Resize(size * 256 // 224), v2.CenterCrop(size), *norm])}
+    folders = {}
+    for split, tf in tfs.items():
+        try:
+            folders[split] = tv_datasets.ImageFolder(str(Path(data_dir) / split), transform=tf)
+        except FileNotFoundError as exc:  # no class folder, or no image file in them
+            raise ValueError(f"{what}: {Path(data_dir) / split} holds no images ({' '.join(str(exc).split())[:200]}); "
+                             f"expected {expected}") from None
+    if folders["train"].classes != folders["val"].classes:
+        raise ValueError(f"{what} train/ and val/ in {data_dir!r} have different class folders: "
+                         f"{folders['train'].classes[:5]}... vs {folders['val'].classes[:5]}...")
+    return DataSplits(folders["train"], folders["val"], len(folders["train"].classes), size)
+
+
+def _imagenet(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+    return _image_folders("ImageNet", data_dir, image_size)
+
+
+def _imagefolder(data_dir: str | None, image_size: int | None, samples: int, num_classes: int | None) -> DataSplits:
+    return _image_folders("imagefolder", data_dir, image_size)
 
 
 class SyntheticImages(Dataset):
@@ -358,6 +380,7 @@ DATASETS: dict[str, Callable[[str | None, int | None, int, int | None], DataSpli
     "cifar10": _cifar10,
     "fashion_mnist": _fashion_mnist,
     "imagenet": _imagenet,
+    "imagefolder": _imagefolder,
     "synthetic": _synthetic,
 }
 

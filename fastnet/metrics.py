@@ -39,20 +39,55 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MetricsWriter:
-    """Appends records to ``<out_dir>/metrics.jsonl`` (rank 0 only; other ranks write nothing)."""
+# Scalars mirrored to TensorBoard, by record kind (tag "<kind>/<field>", x = the record's step).
+TENSORBOARD_FIELDS = {
+    "step": ("train_loss", "lr", "loss_scale", "images_per_s", "comm_s", "comm_busy_s", "comm_hidden_s",
+             "grad_noise_scale", "grad_sq_norm", "grad_trace", "update_ratio_adapted", "update_ratio_excluded"),
+    "eval": ("top1", "top5", "eval_loss"),
+    "epoch": ("train_loss", "top1", "top5", "eval_loss", "images_per_s", "comm_s"),
+    "test": ("top1", "top5", "eval_loss"),
+}
 
-    def __init__(self, out_dir: str | Path, enabled: bool) -> None:
+
+class MetricsWriter:
+    """Appends records to ``<out_dir>/metrics.jsonl`` (rank 0 only; other ranks write nothing); with
+    ``tensorboard`` also the scalars of :data:`TENSORBOARD_FIELDS` as TensorBoard events in
+    ``<out_dir>/tensorboard/`` (``torch.utils.tensorboard``; the ``viz`` extra installs tensorboard).
+
+    Raises:
+        RuntimeError: ``tensorboard`` without the tensorboard package (the extra named).
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
+        self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise RuntimeError("--tensorboard needs the tensorboard package: pip install 'fastnet[viz]'") \
+                        from None
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
 
     def write(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"kind": kind, **{k: _clean(v) for k, v in fields.items()}}) + "\n")
+        if self._tb is not None and kind in TENSORBOARD_FIELDS and "step" in fields:
+            for name in TENSORBOARD_FIELDS[kind]:
+                value = fields.get(name)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{name}", value, fields["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                     b.copy_(saved)
 
     out_dir = Path(cfg.out_dir)
-    metrics = MetricsWriter(out_dir, world.is_main)
+    metrics = MetricsWriter(out_dir, world.is_main, tensorboard=cfg.tensorboard)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         resolved = {**cfg.to_dict(), "world_size": world.size, "accumulation_steps": accum,
@@ -479,6 +479,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         "session_s": time.perf_counter() - t_start,
     }
     metrics.write("summary", **summary)
+    metrics.close()
     return summary
 
 

@@ -366,3 +366,46 @@ def test_child_processes_keep_fastnet_kernels_only(monkeypatch):
     monkeypatch.setenv("FASTNET_EPOCHS", "7")
     env = child_env()
     assert env["FASTNET_KERNELS"] == "1" and "FASTNET_EPOCHS" not in env
+
+
+def _image_tree(root, classes=("cat", "dog"), per_class=3, size=20):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for i, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for k in range(per_class):
+                Image.new("RGB", (size, size), (40 * i + k, 100, 200)).save(root / split / c / f"{k}.png")
+    return root
+
+
+def test_imagefolder_reads_any_train_val_tree_with_imagenets_transforms(tmp_path):
+    from fastnet.data import build_datasets
+
+    splits = build_datasets("imagefolder", str(_image_tree(tmp_path / "pets")), 32)
+    assert splits.num_classes == 2 and splits.image_size == 32 and len(splits.train) == 6
+    x, y = splits.test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 0
+
+
+def test_imagefolder_errors_name_the_folder(tmp_path):
+    from fastnet.data import build_datasets
+
+    with pytest.raises(ValueError, match="imagefolder not found in data_dir .*train/<class>"):
+        build_datasets("imagefolder", str(tmp_path))
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="train holds no images"):
+        build_datasets("imagefolder", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_trainer_runs_a_torchvision_model_on_an_image_folder(tmp_path):
+    from tests.conftest import run_trainer
+
+    data = _image_tree(tmp_path / "pets", per_class=4)
+    res = run_trainer(["--dataset", "imagefolder", "--data-dir", str(data), "--model", "mobilenet_v3_small",
+                       "--image-size", "32", "--global-batch-size", "4", "--micro-batch-size", "4", "--epochs", "1",
+                       "--workers", "0", "--progress", "none", "--out-dir", str(tmp_path / "run")])
+    assert res.returncode == 0, res.stderr
+    assert "best top-1" in res.stderr

@@ -13,10 +13,17 @@ Models:
     no max-pool), 11.2M parameters.
   * ``small_cnn``: a four-conv CNN for small images (the embedded digits dataset);
     ``small_cnn_dropout``: the same with dropout 0.5 before the classifier.
+
+Any other name: a torchvision classification model (``torchvision.models.list_models``, e.g.
+``resnet18``, ``vit_b_16``, ``convnext_tiny``; random weights, ``num_classes`` and, for the models
+that take one, ``image_size`` passed through), or a timm model with ``timm:`` before its name
+(``timm:resnet18``, ``timm:vit_tiny_patch16_224``; the optional ``timm`` extra). An unknown name is
+a ValueError listing the closest known names (:func:`check_model_name`).
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable
 
 import torch.nn as nn
@@ -56,12 +63,65 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
-    """Build a registered model. Raises ValueError listing the valid names for an unknown one."""
+TIMM_PREFIX = "timm:"
+
+
+def torchvision_models() -> list[str]:
+    """torchvision's classification models (not detection, segmentation, video or quantized ones)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm():
     try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"Unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}") from None
+        import timm
+    except ImportError:
+        raise RuntimeError("timm models need the timm package: pip install 'fastnet[timm]' (or pip install timm)") \
+            from None
+    return timm
+
+
+def check_model_name(name: str) -> None:
+    """Raise ValueError for a name that is neither fastnet's, torchvision's nor (``timm:``) timm's,
+    listing the closest known names; RuntimeError for ``timm:`` without timm installed."""
+    if name in MODELS:
+        return
+    if name.startswith(TIMM_PREFIX):
+        known = _timm().list_models()
+        if name[len(TIMM_PREFIX):] in known:
+            return
+        close = difflib.get_close_matches(name[len(TIMM_PREFIX):], known, n=5, cutoff=0.6)
+        raise ValueError(f"Unknown timm model {name[len(TIMM_PREFIX):]!r}" +
+                         (f"; close matches: {', '.join(TIMM_PREFIX + c for c in close)}" if close else
+                          " (timm.list_models() lists them)"))
+    known = sorted(MODELS) + torchvision_models()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    raise ValueError(f"Unknown model {name!r}" + (f"; close matches: {', '.join(close)}" if close else "") +
+                     f". Valid: fastnet's ({', '.join(sorted(MODELS))}), any torchvision classification model "
+                     f"(torchvision.models.list_models()), or timm:NAME")
+
+
+def build_model(name: str, num_classes: int, image_size: int) -> nn.Module:
+    """Build a model by name (module docstring): fastnet's registry, then torchvision's classification
+    models, then ``timm:NAME``; random initial weights. Raises ValueError for an unknown name (the
+    closest known ones listed) or ``num_classes < 2``; RuntimeError for ``timm:`` without timm."""
+    check_model_name(name)
     if num_classes < 2:
         raise ValueError(f"Invalid num_classes: {num_classes} (must be >= 2)")
-    return factory(num_classes, image_size)
+    if name in MODELS:
+        return MODELS[name](num_classes, image_size)
+    if name.startswith(TIMM_PREFIX):
+        timm = _timm()
+        model_name = name[len(TIMM_PREFIX):]
+        try:  # transformers fix their patch grid by img_size; timm's CNNs take any size and refuse the argument
+            return timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=image_size)
+        except TypeError:
+            return timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    builder = torchvision.models.get_model_builder(name)
+    kwargs = {"weights": None, "num_classes": num_classes}
+    if image_size and name.startswith("vit_"):
+        kwargs["image_size"] = image_size  # the patch grid; CNNs pool globally and take any size
+    elif image_size and name.startswith("maxvit"):
+        kwargs["input_size"] = (image_size, image_size)
+    return builder(**kwargs)

@@ -49,7 +49,28 @@ def test_forward_shapes(name, size):
 
 
 def test_unknown_model_lists_names():
-    with pytest.raises(ValueError, match="valid models: " + ", ".join(sorted(MODELS))):
-        build_model("vgg16", 10, 32)
+    with pytest.raises(ValueError, match="fastnet's \\(" + ", ".join(sorted(MODELS))):
+        build_model("vgg17", 10, 32)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("resnet20", 1, 32)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "vit_b_16", "timm:resnet18",
+                                  "timm:vit_tiny_patch16_224"])
+def test_torchvision_and_timm_models_by_name_with_classes_and_image_size(name):
+    """Any torchvision classification model, and timm's with timm: (the timm extra), with num_classes
+    and image_size passed through (a ViT's patch grid follows image_size)."""
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    model = build_model(name, 7, 32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name,match", [("resnet19", "close matches: resnet18"),
+                                        ("timm:resnet1888", "close matches: timm:resnet18"),
+                                        ("zzz", "any torchvision classification model")])
+def test_unknown_model_names_list_close_matches(name, match):
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    with pytest.raises(ValueError, match=match):
+        build_model(name, 10, 32)
