@@ -229,9 +229,28 @@ def sweep_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def noise_lines(rows: list[dict]) -> list[str]:
+    """The gradient noise scale the runs measured (B_simple from micro-batches of 256 vs the global
+    batch; only runs with accumulation measure it): per run its first logged value (after the first
+    log interval's moving average) and its last before it stopped, then the medians over runs."""
+    runs = [r for r in rows if r.get("noise_scale_curve")]
+    if not runs:
+        return ["B_noise: not measured yet (runs at a global batch above 256 measure it)"]
+    lines = ["| run | B_noise at the start (step) | B_noise near the end (step) |", "|---|---:|---:|"]
+    for r in sorted(runs, key=lambda r: (r["global_batch"], r["optimizer"], r["peak_lr"], r["seed"])):
+        (s0, b0), (s1, b1) = r["noise_scale_curve"][0], r["noise_scale_curve"][-1]
+        lines.append(f"| {r['run']} | {b0:g} ({s0}) | {b1:g} ({s1}) |")
+    first = statistics.median(r["noise_scale_curve"][0][1] for r in runs)
+    last = statistics.median(r["noise_scale_curve"][-1][1] for r in runs)
+    return lines + ["", f"B_noise ≈ {first:.0f} at the start and ≈ {last:.0f} near the target (medians over "
+                        f"{len(runs)} runs)"]
+
+
 def cmd_table(a: argparse.Namespace) -> None:
     rows = usable(load_results(), study_settings()["target_accuracy"])
     print("\n".join(table_lines(rows)))
+    print()
+    print("\n".join(noise_lines(rows)))
     if a.sweep:
         print()
         print("\n".join(sweep_lines(rows)))
