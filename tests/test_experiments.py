@@ -254,3 +254,13 @@ def test_steps_study_plot_draws_both_optimizers(tmp_path, monkeypatch):
     out = tmp_path / "plot.png"
     study.main(["plot", "--out", str(out)])
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_steps_study_summarizes_the_measured_noise_scale():
+    study = _steps_study()
+    rows = [{**_row(512, "sgd", 0.2, 0, [[10, 61.0]]), "noise_scale_curve": [[20, 300.0], [200, 900.0]]},
+            {**_row(1024, "lars", 2.0, 0, [[10, 61.0]]), "noise_scale_curve": [[20, 500.0], [100, 1100.0]]},
+            _row(256, "sgd", 0.1, 0, [[10, 61.0]])]  # no accumulation: nothing measured
+    lines = study.noise_lines(rows)
+    assert "| b512_sgd_lr0.2_s0 | 300 (20) | 900 (200) |" in lines
+    assert lines[-1].startswith("B_noise ≈ 400 at the start and ≈ 1000 near the target (medians over 2 runs)")
