@@ -450,8 +450,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         save()
 
     test_top1 = progress.final_top1
+    sync_buffers(model, world, cfg.buffer_sync)  # training is over: the agreed statistics, for good
     if val_set is not None and progress.global_step > 0:  # the test set, read once, with the final model
-        sync_buffers(model, world, cfg.buffer_sync)
         test = evaluate(model, test_loader, world, precision, cfg.channels_last)
         test_top1 = test["top1"]
         metrics.write("test", step=progress.global_step, **test)
