@@ -191,7 +191,8 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 def best_per_batch(rows: list[dict]) -> dict[tuple[int, str], dict]:
     """For each (global batch, optimizer): the peak LR whose median steps to target over its seeds is
-    lowest (a seed that did not reach counts as infinitely many steps), with its seeds' numbers."""
+    lowest (a seed that did not reach counts as infinitely many steps; ties: more seeds, then the
+    lower LR), with its seeds' numbers."""
     by_lr: dict[tuple[int, str, float], list[dict]] = {}
     for r in rows:
         by_lr.setdefault((r["global_batch"], r["optimizer"], r["peak_lr"]), []).append(r)
@@ -204,7 +205,7 @@ def best_per_batch(rows: list[dict]) -> dict[tuple[int, str], dict]:
                                                    else math.inf for r in runs),
                 "budget_steps": max(r["budget_steps"] for r in runs)}
         cur = best.get((batch, opt))
-        if cur is None or (med, -len(runs)) < (cur["median_steps"], -len(cur["runs"])):
+        if cur is None or (med, -len(runs), lr) < (cur["median_steps"], -len(cur["runs"]), cur["peak_lr"]):
             best[(batch, opt)] = cand
     return best
 
