@@ -19,8 +19,8 @@ QUIET_PIP   := sed '/^WARNING: Location/d'   # this machine's local-wheel index 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q $(TORCH_SPEC) 2>&1 | $(QUIET_PIP))
-	$(PY) -m pip install -q -e '.[dev,mpi,viz,timm]' 2>&1 | $(QUIET_PIP)
-	$(PY) -c "import torch, torchvision, fastnet, sklearn, yaml, tqdm, pydantic_settings, pytest, hypothesis, mpi4py, tensorboard, timm"
+	$(PY) -m pip install -q -e '.[dev,mpi,viz,timm,integrations]' 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import torch, torchvision, fastnet, sklearn, yaml, tqdm, pydantic_settings, pytest, hypothesis, mpi4py, tensorboard, timm, lightning, accelerate"
 	touch $@
 
 setup: $(VENV)/.installed
