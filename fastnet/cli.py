@@ -28,16 +28,23 @@ RUN_FILES = ("metrics.jsonl", "config.yaml")
 
 
 def launch_rank() -> int:
-    """This process's rank from the launcher's environment (torchrun, MPICH, Open MPI), before any
-    process group exists; 0 for a single process."""
-    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+    """This process's rank from the launcher's environment (torchrun, MPICH, Open MPI, Slurm's srun),
+    before any process group exists; 0 for a single process."""
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", *_SLURM_STEP("SLURM_PROCID")):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 0
 
 
+def _SLURM_STEP(name: str) -> tuple[str, ...]:  # noqa: N802
+    """``(name,)`` inside a task of an ``srun`` step of several tasks (where ``SLURM_PROCID`` is the
+    task's rank; a batch script's own ``SLURM_*`` describe the job, not a rank), else ``()``."""
+    return (name,) if os.environ.get("SLURM_STEP_NUM_TASKS", "1").isdigit() and \
+        int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 else ()
+
+
 def launch_world_size() -> int:
-    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", *_SLURM_STEP("SLURM_STEP_NUM_TASKS")):
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 1

@@ -67,6 +67,8 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
     init_method = "env://"
     if "RANK" not in env and ("PMI_RANK" in env or "OMPI_COMM_WORLD_RANK" in env):
         rank, size, local_rank, local_size, init_method = _mpi_rendezvous(env)
+    elif "RANK" not in env and "SLURM_PROCID" in env and _env_int(env, "SLURM_STEP_NUM_TASKS", 1) > 1:
+        rank, size, local_rank, local_size, init_method = _slurm_rendezvous(env)
     else:
         rank, size = _env_int(env, "RANK", 0), _env_int(env, "WORLD_SIZE", 1)
         local_rank = _env_int(env, "LOCAL_RANK", rank)
@@ -93,6 +95,38 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
         dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return World(rank, size, local_rank, local_size, dev)
+
+
+def _slurm_rendezvous(env: Mapping[str, str]) -> tuple[int, int, int, int, str]:
+    """A task of an ``srun`` step of several tasks (no torchrun, no MPI): ranks from ``SLURM_PROCID``,
+    ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID`` and ``SLURM_STEP_TASKS_PER_NODE``; the rendezvous at
+    ``MASTER_ADDR`` (default: the allocation's first node, from ``scontrol show hostnames``) and
+    ``MASTER_PORT`` (default: 20000 + the job id mod 20000, the same for every task of the job). A
+    batch script's own ``SLURM_*`` (no step) describe the job, not a rank, and are not read.
+
+    Raises:
+        ValueError: no ``MASTER_ADDR`` and no ``scontrol`` to find the first node (set it).
+    """
+    import shutil
+    import subprocess
+
+    rank, size = _env_int(env, "SLURM_PROCID", 0), _env_int(env, "SLURM_STEP_NUM_TASKS", 1)
+    local_rank = _env_int(env, "SLURM_LOCALID", 0)
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0]  # "2(x3),1" -> "2"
+    local_size = int(per_node) if per_node.isdigit() else size
+    host = env.get("MASTER_ADDR")
+    if not host:
+        nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        if shutil.which("scontrol") and nodes:
+            host = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                  timeout=30).stdout.split()[0]
+        elif nodes and all(c not in nodes for c in "[],"):
+            host = nodes  # one node, no range to expand
+        else:
+            raise ValueError(f"under srun without torchrun: set MASTER_ADDR (the allocation's first node; "
+                             f"SLURM_JOB_NODELIST={nodes!r} needs scontrol to expand)")
+    port = env.get("MASTER_PORT") or str(20000 + _env_int(env, "SLURM_JOB_ID", 0) % 20000)
+    return rank, size, local_rank, local_size, f"tcp://{host}:{port}"
 
 
 def _mpi_rendezvous(env: Mapping[str, str]) -> tuple[int, int, int, int, str]:

@@ -183,7 +183,7 @@ def test_digits_is_real_and_split_fixed():
 
 
 def test_unknown_dataset_lists_valid():
-    with pytest.raises(ValueError, match="valid datasets: cifar10, digits, fashion_mnist, imagenet, synthetic"):
+    with pytest.raises(ValueError, match="valid datasets: cifar10, digits, fashion_mnist, imagefolder, imagenet, synthetic"):
         build_datasets("mnist")
 
 
