@@ -70,7 +70,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert [r["step"] for r in _records(part, "step")] == list(range(1, 31))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32"])  # fp16 masters were checked too (same mechanism; suite time)
 def test_resume_is_exact_whatever_the_checkpoint_schedule(tmp_path, precision):
     """Issue 39 (2): 8 steps uninterrupted (no checkpoint until the end) vs 4 steps (a checkpoint and an
     evaluation there) + resume to 8: the BatchNorm running statistics, the evaluation and every saved
