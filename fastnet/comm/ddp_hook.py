@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from fastnet.comm.communicator import TorchCommunicator, build_communicator
+from fastnet.comm.communicator import Communicator, TorchCommunicator, build_communicator
 from fastnet.comm.cost_model import CostModel
 from fastnet.comm.sync import AlgorithmAllReduce
 from fastnet.comm.synchronizer import CommThread
@@ -50,10 +50,10 @@ class HookState:
     stream's sync). ``started − submitted`` is the wait behind earlier buckets, ``ended − started``
     the reduction's own time (cast, algorithm, cast back)."""
 
-    __slots__ = ("sync", "thread", "stream", "records")
+    __slots__ = ("sync", "thread", "stream", "records", "comm")
 
-    def __init__(self, sync: AlgorithmAllReduce) -> None:
-        self.sync, self.thread = sync, CommThread()
+    def __init__(self, sync: AlgorithmAllReduce, comm: "Communicator | None" = None) -> None:
+        self.sync, self.thread, self.comm = sync, CommThread(), comm  # comm: the one ddp_hook made (closed here)
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.records: list[tuple[int, float, float, float]] = []
 
@@ -63,9 +63,13 @@ class HookState:
         return out
 
     def close(self) -> None:
-        """Stop the thread and close the communicators the all-reduce split off (the hierarchy's)."""
+        """Stop the thread and close the communicators the hook made: the all-reduce's hierarchy, then
+        the communicator ``ddp_hook`` built (the same order on every rank)."""
         self.thread.close()
         self.sync.close()
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
 
 
 def fastnet_allreduce_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -122,4 +126,4 @@ def ddp_hook(algorithm: str = "ring", wire_dtype: str = "none", fusion_mb: float
         comm = build_communicator(communicator, group=group)
     sync = AlgorithmAllReduce(comm, algorithm, int(fusion_mb * (1 << 20)), wire_dtype, ranks_per_node, cost_model,
                               predivide_factor=predivide_factor)
-    return HookState(sync), fastnet_allreduce_hook
+    return HookState(sync, comm), fastnet_allreduce_hook
