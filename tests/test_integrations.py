@@ -42,5 +42,9 @@ def test_accelerate_refuses_the_backend_by_name_on_cpu():
     backend but mpi by gloo, so InitProcessGroupKwargs(backend="fastnet") is refused; the recipe creates
     the group first. If a future Accelerate accepts it, this test says so."""
     pytest.importorskip("accelerate")
-    res = _torchrun("accelerate_mlp.py", "fastnet", "kwargs")
+    # one process posing as rank 0 of 2: Accelerate refuses before any rendezvous
+    env = child_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT="1")
+    res = subprocess.run([sys.executable, str(REPO / "tests" / "integrations" / "accelerate_mlp.py"), "fastnet",
+                          "kwargs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "Your assigned backend fastnet is not available, please use gloo" in res.stderr

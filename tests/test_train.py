@@ -44,12 +44,17 @@ def test_two_process_run_learns_and_ranks_agree(tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-    """N steps, stop, resume to 2N == 2N uninterrupted; N lands mid-epoch and 2N in the next epoch."""
+    """N steps, stop, resume to 2N == 2N uninterrupted, bit for bit, whatever the checkpoint schedule: the
+    uninterrupted run checkpoints only at its epoch end, the other every 5 steps and where it stops (with an
+    evaluation there); N lands mid-epoch and 2N in the next epoch. Issue 39 (2): BatchNorm statistics were
+    averaged over the ranks in place at each checkpoint and evaluation, so when those happened changed the
+    statistics training went on with (this test failed on that code: running_mean)."""
     common = [*FAST, "--global-batch-size", "64", "--micro-batch-size", "16", "--epochs", "3",
-              "--checkpoint-interval", "5", "--log-interval", "1"]  # accumulation 2 with 2 ranks; 22 steps/epoch
+              "--log-interval", "1"]  # accumulation 2 with 2 ranks; 22 steps/epoch
     full, part = tmp_path / "full", tmp_path / "part"
     res = run_trainer([*common, "--max-steps", "30", "--out-dir", str(full)], nproc=2)
     assert res.returncode == 0, res.stderr
+    common += ["--checkpoint-interval", "5"]
     res = run_trainer([*common, "--max-steps", "15", "--out-dir", str(part)], nproc=2)
     assert res.returncode == 0, res.stderr
     mid = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
@@ -65,33 +70,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         assert torch.equal(t, b["model"][key]), key
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    for ra, rb in zip(a["buffers"], b["buffers"]):  # each rank's live BatchNorm statistics
+        assert all(torch.equal(x, y) for x, y in zip(ra, rb))
+    (sa,), sb = _records(full, "summary"), _records(part, "summary")[-1]
+    assert sa["state_checksums"] == sb["state_checksums"] and sa["final_top1"] == sb["final_top1"]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 30
     # the resumed run appended to the same metrics file: steps 1..30 each logged once
     assert [r["step"] for r in _records(part, "step")] == list(range(1, 31))
-
-
-@pytest.mark.parametrize("precision", ["fp32"])  # fp16 masters were checked too (same mechanism; suite time)
-def test_resume_is_exact_whatever_the_checkpoint_schedule(tmp_path, precision):
-    """Issue 39 (2): 8 steps uninterrupted (no checkpoint until the end) vs 4 steps (a checkpoint and an
-    evaluation there) + resume to 8: the BatchNorm running statistics, the evaluation and every saved
-    tensor end bit-identical. Before, buffers were averaged over the ranks in place at each checkpoint
-    and evaluation, so when those happened changed the statistics training went on with."""
-    common = [*FAST, "--global-batch-size", "64", "--micro-batch-size", "32", "--epochs", "3",
-              "--precision", precision, "--log-interval", "1"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_trainer([*common, "--max-steps", "8", "--out-dir", str(full)], nproc=2).returncode == 0
-    res = run_trainer([*common, "--max-steps", "4", "--out-dir", str(part)], nproc=2)
-    assert res.returncode == 0, res.stderr
-    res = run_trainer([*common, "--max-steps", "8", "--resume", str(part)], nproc=2)
-    assert res.returncode == 0, res.stderr
-    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
-    for key, t in a["model"].items():
-        assert torch.equal(t, b["model"][key]), key
-    for ra, rb in zip(a["buffers"], b["buffers"]):  # each rank's live statistics
-        assert all(torch.equal(x, y) for x, y in zip(ra, rb))
-    (sa,), (sb,) = _records(full, "summary"), _records(part, "summary")[-1:]
-    assert sa["state_checksums"] == sb["state_checksums"] and sa["final_top1"] == sb["final_top1"]
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 3])
