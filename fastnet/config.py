@@ -122,8 +122,6 @@ class TrainConfig(BaseModel):
                                   "an error")
     loss_scale_hysteresis: int = Field(1, ge=1, description="overflowing steps in a row before the scale backs off")
     channels_last: bool = Field(False, description="NHWC memory format for the model and inputs")
-    compile: bool = Field(False, description="torch.compile the training forward and backward (Inductor; the "
-                          "first step compiles, evaluation stays eager)")
     seed: int = Field(0, ge=0, description="seed of the initial weights, the data order and augmentation")
     # input pipeline
     workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")

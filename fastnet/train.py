@@ -188,9 +188,6 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     broadcast_from_rank0(model, world)
     model = precision.prepare(model)  # fp16/bf16: cast (norms stay FP32), FP32 masters, flat buffers
     torch.manual_seed(cfg.seed + world.rank)  # per-rank stream for dropout and the like
-    # Training goes through the compiled module; evaluation, checkpoints and the gradient hooks see `model`
-    # itself (the compiled module shares its parameters), so nothing else changes with --compile.
-    train_forward = torch.compile(model) if cfg.compile else model
 
     train_set = EpochSeeded(splits.train, cfg.seed)
     sampler = ResumableDistributedSampler(train_set, world.size, world.rank, cfg.seed, block_size=cfg.micro_batch_size)
@@ -343,7 +340,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                     x = x.contiguous(memory_format=torch.channels_last)
                 accumulate_only = grad_sync.no_sync() if grad_sync and micro < accum - 1 else contextlib.nullcontext()
                 with precision.autocast():
-                    loss = criterion(train_forward(precision.cast_input(x)).float(), y) / accum
+                    loss = criterion(model(precision.cast_input(x)).float(), y) / accum
                 if grad_sync is not None and micro == accum - 1:
                     grad_sync.prepare_for_backward(loss)  # find_unused_parameters: mark unused ones ready now
                 with accumulate_only:
