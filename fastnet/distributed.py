@@ -216,9 +216,14 @@ def synced_buffers(module: torch.nn.Module, world: World, policy: str = "average
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, saved in zip(module.buffers(), live):
-                b.copy_(saved)
+        load_buffers(module, live)
+
+
+def load_buffers(module: torch.nn.Module, tensors) -> None:
+    """Copy ``tensors`` (one per buffer, in ``module.buffers()`` order) into the module's buffers."""
+    with torch.no_grad():
+        for b, saved in zip(module.buffers(), tensors):
+            b.copy_(saved)
 
 
 def gather_objects(obj: object, world: World) -> list[object] | None:

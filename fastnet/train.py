@@ -39,8 +39,8 @@ from fastnet.comm.communicator import build_communicator
 from fastnet.config import REPLANNED, TrainConfig, accumulation_steps, check_world, config_changes, epoch_plan
 from fastnet.data import (EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, hold_out,
                           train_loader)
-from fastnet.distributed import (World, all_reduce_sum, broadcast_from_rank0, gather_objects, sync_buffers,
-                                 synced_buffers)
+from fastnet.distributed import (World, all_reduce_sum, broadcast_from_rank0, gather_objects, load_buffers,
+                                 sync_buffers, synced_buffers)
 from fastnet.metrics import MetricsWriter
 from fastnet.models import build_model
 from fastnet.noise_scale import GradientNoiseScale, MicroBatchGradNorms
@@ -247,9 +247,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             noise.load_state_dict(state["noise_scale"])
         per_rank = state.get("buffers")
         if per_rank is not None and len(per_rank) == world.size:  # this rank's live statistics (an exact resume)
-            with torch.no_grad():
-                for b, saved in zip(model.buffers(), per_rank[world.rank]):
-                    b.copy_(saved)
+            load_buffers(model, per_rank[world.rank])
 
     out_dir = Path(cfg.out_dir)
     metrics = MetricsWriter(out_dir, world.is_main, tensorboard=cfg.tensorboard)
