@@ -95,7 +95,10 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, list[Path]]:
     if resume == "auto":  # the run's checkpoints directory: the newest checkpoint there that loads
         resume = str(cfg.checkpoint_path.parent) if ckpt.candidates(cfg.checkpoint_path.parent) else None
     if resume is None:
+        auto = cfg.resume == "auto"
         cfg = cfg.model_copy(update={"resume": None})
+        if auto and _same_run_without_checkpoint(cfg):
+            return cfg, None, []  # it crashed before its first checkpoint: start it over, in place
         return cfg, None, check_fresh_out_dir(cfg)
     state = ckpt.load(resume, map_location="cpu")
     saved = state.get("config") or {}
@@ -106,6 +109,26 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, list[Path]]:
                          f"within a run: {'; '.join(conflicts)}. Drop them to continue the run, or start a new "
                          f"run with another --out-dir")
     return merged, state, []
+
+
+def _same_run_without_checkpoint(cfg: TrainConfig) -> bool:
+    """``--resume auto`` and no checkpoint: True when the out_dir holds this same run (its
+    ``config.yaml`` differs from ``cfg`` in no option that cannot change within a run), which
+    stopped before its first checkpoint (e.g. a crash that torchrun restarts): it starts over from
+    step 0 in place, its metrics continued after a ``resume`` record at step 0. Any other run there
+    is refused by :func:`check_fresh_out_dir`."""
+    import yaml
+
+    from fastnet.config import resume_conflicts
+
+    path = Path(cfg.out_dir) / "config.yaml"
+    if not run_files(cfg) or not path.is_file():
+        return False
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return False
+    return isinstance(saved, dict) and not resume_conflicts(saved, cfg)
 
 
 def print_config(cfg: TrainConfig) -> None:

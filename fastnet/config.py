@@ -36,7 +36,8 @@ from fastnet.yamlio import load_yaml_file
 
 ENV_PREFIX = "FASTNET_"
 # FASTNET_* variables that are read elsewhere, not options of fastnet-train
-OTHER_ENV = {"FASTNET_KERNELS": "opt in to the fused CUDA kernels (fastnet.kernels)"}
+OTHER_ENV = {"FASTNET_KERNELS": "opt in to the fused CUDA kernels (fastnet.kernels)",
+             "FASTNET_KILL_AT": "fault injection for the restart tests (fastnet.faults)"}
 
 # Registries, spelt out here so that parsing needs no torch; tests check them against the registries.
 MODELS = ("small_cnn", "small_cnn_dropout", "resnet8", "resnet20", "resnet56", "resnet18_cifar", "resnet50", "alexnet",

@@ -92,9 +92,32 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0,
         raise ValueError("backend 'nccl' needs CUDA tensors; use --backend gloo on CPU")
     if size > 1 and not dist.is_initialized():
         kwargs = {"device_id": dev} if use_cuda else {}
-        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, store=attempt_store(init_method, rank, size, timeout, env),
+                                rank=rank, world_size=size, timeout=timeout, **kwargs)
     return World(rank, size, local_rank, local_size, dev)
+
+
+def attempt_store(init_method: str, rank: int, size: int, timeout: datetime.timedelta,
+                  environ: Mapping[str, str] | None = None) -> dist.Store:
+    """The rendezvous store of ``init_method`` (``env://`` or ``tcp://host:port``), its keys under
+    ``fastnet/attempt_<TORCHELASTIC_RESTART_COUNT>/`` (``attempt_0`` without torchrun).
+
+    torchrun's elastic agent keeps one store for the whole job and restarts the workers on it after
+    a failure (``--max-restarts``); torch 2.14's env:// rendezvous then reuses it unprefixed, so a
+    restarted worker reads the previous attempt's gloo addresses (``connectFullMesh ... Connection
+    refused``) and, for the groups made after, waits on keys nobody writes. Keying each attempt apart
+    makes every restart rendezvous afresh. Use it for ``init_process_group(store=...)`` in your own
+    script under ``torchrun --max-restarts``.
+
+    Raises:
+        ValueError: a malformed ``TORCHELASTIC_RESTART_COUNT``.
+    """
+    env = os.environ if environ is None else environ
+    attempt = _env_int(env, "TORCHELASTIC_RESTART_COUNT", 0)
+    store, _, _ = next(dist.rendezvous(init_method, rank, size, timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"fastnet/attempt_{attempt}", store)
 
 
 def _slurm_rendezvous(env: Mapping[str, str]) -> tuple[int, int, int, int, str]:

@@ -64,6 +64,11 @@ class MetricsWriter:
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_file() and self.path.stat().st_size:
+                with open(self.path, "rb+") as f:  # a crash may have torn the last line: end it
+                    f.seek(-1, 2)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -90,6 +95,31 @@ class MetricsWriter:
             self._tb = None
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Read a metrics.jsonl file back into a list of records."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: str | Path, superseded: bool = False) -> list[dict[str, Any]]:
+    """Read a metrics.jsonl file back into a list of records, in file order.
+
+    A run that crashed and resumed from its last checkpoint (``resume`` record at step ``s``)
+    recomputes the steps after ``s``; the crashed session's records of those steps are dropped
+    unless ``superseded``, so each step, evaluation and epoch appears as the run that finished
+    computed it. A line torn by the crash (not JSON, directly before a ``resume`` record) is skipped.
+
+    Raises:
+        ValueError: a line that is not JSON elsewhere (its line number named).
+    """
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    records: list[dict[str, Any]] = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i + 1 < len(lines) and '"kind": "resume"' in lines[i + 1][1]:
+                continue
+            raise ValueError(f"{path}: line {n} is not a JSON record: {line[:80]!r}") from None
+    if superseded:
+        return records
+    kept: list[dict[str, Any]] = []
+    for r in records:
+        if r.get("kind") == "resume":
+            kept = [k for k in kept if k.get("kind") == "resume" or k.get("step", 0) <= r["step"]]
+        kept.append(r)
+    return kept

@@ -34,6 +34,7 @@ import yaml
 from tqdm import tqdm
 
 from fastnet import checkpoint as ckpt
+from fastnet import faults
 from fastnet.comm import CostModel, GradientSynchronizer
 from fastnet.comm.communicator import build_communicator
 from fastnet.config import REPLANNED, TrainConfig, accumulation_steps, check_world, config_changes, epoch_plan
@@ -74,6 +75,8 @@ class Progress:
     elapsed_s: float = 0.0  # wall seconds of earlier sessions of this run
     train_s: float = 0.0  # wall seconds spent in training steps (not evaluation)
     overflow_skips: int = 0  # steps skipped by loss scaling (inf/NaN gradients)
+    epoch_loss_sum: float = 0.0  # this epoch's training losses so far (its mean is the epoch record's)
+    epoch_loss_steps: int = 0
 
 
 def param_checksum(model: nn.Module, buffers: bool = False) -> str:
@@ -110,16 +113,17 @@ def evaluate(model: nn.Module, loader, world: World, precision: Precision, chann
 
 def _checkpoint_state(cfg: TrainConfig, model, optimizer, scheduler, precision, progress: Progress,
                       rng: list[Any], noise: GradientNoiseScale | None = None,
-                      buffers: list[Any] | None = None) -> dict[str, Any]:
+                      buffers: list[Any] | None = None, bucket_plan: dict | None = None) -> dict[str, Any]:
     """The checkpoint: ``model`` holds the buffers agreed over the ranks (an evaluation model);
     ``buffers`` each rank's live ones (a list by rank, or None with one rank), restored on an exact
-    resume so that the running statistics continue as in the uninterrupted run."""
+    resume so that the running statistics continue as in the uninterrupted run; ``bucket_plan`` the
+    synchronizer's re-cut buckets (restored so that the resumed run reduces in the same buckets)."""
     return {
         "version": ckpt.VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "precision": precision.state_dict(),
         "progress": dataclasses.asdict(progress), "rng": rng, "config": cfg.to_dict(),
         "noise_scale": noise.state_dict() if noise is not None else None,
-        "buffers": buffers,
+        "buffers": buffers, "bucket_plan": bucket_plan,
     }
 
 
@@ -245,6 +249,10 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         ckpt.restore_rng(state["rng"], world.rank, world.size, cfg.seed, progress.global_step)
         if noise is not None and state.get("noise_scale"):
             noise.load_state_dict(state["noise_scale"])
+        saved_plan, saved_cfg = state.get("bucket_plan"), state.get("config", {})
+        if grad_sync is not None and saved_plan and all(
+                saved_cfg.get(k) == getattr(cfg, k) for k in ("fusion_mb", "wire_dtype", "allreduce")):
+            grad_sync.load_plan_state(saved_plan)  # the uninterrupted run's buckets, not a new timing-dependent cut
         per_rank = state.get("buffers")
         if per_rank is not None and len(per_rank) == world.size:  # this rank's live statistics (an exact resume)
             load_buffers(model, per_rank[world.rank])
@@ -261,6 +269,10 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     def wall() -> float:
         return progress.elapsed_s + time.perf_counter() - session_start
 
+    if state is None and world.is_main and metrics.path.is_file() and metrics.path.stat().st_size:
+        # --resume auto in the out_dir of this run, stopped before its first checkpoint: it starts over
+        metrics.write("resume", step=0, epoch=0, world_size=world.size, accumulation_steps=accum, checkpoint=None,
+                      changed={}, replanned=[], lr=optimizer.param_groups[0]["lr"])
     if state is not None:
         changed = config_changes(state.get("config") or {}, cfg)
         metrics.write("resume", step=progress.global_step, epoch=progress.epoch, world_size=world.size,
@@ -270,6 +282,7 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     show = cfg.progress if cfg.progress != "auto" else ("bar" if sys.stderr.isatty() else "log")
     show = show if world.is_main else "none"
 
+    kill_at = faults.kill_step(world.rank)  # FASTNET_KILL_AT: the restart tests' injected crash
     last_saved = [progress.global_step if state is not None else -1]  # the step of the newest checkpoint
 
     def save() -> None:  # collective: buffers agreed, every rank's RNG gathered to rank 0
@@ -287,7 +300,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                 saved = dataclasses.replace(progress, elapsed_s=wall())
                 try:
                     ckpt.save_atomic(_checkpoint_state(cfg, model, optimizer, scheduler, precision, saved, rng, noise,
-                                                       live), cfg.checkpoint_path, keep=cfg.keep_checkpoints,
+                                                       live, grad_sync.plan_state() if grad_sync else None),
+                                     cfg.checkpoint_path, keep=cfg.keep_checkpoints,
                                      rotate=progress.global_step != last_saved[0])
                     last_saved[0] = progress.global_step
                 except OSError as exc:
@@ -322,7 +336,9 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
         sampler.set_start_index(progress.step_in_epoch * accum * cfg.micro_batch_size)
-        epoch_loss, epoch_steps, epoch_comm = 0.0, 0, 0.0
+        if progress.step_in_epoch == 0:
+            progress.epoch_loss_sum, progress.epoch_loss_steps = 0.0, 0
+        epoch_comm = 0.0
         bar = tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch}", unit="step",
                    disable=show != "bar", dynamic_ncols=True, leave=False)
         it = iter(loader)
@@ -389,8 +405,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             now = time.perf_counter()
             progress.train_s += now - step_t0
             step_t0 = now
-            epoch_loss += global_loss
-            epoch_steps += 1
+            progress.epoch_loss_sum += global_loss
+            progress.epoch_loss_steps += 1
             epoch_comm += comm_s
             window["samples"] += batch
             window["comm"] += comm_s
@@ -421,6 +437,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                 if cfg.stop_at_target and progress.steps_to_target is not None:
                     stop_step, evaluated_at_stop = progress.global_step, True
                 step_t0 = time.perf_counter()
+            if progress.global_step == kill_at:
+                faults.kill_self()
             if cfg.checkpoint_interval and progress.global_step % cfg.checkpoint_interval == 0:
                 save()
                 step_t0 = time.perf_counter()
@@ -430,14 +448,15 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
         stopped = progress.global_step >= stop_step
         if (epoch_done and (epoch + 1) % cfg.eval_interval == 0) or (stopped and not evaluated_at_stop):
+            epoch_loss = progress.epoch_loss_sum / max(progress.epoch_loss_steps, 1)
             ev = evaluate_and_track()
             metrics.write("epoch", epoch=epoch, step=progress.global_step, samples_seen=progress.samples_seen,
-                          train_loss=epoch_loss / max(epoch_steps, 1), eval_set="val" if val_set is not None else "test",
+                          train_loss=epoch_loss, eval_set="val" if val_set is not None else "test",
                           **ev,
                           images_per_s=progress.samples_seen / max(progress.train_s, 1e-9), wall_s=wall(),
                           comm_s=epoch_comm)
             if show != "none":
-                tqdm.write(f"epoch {epoch} step {progress.global_step}: loss {epoch_loss / max(epoch_steps, 1):.4f} "
+                tqdm.write(f"epoch {epoch} step {progress.global_step}: loss {epoch_loss:.4f} "
                            f"top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}% ({ev['eval_samples']} images) "
                            f"{progress.samples_seen / max(progress.train_s, 1e-9):.0f} img/s", file=sys.stderr)
         if cfg.stop_at_target and progress.steps_to_target is not None:

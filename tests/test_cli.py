@@ -90,6 +90,28 @@ def test_resume_auto_starts_a_new_run_when_there_is_no_checkpoint(tmp_path):
     assert [r["step"] for r in _records(out, "step")] == [1, 2] and not _records(out, "resume")
 
 
+@pytest.mark.parametrize("seed,restarts", [(0, True), (1, False)])
+def test_resume_auto_without_checkpoint_restarts_only_the_same_run(tmp_path, seed, restarts):
+    """A run that stopped before its first checkpoint (a crash torchrun restarts) starts over in
+    place under --resume auto; another run's files there (here: another seed) are still refused."""
+    import yaml
+
+    from fastnet.cli import prepare
+    from fastnet.config import resolve
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = resolve(None, {"dataset": "digits", "model": "small_cnn", "out_dir": str(out), "resume": "auto"}, environ={})
+    (out / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed, "world_size": 2}))
+    (out / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    if restarts:
+        cfg2, state, stale = prepare(cfg)
+        assert state is None and stale == [] and cfg2.resume is None
+    else:
+        with pytest.raises(ValueError, match="already holds a run"):
+            prepare(cfg)
+
+
 def test_new_run_refuses_a_used_out_dir_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     assert run_trainer([*BASE, "--epochs", "1", "--max-steps", "2", "--out-dir", str(out)]).returncode == 0

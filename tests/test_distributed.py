@@ -42,3 +42,26 @@ def test_launch_rank_reads_srun_steps_only(monkeypatch, env, rank, size):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert (cli.launch_rank(), cli.launch_world_size()) == (rank, size)
+
+
+def test_attempt_store_keys_each_torchrun_attempt_apart(tmp_path):
+    """The rendezvous store's keys live under fastnet/attempt_<TORCHELASTIC_RESTART_COUNT>/, so a
+    restarted worker never reads the previous attempt's gloo addresses from torchrun's store."""
+    import datetime
+
+    from fastnet.distributed import attempt_store
+    from tests.conftest import free_port
+
+    port = free_port()
+    timeout = datetime.timedelta(seconds=10)
+    first = attempt_store(f"tcp://127.0.0.1:{port}", 0, 1, timeout, {})
+    second = attempt_store(f"tcp://127.0.0.1:{port}", 0, 1, timeout, {"TORCHELASTIC_RESTART_COUNT": "1"})
+    first.set("addr", "old")
+    second.set("addr", "new")
+    assert first.get("addr") == b"old" and second.get("addr") == b"new"
+    import torch.distributed as dist
+
+    raw = dist.TCPStore("127.0.0.1", port, 1, False, timeout=timeout)  # the unprefixed store
+    assert raw.get("fastnet/attempt_1/addr") == b"new" and raw.get("fastnet/attempt_0/addr") == b"old"
+    with pytest.raises(ValueError, match="TORCHELASTIC_RESTART_COUNT"):
+        attempt_store(f"tcp://127.0.0.1:{port}", 0, 1, timeout, {"TORCHELASTIC_RESTART_COUNT": "x"})

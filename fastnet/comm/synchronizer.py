@@ -709,6 +709,47 @@ class GradientSynchronizer:
         return {"buckets": buckets, "launch_order": list(self.launch_order),
                 "backward_s": max((r for _, r, _ in buckets), default=0.0), "ready_s": ready}
 
+    def plan_state(self) -> dict[str, list] | None:
+        """The re-cut bucket plan, for a checkpoint: ``buckets`` (each a list of parameter indices,
+        constructor order, as the bucket holds them) and ``launch_order``; None before the re-cut.
+        A resumed run restores it with :meth:`load_plan_state` instead of re-cutting from its own,
+        timing-dependent measurements, so its buckets (and with them the summation order of ring
+        and hierarchical all-reduce) are the uninterrupted run's."""
+        if not self.rebuilt:
+            return None
+        return {"buckets": [[self._index[id(p)] for p in b.params] for b in self.buckets],
+                "launch_order": list(self.launch_order)}
+
+    def load_plan_state(self, state: dict[str, list]) -> bool:
+        """Adopt a plan saved by :meth:`plan_state` (collective: checked across ranks) and skip the
+        re-cut; call before the first step. Returns False (and keeps the plan) when this
+        synchronizer would not re-cut (``rebuild_buckets`` off, no overlap, one rank).
+
+        Raises:
+            ValueError: the plan does not cover each parameter exactly once, mixes dtypes in a
+                bucket, or its launch order is not a permutation of its buckets.
+        """
+        n = len(self.params)
+        groups = [list(g) for g in state["buckets"]]
+        order = list(state["launch_order"])
+        if sorted(i for g in groups for i in g) != list(range(n)) or any(
+                len({self.params[i].dtype for i in g}) != 1 for g in groups) or sorted(order) != list(range(len(groups))):
+            raise ValueError(f"saved bucket plan does not fit these {n} parameters (buckets {groups!r}, launch order "
+                             f"{order}); resume with the model it was saved for, or drop the checkpoint's bucket_plan")
+        if not self._rebuild_pending:
+            return False
+        members = [[self.params[i] for i in (g[::-1] if self._storage else g)] for g in groups]
+        self._set_buckets(self._make_buckets(members, keep_none=True))
+        self.launch_order = order
+        self._completed_at = [0] * len(self.buckets)
+        self._launched_at = [0] * len(self.buckets)
+        self.rebuilt, self._rebuild_pending = True, False
+        check_consistency(self.comm, self._plan_items(self._threshold)
+                          + [("launch order", " ".join(map(str, self.launch_order)))],
+                          "GradientSynchronizer (restored buckets)",
+                          "Every rank loads the same checkpoint; a difference is a bug.")
+        return True
+
     def describe(self) -> list[dict[str, object]]:
         """Per bucket: index, dtype, elements, bytes (in the gradient dtype), parameters, algorithm."""
         return [{"bucket": b.index, "dtype": str(b.tensor.dtype).removeprefix("torch."), "elements": b.tensor.numel(),

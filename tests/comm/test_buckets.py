@@ -134,7 +134,26 @@ def _rebuild_worker(rank: int, world: int, port: int, queue) -> None:
             bad = "accepted"
         except ValueError as exc:
             bad = str(exc)
-        queue.put((rank, plans, rebuilt, list(sync.launch_order), diff, own, other, members, [p.numel() for p in params], bad))
+        # a resumed run adopts the saved plan and does not re-cut from its own timing (pauses swapped)
+        torch.manual_seed(0)
+        again = Stages((2,) if rank == 0 else (1, 3))
+        sync2 = GradientSynchronizer(TorchCommunicator(), again.parameters(), algorithm="ring",
+                                     fusion_threshold_bytes=1 << 20, min_bucket_bytes=0, timeout_s=60)
+        loaded = sync2.load_plan_state(sync.plan_state())
+        for x in data[:3]:
+            again(x).sum().backward()
+            sync2.synchronize()
+            sync2.zero_grad()
+        restored = ([[_name(again, p) for p in b.params] for b in sync2.buckets], list(sync2.launch_order),
+                    loaded and sync2.rebuilt)
+        try:
+            sync2.load_plan_state({"buckets": [[0]], "launch_order": [0]})
+            bad_plan = "accepted"
+        except ValueError as exc:
+            bad_plan = str(exc)
+        sync2.close()
+        queue.put((rank, plans, rebuilt, list(sync.launch_order), diff, own, other, members, [p.numel() for p in params], bad,
+                   restored, bad_plan))
         sync.close()
     finally:
         dist.destroy_process_group()
@@ -150,7 +169,7 @@ def test_rebuild_adopts_rank0s_ready_times_and_matches_ddp():
     first: registered first but used last in forward); every rank holds the same plan, and the
     parameters stay DDP's through the rebuild, with accumulation."""
     out = {r[0]: r[1:] for r in spawn_ranks(_rebuild_worker, 2)}
-    plans, rebuilt, order, diff, own, other, members, numels, bad = out[0]
+    plans, rebuilt, order, diff, own, other, members, numels, bad, restored, bad_plan = out[0]
     assert rebuilt == [False, True, True, True]
     assert out[1][0] == plans and out[1][2] == order  # the same plan on every rank
     assert len(plans[0]) == 1  # 1 MiB threshold: one bucket before the rebuild
@@ -170,6 +189,9 @@ def test_rebuild_adopts_rank0s_ready_times_and_matches_ddp():
                                                            for (n, _, a), m in zip(own["buckets"], members)]
     assert [n for n, _, _ in own["buckets"]] == [4 * sum(numels[i] for i in m) for m in members]  # fp32 wire
     assert "ready_s has 1 entries" in bad
+    # plan_state / load_plan_state (the checkpoint's bucket plan): the same buckets after 3 more steps
+    assert restored == (plans[-1], order, True) and out[1][9] == restored
+    assert "does not fit these" in bad_plan  # one bucket of parameter 0 only
 
 
 def _storage_worker(rank: int, world: int, port: int, queue) -> None:
@@ -194,9 +216,28 @@ def _storage_worker(rank: int, world: int, port: int, queue) -> None:
                 grads = torch.cat([f.float().clone() for f in flats])
                 precision.masters.zero_grad()
             results[rebuild] = (len(sync.buckets), sync.rebuilt, inside, grads)
+            if rebuild:  # the saved plan restores the same slices on fresh masters
+                torch.manual_seed(0)
+                precision2 = Precision("fp16", torch.device("cpu"), loss_scaling=False)
+                model2 = precision2.prepare(Stages((1, 3)))
+                sync2 = GradientSynchronizer(TorchCommunicator(), model2.parameters(), algorithm="native",
+                                             fusion_threshold_bytes=1 << 20, min_bucket_bytes=0, timeout_s=60,
+                                             storage=precision2.masters.grad_location)
+                sync2.load_plan_state(sync.plan_state())
+
+                def where(buckets, buffers):  # (flat buffer, element offset, elements) of each bucket
+                    return [next((i, (b.tensor.data_ptr() - f.data_ptr()) // f.element_size(), b.tensor.numel())
+                                 for i, f in enumerate(buffers)
+                                 if f.data_ptr() <= b.tensor.data_ptr() < f.data_ptr() + f.numel() * f.element_size())
+                            for b in buckets]
+
+                same = (sync2.plan_state() == sync.plan_state() and sync2.describe() == sync.describe()
+                        and where(sync2.buckets, precision2.masters.grad_buffers()) == where(sync.buckets, flats))
+                results["restored"] = same
+                sync2.close()
             sync.close()
         diff = (results[True][3] - results[False][3]).abs().max().item()
-        queue.put((rank, results[False][:3], results[True][:3], diff))
+        queue.put((rank, results[False][:3], results[True][:3], diff, results["restored"]))
     finally:
         dist.destroy_process_group()
 
@@ -207,6 +248,7 @@ def test_rebuild_with_fp16_master_storage_keeps_slices_of_the_flat_buffers():
     same bits as without the rebuild (2 ranks: a + b per element whatever the bucket)."""
     out = {r[0]: r[1:] for r in spawn_ranks(_storage_worker, 2)}
     for rank in (0, 1):
-        (n_plain, rebuilt_plain, _), (n_rebuilt, rebuilt, inside), diff = out[rank]
+        (n_plain, rebuilt_plain, _), (n_rebuilt, rebuilt, inside), diff, restored = out[rank]
         assert not rebuilt_plain and rebuilt and inside and n_rebuilt > n_plain
         assert diff == 0.0
+        assert restored  # load_plan_state: the same slices, at the same offsets, on fresh masters
