@@ -2,6 +2,7 @@
 
     python benchmarks/topology/cluster.py study --nodes 2 --ranks-per-node 2 --rate 1gbit --append docs/BENCHMARKS.md
     python benchmarks/topology/cluster.py run --nodes 2 --ranks-per-node 2 -- -m fastnet.comm.bench -a all
+    python benchmarks/topology/cluster.py partition --nodes 2 --ranks-per-node 1 --append docs/BENCHMARKS.md
     python benchmarks/topology/cluster.py down        # remove leftovers of an interrupted run
 
 Needs root (``ip netns``, ``tc``). Every run has its own id (4 hex digits) in every name it
@@ -157,10 +158,9 @@ def cluster(nodes: int, rate: str) -> Iterator[Cluster]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def launch(c: Cluster, rpn: int, args: list[str], timeout: float = 1800) -> list[subprocess.CompletedProcess]:
-    """Run ``python -m torch.distributed.run ... <args>`` on every node of cluster ``c``, each in its
-    own process group. On a timeout (seconds) or any error, every process group of the run and
-    whatever still runs in its namespaces is killed, then the error is raised."""
+def start(c: Cluster, rpn: int, args: list[str], logs: Path | None = None) -> list[subprocess.Popen]:
+    """Start ``python -m torch.distributed.run ... <args>`` on every node of cluster ``c``, each in
+    its own process group; output piped, or with ``logs`` written to ``<logs>.n<i>.{out,err}``."""
     nodes, port = len(c.addrs), 29500
     procs = []
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -169,21 +169,40 @@ def launch(c: Cluster, rpn: int, args: list[str], timeout: float = 1800) -> list
             cmd = ["ip", "netns", "exec", c.namespace(i), sys.executable, "-m", "torch.distributed.run",
                    f"--nnodes={nodes}", f"--node_rank={i}", f"--nproc_per_node={rpn}", f"--master_addr={SUBNET}.1",
                    f"--master_port={port}", *args]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, start_new_session=True))
+            out = open(f"{logs}.n{i}.out", "w") if logs else subprocess.PIPE
+            err = open(f"{logs}.n{i}.err", "w") if logs else subprocess.PIPE
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True,
+                                          start_new_session=True))
+    except BaseException:
+        kill(c, procs)
+        raise
+    return procs
+
+
+def kill(c: Cluster, procs: list[subprocess.Popen]) -> None:
+    """Kill every process group of ``procs`` and whatever still runs in ``c``'s namespaces."""
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    for i in range(len(c.addrs)):
+        _kill_namespace_processes(c.namespace(i))
+    for p in procs:
+        p.wait()
+
+
+def launch(c: Cluster, rpn: int, args: list[str], timeout: float = 1800) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m torch.distributed.run ... <args>`` on every node of cluster ``c``, each in its
+    own process group. On a timeout (seconds) or any error, every process group of the run and
+    whatever still runs in its namespaces is killed, then the error is raised."""
+    procs = start(c, rpn, args)
+    try:
         out = []
         for p in procs:
             stdout, stderr = p.communicate(timeout=timeout)
             out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
         return out
     except BaseException:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        for i in range(nodes):
-            _kill_namespace_processes(c.namespace(i))
-        for p in procs:
-            p.wait()
+        kill(c, procs)
         raise
 
 
@@ -281,10 +300,142 @@ def study(a: argparse.Namespace) -> None:
     emit(lines, a.append)
 
 
+PARTITION_TRAIN = ["-m", "fastnet.train", "--dataset", "digits", "--model", "small_cnn", "--workers", "0",
+                   "--progress", "log", "--global-batch-size", "128", "--micro-batch-size", "32", "--epochs", "3",
+                   "--log-interval", "1", "--checkpoint-interval", "5", "--resume", "auto"]
+CLOCK = {"images_per_s", "wall_s", "comm_s", "comm_busy_s", "comm_hidden_s", "session_s", "time_to_target_s",
+         "mean_images_per_s"}
+
+
+def _workers(ns: str) -> set[int]:
+    """Pids of the fastnet-train workers (not torchrun's agent) running in namespace ``ns``."""
+    found = set()
+    for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"fastnet.train" in cmd and b"torch.distributed.run" not in cmd:
+                found.add(int(pid))
+    return found
+
+
+def _comparable(out: Path) -> list[dict]:
+    from fastnet.metrics import read_metrics
+
+    return [{k: v for k, v in r.items() if k not in CLOCK} for r in read_metrics(out / "metrics.jsonl")
+            if r["kind"] != "resume"]
+
+
+def _final_state(out: Path) -> list:
+    import torch
+
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+
+    def flat(tree) -> list:
+        if isinstance(tree, torch.Tensor):
+            return [tree]
+        if isinstance(tree, dict):
+            return [t for k in sorted(tree, key=str) for t in flat(tree[k])]
+        return [t for v in tree for t in flat(v)] if isinstance(tree, (list, tuple)) else []
+
+    return flat([state["model"], state["optimizer"], state["buffers"]])
+
+
+def partition(a: argparse.Namespace) -> None:
+    """A network partition mid-training, then a clean resume (issue: faults lose nothing, case 6).
+
+    On the emulated cluster: an uninterrupted reference run of fastnet-train (digits, 3 epochs, a
+    checkpoint every 5 steps); the same run again, and once its metrics show step ``--cut-step``,
+    node ``--cut-node``'s link goes down (``ip link set <its veth> down``: packets vanish, no reset,
+    as a failed switch port). Every worker must end within ``--timeout-s`` (+ the detection slack)
+    with a one-line error naming the collective. The link comes back up and the run is relaunched
+    with ``--resume auto``: it must end bitwise equal to the reference (parameters, buffers,
+    optimizer state, metric records without their clock fields)."""
+    import time
+
+    world = a.nodes * a.ranks_per_node
+    if 128 % (32 * world):
+        raise SystemExit(f"--nodes x --ranks-per-node = {world} must divide 4 (global batch 128, micro-batch 32)")
+    train = [*PARTITION_TRAIN, "--timeout-s", f"{a.timeout_s:g}"]
+    with cluster(a.nodes, a.rate) as c:
+        ref_dir, run_dir = c.workdir / "reference", c.workdir / "partitioned"
+        ref = launch(c, a.ranks_per_node, [*train, "--out-dir", str(ref_dir)], timeout=900)
+        if any(r.returncode for r in ref):
+            raise SystemExit("the reference run failed:\n" + "\n".join(r.stderr[-2000:] for r in ref))
+        logs = c.workdir / "partition"
+        procs = start(c, a.ranks_per_node, [*train, "--out-dir", str(run_dir)], logs=logs)
+        try:
+            deadline = time.monotonic() + 600
+            metrics = run_dir / "metrics.jsonl"
+            while not (metrics.exists() and f'"step": {a.cut_step},' in metrics.read_text()):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise SystemExit(f"the run never reached step {a.cut_step}: see {logs}.n*.err")
+                time.sleep(0.05)
+            alive = {i: _workers(c.namespace(i)) for i in range(a.nodes)}
+            veth = f"fnt{c.run_id}v{a.cut_node}"
+            sh("ip", "link", "set", veth, "down")
+            cut = time.monotonic()
+            ended: dict[int, float] = {}
+            agents_done: dict[int, float] = {}
+            limit = a.timeout_s + a.slack_s
+            while time.monotonic() - cut < limit + 60 and (len(agents_done) < a.nodes or
+                                                           any(pid not in ended for v in alive.values() for pid in v)):
+                now = time.monotonic() - cut
+                for i in range(a.nodes):
+                    running = _workers(c.namespace(i))
+                    for pid in alive[i] - running:
+                        ended.setdefault(pid, now)
+                    if procs[i].poll() is not None:
+                        agents_done.setdefault(i, now)
+                time.sleep(0.1)
+        finally:
+            kill(c, procs)
+        errs = [Path(f"{logs}.n{i}.err").read_text() for i in range(a.nodes)]
+        progress = [ln for e in errs for ln in e.splitlines() if "/33)" in ln]
+        last_step = max((int(ln.split("(")[1].split("/")[0]) for ln in progress), default=0)
+        sh("ip", "link", "set", veth, "up")
+        resumed = launch(c, a.ranks_per_node, [*train, "--out-dir", str(run_dir)], timeout=900)
+        if any(r.returncode for r in resumed):
+            raise SystemExit("the resumed run failed:\n" + "\n".join(r.stderr[-2000:] for r in resumed))
+        from fastnet.metrics import read_metrics
+
+        resumes = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "resume"]
+        same_records = _comparable(run_dir) == _comparable(ref_dir)
+        x, y = _final_state(run_dir), _final_state(ref_dir)
+        import torch
+
+        same_state = len(x) == len(y) and all(torch.equal(p, q) for p, q in zip(x, y))
+    lines = [f"### Network partition: {a.nodes} nodes × {a.ranks_per_node} ranks, node {a.cut_node}'s link down "
+             f"after step {a.cut_step} — {datetime.date.today()}", "",
+             f"Command: `python benchmarks/topology/cluster.py partition --nodes {a.nodes} --ranks-per-node "
+             f"{a.ranks_per_node} --rate {a.rate} --cut-node {a.cut_node} --cut-step {a.cut_step} --timeout-s "
+             f"{a.timeout_s:g}`; machine: {platform.machine()} {os.cpu_count()} CPUs; fastnet-train on digits "
+             f"(3 epochs, 33 steps, a checkpoint every 5 steps, gloo, `--timeout-s {a.timeout_s:g}`) under torchrun "
+             "per node; the link is the node's veth (`ip link set ... down`: packets dropped, no reset).", "",
+             "| worker (node, pid) | ended after the cut (s) | within timeout_s + slack |", "|---|---:|---|"]
+    for i in range(a.nodes):
+        for pid in sorted(alive[i]):
+            t = ended.get(pid)
+            lines.append(f"| node {i}, {pid} | {'still running (killed)' if t is None else f'{t:.1f}'} | "
+                         f"{'yes' if t is not None and t <= limit else 'NO'} |")
+    agents = ", ".join(f"node {i}: {agents_done[i]:.1f} s" if i in agents_done else f"node {i}: still running (killed)"
+                       for i in range(a.nodes))
+    lines += ["", f"torchrun agents ended: {agents}. The last step logged before the cut: {last_step}.", "",
+              "Each rank's error line:", "", "```"]
+    lines += [ln[:400] for e in errs for ln in e.splitlines() if "fastnet-train: error" in ln] or ["(none)"]
+    lines += ["```", "",
+              f"Relaunched with the link up (`--resume auto`): resumed from step {resumes}; metric records "
+              f"{'equal' if same_records else 'DIFFER'} and final parameters, buffers and optimizer state "
+              f"{'bitwise equal' if same_state else 'DIFFER'} to the uninterrupted run."]
+    emit(lines, a.append)
+    ok = same_records and same_state and all(ended.get(pid, limit + 1) <= limit for v in alive.values() for pid in v)
+    if not ok:
+        raise SystemExit(1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("study", "run"):
+    for name in ("study", "run", "partition"):
         s = sub.add_parser(name)
         s.add_argument("--nodes", type=int, default=2)
         s.add_argument("--ranks-per-node", type=int, default=2)
@@ -306,6 +457,13 @@ def main() -> None:
             s.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                            help="with --calibrate-only: the wire dtype of the calibration sweeps, so the links' "
                                 "β include its reduction cost (on a CPU, FP16 sums cost more than the bytes)")
+            s.add_argument("--append")
+        elif name == "partition":
+            s.add_argument("--cut-node", type=int, default=1, help="the node whose link goes down")
+            s.add_argument("--cut-step", type=int, default=12, help="the link goes down once this step is logged")
+            s.add_argument("--timeout-s", type=float, default=20.0, help="fastnet-train's collective timeout")
+            s.add_argument("--slack-s", type=float, default=15.0,
+                           help="seconds past --timeout-s a worker may take to notice and exit")
             s.add_argument("--append")
         else:
             s.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run's processes are "
@@ -335,6 +493,8 @@ def main() -> None:
                 print(r.stderr[-2000:], end="", file=sys.stderr)
             if any(r.returncode for r in results):
                 raise SystemExit(1)
+    elif a.cmd == "partition":
+        partition(a)
     else:
         study(a)
 

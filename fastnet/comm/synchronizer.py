@@ -649,7 +649,7 @@ class GradientSynchronizer:
         try:
             return future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
-            raise RuntimeError(f"{what} did not finish within {self.timeout_s} s: a peer rank may have died") from None
+            raise RuntimeError(f"{what} did not finish within {self.timeout_s} s: a peer rank may have died or hung, or the network to it failed") from None
         except Exception as exc:
             raise RuntimeError(f"{what} failed: {exc}") from exc
 
