@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from fastnet.comm import ddp_hook  # noqa: E402
+from fastnet.comm import ddp_hook, trace  # noqa: E402
 from fastnet.comm.cost_model import CostModel  # noqa: E402
 from fastnet.models import build_model  # noqa: E402
 from ranks import (check_wire_cost_models, load_cost_models, max_over_ranks, ranks_per_node,  # noqa: E402
@@ -93,9 +93,17 @@ def _register(net: DDP, hook: str, args, cost_models: dict[str, CostModel]):
     return state
 
 
-def _steps(net: DDP, opt, x, y, loss_fn, args, state=None, no_sync: bool = False) -> dict:
+def _warmup(hook: str, args) -> int:
+    """Steps before timing: ``--warmup``, and for ``hybrid`` without a cost-model file at least
+    ``--hybrid-warmup`` (its online choice explores 18 all-reduces per size class first)."""
+    online = hook.split(":")[-2 if hook.startswith("backend:") else 0] == "hybrid" and not args.cost_model
+    return max(args.warmup, args.hybrid_warmup) if online else args.warmup
+
+
+def _steps(net: DDP, opt, x, y, loss_fn, args, state=None, no_sync: bool = False, warmup: int | None = None) -> dict:
     per = []
-    for step in range(args.warmup + args.steps):
+    warmup = args.warmup if warmup is None else warmup
+    for step in range(warmup + args.steps):
         dist.barrier()
         t0 = time.perf_counter()
         if no_sync:
@@ -110,7 +118,7 @@ def _steps(net: DDP, opt, x, y, loss_fn, args, state=None, no_sync: bool = False
         busy = sum(r[3] - r[2] for r in recs)
         wait = sum(r[2] - r[1] for r in recs)
         m = max_over_ranks(t, busy, wait)
-        if step >= args.warmup:
+        if step >= warmup:
             per.append(m)
     return {k: statistics.median(p[i] for p in per) for i, k in enumerate(("step", "busy", "wait"))}
 
@@ -140,26 +148,64 @@ def measure(rank: int, args) -> list[dict]:
                       process_group=group)
             state = _register(net, hook, args, cost_models) if hook != "compute" else None
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-            got = _steps(net, opt, x, y, loss_fn, args, state, no_sync=hook == "compute")
+            traced = args.trace and ":" in hook  # fastnet's rows: its hook or its backend
+            if traced:
+                trace.start(rank)
+            got = _steps(net, opt, x, y, loss_fn, args, state, no_sync=hook == "compute", warmup=_warmup(hook, args))
+            if traced:
+                safe = hook.replace(":", "-")
+                trace.stop(Path(args.trace) / f"{name}_{safe}_rank{rank}.json")
             finals[hook] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-            rows.append({"model": name, "hook": hook, **got})
+            rows.append({"model": name, "hook": hook, **got, "warmup": _warmup(hook, args),
+                         "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
             if state is not None:
                 state.close()
-        for r in rows:
+        for r in rows:  # only rows that took as many steps as plain DDP compare with it
             if r["model"] == name:
-                r["diff"] = (finals[r["hook"]] - finals["none"]).abs().max().item()
+                r["diff"] = (finals[r["hook"]] - finals["none"]).abs().max().item() \
+                    if r["warmup"] == args.warmup else None
     return rows
 
 
-def table(rows: list[dict]) -> list[str]:
-    lines = ["| model | hook | step (ms) | vs plain DDP | vs torch fp16_compress_hook | exposed comm (ms) | "
-             "fastnet comm busy (ms) | fastnet queue wait (ms) | max param diff vs plain DDP |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+def link_bound_s(grad_bytes: int, nodes: int, bytes_per_s: float | None) -> float | None:
+    """The shortest time the inter-node links allow for an all-reduce of ``grad_bytes`` bytes over
+    ``nodes`` nodes, each with one link of ``bytes_per_s`` each way: every node must send (and
+    receive) at least 2(N-1)/N of the data (the bandwidth-optimal all-reduce's volume; Patarasuk &
+    Yuan 2009), so 1x the gradient with 2 nodes, 1.5x with 4. None without a link rate or one node."""
+    if not bytes_per_s or nodes < 2:
+        return None
+    return 2 * (nodes - 1) / nodes * grad_bytes / bytes_per_s
+
+
+WIRE_BYTES = {"none": 4, "fp16": 2, "bf16": 2}
+
+
+def _wire(hook: str) -> str:
+    """The wire dtype of a row: torch's compress hooks and fastnet's ``ALG:WIRE`` rows; FP32 else."""
+    if hook in ("fp16_compress_hook", "bf16_compress_hook"):
+        return hook[:4]
+    return hook.rsplit(":", 1)[1] if ":" in hook else "none"
+
+
+def table(rows: list[dict], nodes: int = 1, bytes_per_s: float | None = None) -> list[str]:
+    """Rows as markdown; with a link rate, the link bound per wire dtype (max(compute, link time))
+    and each row's efficiency against its wire dtype's bound (bound / step)."""
+    lines = ["| model | hook | step (ms) | vs plain DDP | vs torch fp16_compress_hook | of the link bound | "
+             "exposed comm (ms) | fastnet comm busy (ms) | fastnet queue wait (ms) | max param diff vs plain DDP |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = {r["hook"]: r for r in rows if r["model"] == name}
         compute, plain = mine["compute"]["step"], mine["none"]["step"]
         fp16 = mine.get("fp16_compress_hook", {}).get("step")
-        lines.append(f"| {name} | compute only (no_sync) | {compute * 1e3:.0f} | - | - | - | - | - | - |")
+        fp32_bytes = mine["compute"]["grad_bytes"]
+        bound = {w: None if (t := link_bound_s(fp32_bytes * b // 4, nodes, bytes_per_s)) is None else max(compute, t)
+                 for w, b in WIRE_BYTES.items()}
+        lines.append(f"| {name} | compute only (no_sync) | {compute * 1e3:.0f} | - | - | - | - | - | - | - |")
+        for w in ("none", "fp16"):
+            if bound[w] is not None:
+                lines.append(f"| {name} | link bound, {'FP32' if w == 'none' else 'FP16'} wire: max(compute, "
+                             f"{2 * (nodes - 1) / nodes:g} x {fp32_bytes * WIRE_BYTES[w] // 4 / 1e6:.1f} MB / link) | "
+                             f"{bound[w] * 1e3:.0f} | - | - | 100% | - | - | - | - |")
         for hook, r in mine.items():
             if hook == "compute":
                 continue
@@ -168,12 +214,28 @@ def table(rows: list[dict]) -> list[str]:
             if hook.startswith("backend:"):
                 label = "DDP on backend \"fastnet\" " + hook.split(":", 1)[1].replace(":", ", wire ")
             fastnet = ":" in hook and not hook.startswith("backend:")
+            eff = bound[_wire(hook)]
             lines.append(f"| {name} | {label} | {r['step'] * 1e3:.0f} | {plain / r['step']:.2f}x | "
                          + (f"{fp16 / r['step']:.2f}x" if fp16 else "-")
+                         + (f" | {eff / r['step']:.0%}" if eff else " | -")
                          + f" | {max(0.0, r['step'] - compute) * 1e3:.0f} | "
                          + (f"{r['busy'] * 1e3:.0f} | {r['wait'] * 1e3:.0f}" if fastnet else "- | -")
-                         + f" | {r['diff']:.1e} |")
+                         + (f" | {r['diff']:.1e} |" if r["diff"] is not None else " | - (more steps) |"))
     return lines
+
+
+def parse_rate(rate: str | None) -> float | None:
+    """``tc``-style rate (``1gbit``, ``500mbit``, ``100kbit``) in bytes per second; None for None.
+
+    Raises:
+        ValueError: an unknown unit (the valid ones named)."""
+    if not rate:
+        return None
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1.0}
+    for unit, bits in units.items():
+        if rate.lower().endswith(unit):
+            return float(rate[:-len(unit)]) * bits / 8
+    raise ValueError(f"Unknown link rate {rate!r}; expected a number with one of the units {', '.join(units)}")
 
 
 def main() -> None:
@@ -194,6 +256,15 @@ def main() -> None:
                         "PowerSGD parity test on gloo, pytorch/pytorch#58467)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--hybrid-warmup", type=int, default=20,
+                   help="warm-up steps of the hybrid rows without a cost-model file (its online choice first "
+                        "explores every candidate: 18 all-reduces per size class)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="write a Chrome/Perfetto trace of each fastnet row (hook or backend) per rank "
+                        "(fastnet.comm.trace: buckets, casts, algorithm phases) to DIR/<model>_<row>_rank<R>.json")
+    p.add_argument("--link-rate", default=None, metavar="RATE",
+                   help="each node's inter-node link, e.g. 1gbit (as cluster.py --rate): adds the link-bound rows "
+                        "and the efficiency column")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="node size for fastnet's hierarchical algorithms (default: torchrun's LOCAL_WORLD_SIZE)")
@@ -227,7 +298,7 @@ def main() -> None:
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {world} ranks gloo "
              f"({args.ranks_per_node} per node), {args.threads} thread(s) each; local batch {args.batch}; DDP "
              f"buckets {args.bucket_mb:g} MiB; median of {args.steps} steps after {args.warmup} (max over ranks).",
-             "", *table(rows)]
+             "", *table(rows, world // (args.ranks_per_node or world), parse_rate(args.link_rate))]
     emit(lines, args.append)
 
 

@@ -147,6 +147,10 @@ class TrainConfig(BaseModel):
     tensorboard: bool = Field(False, description="also write TensorBoard event files to <out_dir>/tensorboard "
                               "(loss, LR, loss scale, images/s, communication, top-1/top-5, noise scale; the viz "
                               "extra)")
+    trace: bool = Field(False, description="write a Chrome/Perfetto trace per rank of the first trace_steps steps "
+                        "(bucket ready, queue wait, all-reduce, each phase, cast, forward+backward, optimizer) to "
+                        "<out_dir>/trace/rank<R>.json (fastnet.comm.trace; open in ui.perfetto.dev)")
+    trace_steps: int = Field(20, gt=0, description="optimizer steps the trace covers (from the session's first)")
     log_interval: int = Field(10, gt=0, description="optimizer steps between step records (and progress lines)")
     progress: Literal["auto", "bar", "log", "none"] = Field(
         "auto", description="rank 0's progress: auto (a bar on a terminal, plain lines otherwise), bar, log, none")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from fastnet import checkpoint as ckpt
 from fastnet import faults
-from fastnet.comm import CostModel, GradientSynchronizer
+from fastnet.comm import CostModel, GradientSynchronizer, trace
 from fastnet.comm.communicator import build_communicator
 from fastnet.config import REPLANNED, TrainConfig, accumulation_steps, check_world, config_changes, epoch_plan
 from fastnet.data import (EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, hold_out,
@@ -283,6 +283,9 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
     show = show if world.is_main else "none"
 
     kill_at = faults.kill_step(world.rank)  # FASTNET_KILL_AT: the restart tests' injected crash
+    trace_until = progress.global_step + cfg.trace_steps
+    if cfg.trace:
+        trace.start(world.rank)
     last_saved = [progress.global_step if state is not None else -1]  # the step of the newest checkpoint
 
     def save() -> None:  # collective: buffers agreed, every rank's RNG gathered to rank 0
@@ -344,6 +347,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         it = iter(loader)
         step_t0 = time.perf_counter()
         while progress.step_in_epoch < steps_per_epoch and progress.global_step < stop_step:
+            tracer = trace.current()
+            t_step = tracer.now_us() if tracer is not None else 0.0
             loss_sum = torch.zeros((), device=world.device)
             if micro_norms is not None:
                 micro_norms.reset()
@@ -362,8 +367,12 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
                 if micro_norms is not None and accum >= 2:
                     micro_norms.after_backward(precision.grad_buffers(model.parameters()))
                 loss_sum += loss.detach().float()
+            t_sync = tracer.now_us() if tracer is not None else 0.0
             if grad_sync:
                 grad_sync.synchronize()
+            if tracer is not None:
+                tracer.complete("forward+backward", "train", t_step, t_sync, micro_batches=accum)
+                tracer.complete("synchronize", "train", t_sync, tracer.now_us())
             noise_pair = None  # (|g_small|², |g_big|²) in the gradients' (loss-scaled) units
             if grad_sync is not None and noise is not None:
                 noise_pair, b_small = grad_sync.grad_sq_norms(), cfg.micro_batch_size * accum
@@ -391,8 +400,14 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
             logged = (progress.global_step + 1) % cfg.log_interval == 0
             if update_ratio is not None and logged:
                 update_ratio.before()
+            t_opt = tracer.now_us() if tracer is not None else 0.0
             if not precision.step(optimizer, skip=grad_sync.unused_parameters if grad_sync else None):
                 progress.overflow_skips += 1
+            if tracer is not None:
+                tracer.complete("optimizer", "train", t_opt, tracer.now_us())
+                tracer.complete(f"step {progress.global_step + 1}", "train", t_step, tracer.now_us())
+                if progress.global_step + 1 >= trace_until:
+                    trace.stop(out_dir / "trace" / f"rank{world.rank}.json")
             ratios = update_ratio.after() if update_ratio is not None and logged else {}
             if grad_sync is not None and precision.masters is None:
                 grad_sync.zero_grad()  # keeps p.grad as views into the buckets
@@ -476,6 +491,8 @@ def train(cfg: TrainConfig, world: World, state: dict[str, Any] | None = None) -
         checksums = gathered
     else:
         checksums = [checksums]
+    if trace.current() is not None:  # the run ended before trace_steps steps
+        trace.stop(out_dir / "trace" / f"rank{world.rank}.json")
     if grad_sync is not None:  # every rank closes the same communicators in the same order
         grad_sync.close()
         bucket_comm.close()

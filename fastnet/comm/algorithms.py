@@ -33,7 +33,7 @@ from typing import Any, Generator, NamedTuple, Sequence
 
 import torch
 
-from fastnet.comm import scratch
+from fastnet.comm import scratch, trace
 from fastnet.comm.communicator import Communicator, Work, serial, split_sizes
 
 
@@ -269,8 +269,10 @@ def ring_all_reduce(comm: Communicator, x: torch.Tensor, segment_elems: int | No
     n = comm.size
     sizes = split_sizes(x.numel(), n)
     if n == 1 or not segment_elems or max(sizes) <= segment_elems:
-        ring_reduce_scatter(comm, x)
-        ring_all_gather(comm, x)
+        with trace.span("reduce-scatter", "phase"):
+            ring_reduce_scatter(comm, x)
+        with trace.span("all-gather", "phase"):
+            ring_all_gather(comm, x)
         return x
     _segmented_ring(comm, x, sizes, -(-max(sizes) // segment_elems))
     return x
@@ -315,12 +317,16 @@ def hierarchical_steps(intra: Communicator, inter: Communicator, x: torch.Tensor
     """One segment of :func:`hierarchical_all_reduce` as a step schedule: 2(k−1) intra-node and
     2(m−1) inter-node steps. The step count does not depend on ``x``'s length (an empty chunk still
     takes its steps, with no messages), so every rank runs the same rounds in a pipeline."""
-    off, length = yield from ring_reduce_scatter_steps(intra, x)
+    with trace.span("intra reduce-scatter", "phase", True, bytes=x.numel() * x.element_size()):
+        off, length = yield from ring_reduce_scatter_steps(intra, x)
     if inter.size > 1:
         owned = x[off:off + length]
-        yield from ring_reduce_scatter_steps(inter, owned)
-        yield from ring_all_gather_steps(inter, owned)
-    yield from ring_all_gather_steps(intra, x)
+        with trace.span("inter reduce-scatter", "phase", True, bytes=owned.numel() * owned.element_size()):
+            yield from ring_reduce_scatter_steps(inter, owned)
+        with trace.span("inter all-gather", "phase", True):
+            yield from ring_all_gather_steps(inter, owned)
+    with trace.span("intra all-gather", "phase", True):
+        yield from ring_all_gather_steps(intra, x)
 
 
 def hierarchical_all_reduce(intra: Communicator, inter: Communicator, x: torch.Tensor,
@@ -364,17 +370,20 @@ def leader_all_reduce(intra: Communicator, leaders: Communicator | None, x: torc
     if x.numel() == 0:
         return x
     if intra.size > 1:
-        intra.reduce(x, dst=0)
+        with trace.span("reduce to leader", "phase"):
+            intra.reduce(x, dst=0)
     if intra.rank == 0:
         if leaders is None:
             raise ValueError("leader_all_reduce: this rank leads its node but got no leaders communicator")
         if leaders.size > 1:
-            if p2p:
-                ring_all_reduce(leaders, x)
-            else:
-                leaders.all_reduce(x)
+            with trace.span("leaders all-reduce", "phase"):
+                if p2p:
+                    ring_all_reduce(leaders, x)
+                else:
+                    leaders.all_reduce(x)
     if intra.size > 1:
-        intra.broadcast(x, src=0)
+        with trace.span("broadcast from leader", "phase"):
+            intra.broadcast(x, src=0)
     return x
 
 
@@ -389,15 +398,34 @@ def _collective_segment(intra: Communicator, inter: Communicator, x: torch.Tenso
         buf[n:].zero_()
     own = scratch.take(chunk, x.dtype, x.device)
     if k > 1:
-        intra.reduce_scatter(own, buf)
+        with trace.span("intra reduce-scatter", "phase", bytes=buf.numel() * buf.element_size()):
+            intra.reduce_scatter(own, buf)
     else:
         own.copy_(buf)
     work = None
     if inter.size > 1:
+        tracer = trace.current()
+        issued = tracer.now_us() if tracer is not None else 0.0
         work = inter.all_reduce(own, async_op=True)
+        work = _Traced(work, issued, own.numel() * own.element_size()) if tracer is not None else work
         if serial(intra, inter):  # NCCL: the next segment's intra-node phase must not overlap it
             work.wait()
     return x, buf, own, work
+
+
+class _Traced:
+    """An asynchronous inter-node all-reduce whose wait records ``inter all-reduce`` from its issue
+    to its completion (as seen by the waiting thread)."""
+
+    def __init__(self, work, issued_us: float, nbytes: int) -> None:
+        self.work, self.issued_us, self.nbytes, self.recorded = work, issued_us, nbytes, False
+
+    def wait(self) -> None:
+        self.work.wait()
+        tracer = trace.current()
+        if tracer is not None and not self.recorded:
+            self.recorded = True
+            tracer.complete("inter all-reduce", "phase", self.issued_us, tracer.now_us(), bytes=self.nbytes)
 
 
 def _finish_segment(intra: Communicator, segment: tuple) -> None:
@@ -405,7 +433,8 @@ def _finish_segment(intra: Communicator, segment: tuple) -> None:
     if work is not None:
         work.wait()
     if intra.size > 1:
-        intra.all_gather(buf, own)
+        with trace.span("intra all-gather", "phase"):
+            intra.all_gather(buf, own)
     else:
         buf.copy_(own)
     if buf is not x:

@@ -19,9 +19,10 @@ from typing import Sequence
 
 import torch
 
-from fastnet.comm import scratch
+from fastnet.comm import scratch, trace
 from fastnet.comm.algorithms import ring_all_reduce
 from fastnet.comm.communicator import Communicator, serial
+from fastnet.comm.autotune import OnlineChooser
 from fastnet.comm.cost_model import RUNNABLE, CostModel
 from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES, Hierarchy, Topology
 
@@ -119,7 +120,7 @@ class BucketReducer:
     """
 
     __slots__ = ("comm", "algorithm", "wire_dtype", "hierarchy", "topology", "cost_model", "segment_bytes",
-                 "predivide_factor")
+                 "predivide_factor", "tuner")
 
     def __init__(self, comm: Communicator, algorithm: str = "ring", wire_dtype: str = "none",
                  ranks_per_node: int | None = None, cost_model: CostModel | None = None,
@@ -147,22 +148,31 @@ class BucketReducer:
                                  f"{self.topology.describe()}: use 'leader' or 'hybrid'")
         else:
             self.topology = Topology.of(comm.rank, comm.size, ranks_per_node or comm.size)
+        # hybrid without a cost-model file: chosen online on the real buckets (fastnet.comm.autotune)
+        self.tuner = OnlineChooser(comm, self._candidates()) \
+            if algorithm == "hybrid" and cost_model is None and comm.size > 1 else None
 
     @property
     def ranks_per_node(self) -> int:
         """The largest node's size (the cost model's node size)."""
         return self.topology.ranks_per_node
 
-    def algorithm_for(self, nbytes: int) -> str:
+    def _candidates(self) -> tuple[str, ...]:
+        return RUNNABLE if self.topology.uniform else tuple(a for a in RUNNABLE if not a.startswith("hierarchical"))
+
+    def algorithm_for(self, nbytes: int, modelled: bool = False) -> str:
         """The algorithm used for a bucket of ``nbytes`` bytes on the wire (resolves ``hybrid``;
-        ``hierarchical`` is not a candidate when nodes are unequal). On communicators whose
-        operations run one after the other (NCCL, :func:`fastnet.comm.communicator.serial`) the
-        two levels cannot overlap, so the hierarchical variants run, and are predicted, unsegmented."""
+        ``hierarchical`` is not a candidate when nodes are unequal). Without a cost-model file
+        ``hybrid`` is chosen online (:mod:`fastnet.comm.autotune`): ``"hybrid"`` until the size's
+        class is decided, then the agreed algorithm; ``modelled``: the cost model's prediction
+        instead. On communicators whose operations run one after the other (NCCL,
+        :func:`fastnet.comm.communicator.serial`) the two levels cannot overlap, so the
+        hierarchical variants run, and are predicted, unsegmented."""
         if self.algorithm != "hybrid":
             return self.algorithm
-        candidates = RUNNABLE if self.topology.uniform else tuple(a for a in RUNNABLE
-                                                                  if not a.startswith("hierarchical"))
-        return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node, candidates=candidates,
+        if self.tuner is not None and not modelled:
+            return self.tuner.choice(nbytes) or "hybrid"
+        return self.cost_model.choose(nbytes, self.comm.size, self.ranks_per_node, candidates=self._candidates(),
                                       segment_bytes=self.segment_bytes, pipelined_levels=not serial(self.comm))
 
     def describe(self) -> list[tuple[str, str]]:
@@ -171,8 +181,8 @@ class BucketReducer:
         return [("algorithm", self.algorithm), ("wire dtype", str(self.wire_dtype)),
                 ("predivide factor", repr(self.predivide_factor)), ("segment bytes", str(self.segment_bytes)),
                 ("nodes", self.topology.describe() if self.hierarchy else "not used"),
-                ("cost model", repr(sorted(self.cost_model.to_dict().items())) if self.algorithm == "hybrid"
-                 else "not used")]
+                ("cost model", "not used" if self.algorithm != "hybrid" else "online (no file)" if self.tuner
+                 else repr(sorted(self.cost_model.to_dict().items())))]
 
     def __call__(self, bucket: torch.Tensor, algorithm: str | None = None) -> None:
         """Average the 1-D ``bucket`` in place (any floating dtype); ``algorithm`` overrides the choice.
@@ -203,9 +213,11 @@ class BucketReducer:
             self.sum_(bucket, algorithm)
             return
         wire = scratch.take(bucket.numel(), self.wire_dtype, bucket.device)
-        wire.copy_(bucket)
+        with trace.span("cast to wire", "phase", dtype=str(self.wire_dtype)):
+            wire.copy_(bucket)
         self.sum_(wire, algorithm)
-        bucket.copy_(wire)
+        with trace.span("cast back", "phase"):
+            bucket.copy_(wire)
         scratch.give(wire)
 
     def close(self) -> None:
@@ -219,7 +231,17 @@ class BucketReducer:
         resolved for ``x``'s bytes) or ``algorithm``; no division, no wire cast."""
         if self.comm.size == 1:
             return
-        alg = algorithm or self.algorithm_for(x.numel() * x.element_size())
+        nbytes = x.numel() * x.element_size()
+        if algorithm in (None, "hybrid") and self.tuner is not None:
+            self.tuner.run(nbytes, lambda alg: self._sum_with(x, alg), x.device)
+            return
+        self._sum_with(x, algorithm if algorithm not in (None, "hybrid") else self.algorithm_for(nbytes))
+
+    def _sum_with(self, x: torch.Tensor, alg: str) -> None:
+        with trace.span(alg, "algorithm", bytes=x.numel() * x.element_size()):
+            self._run(x, alg)
+
+    def _run(self, x: torch.Tensor, alg: str) -> None:
         if alg == "native":
             self.comm.all_reduce(x)
         elif alg == "ring":

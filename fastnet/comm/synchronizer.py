@@ -78,6 +78,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from fastnet.comm import trace
 from fastnet.comm.buckets import plan_buckets
 from fastnet.comm.communicator import Communicator
 from fastnet.comm.cost_model import CostModel
@@ -357,7 +358,7 @@ class GradientSynchronizer:
                 seq.reverse()
                 flipped = True
             sizes = [self._wire_bytes(self.params[i]) for i in seq]
-            alg = self.reducer.algorithm_for(self._threshold)
+            alg = self.reducer.algorithm_for(self._threshold, modelled=True)
             latency = self.reducer.cost_model.time(alg, 1, self.comm.size, self.reducer.ranks_per_node)
             cuts = plan_buckets([ready[i] for i in seq], sizes, max_bytes=self._threshold, latency_s=latency,
                                 bytes_per_s=bytes_per_s, min_bytes=self.min_bucket_bytes)
@@ -435,6 +436,8 @@ class GradientSynchronizer:
         if bucket.pending == 0:
             self._completed.append(bucket.index)
             self._completed_at[bucket.index] = self._arrived
+            if (tracer := trace.current()) is not None:
+                tracer.instant("ready", "bucket", bucket=bucket.index, bytes=bucket.nbytes)
             self._launch_ready()
 
     def _mark_without_grad(self, i: int) -> None:
@@ -454,6 +457,8 @@ class GradientSynchronizer:
         if bucket.pending == 0:
             self._completed.append(bucket.index)
             self._completed_at[bucket.index] = self._arrived
+            if (tracer := trace.current()) is not None:
+                tracer.instant("ready", "bucket", bucket=bucket.index, bytes=bucket.nbytes)
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
@@ -482,28 +487,39 @@ class GradientSynchronizer:
             ready = torch.cuda.Event()
             ready.record()  # on the backward stream
 
+        tracer = trace.current()
+        launched_us = tracer.now_us() if tracer is not None else 0.0
+
         def reduce() -> None:
             t0 = time.perf_counter()
-            if ready is None:
-                if self.debug:
-                    self._check_launch(bucket)
-                self._measure_local(bucket)
-                self.reducer(bucket.tensor, bucket.algorithm)
-            else:
-                with torch.cuda.stream(self._stream):  # after the previous bucket's collectives (_used_map)
-                    if self.debug:
-                        self._check_launch(bucket)
-                    self._stream.wait_event(ready)
-                    start = torch.cuda.Event(enable_timing=True)
-                    start.record(self._stream)
-                    self._measure_local(bucket)
-                    self.reducer(bucket.tensor, bucket.algorithm)
-                    bucket.done_event = torch.cuda.Event(enable_timing=True)
-                    bucket.done_event.record(self._stream)
-                    bucket.start_event = start
+            if tracer is not None:
+                tracer.complete("queue wait", "bucket", launched_us, tracer.now_us(), bucket=bucket.index)
+            with trace.span(f"all-reduce bucket {bucket.index}", "bucket", bytes=bucket.nbytes,
+                            algorithm=bucket.algorithm):
+                self._reduce(bucket, ready)
             bucket.busy_s = time.perf_counter() - t0
 
         bucket.future = self._thread.submit(reduce)
+
+    def _reduce(self, bucket: Bucket, ready) -> None:
+        """Average ``bucket`` on the communication thread (after the ``ready`` event on CUDA)."""
+        if ready is None:
+            if self.debug:
+                self._check_launch(bucket)
+            self._measure_local(bucket)
+            self.reducer(bucket.tensor, bucket.algorithm)
+        else:
+            with torch.cuda.stream(self._stream):  # after the previous bucket's collectives (_used_map)
+                if self.debug:
+                    self._check_launch(bucket)
+                self._stream.wait_event(ready)
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self._stream)
+                self._measure_local(bucket)
+                self.reducer(bucket.tensor, bucket.algorithm)
+                bucket.done_event = torch.cuda.Event(enable_timing=True)
+                bucket.done_event.record(self._stream)
+                bucket.start_event = start
 
     def _measure_local(self, bucket: Bucket) -> None:
         """This rank's squared norm of the bucket before its all-reduce (float32 accumulation, 0-dim
@@ -751,9 +767,13 @@ class GradientSynchronizer:
         return True
 
     def describe(self) -> list[dict[str, object]]:
-        """Per bucket: index, dtype, elements, bytes (in the gradient dtype), parameters, algorithm."""
+        """Per bucket: index, dtype, elements, bytes (in the gradient dtype), parameters, algorithm
+        (``hybrid`` without a cost-model file: the online choice for its size, ``hybrid`` while that
+        is still being explored)."""
         return [{"bucket": b.index, "dtype": str(b.tensor.dtype).removeprefix("torch."), "elements": b.tensor.numel(),
-                 "bytes": b.nbytes, "params": len(b.params), "algorithm": b.algorithm} for b in self.buckets]
+                 "bytes": b.nbytes, "params": len(b.params),
+                 "algorithm": b.algorithm if b.algorithm != "hybrid" else self.reducer.algorithm_for(
+                     b.wire_bytes(self._wire))} for b in self.buckets]
 
     def close(self) -> None:
         """Remove the hooks, stop the communication thread, and close the communicators this
