@@ -27,46 +27,27 @@ def test_chooser_rejects_no_candidates_and_no_trials():
         OnlineChooser(None, ("ring",), 0)
 
 
-def _chooser_worker(rank: int, world: int, port: int, queue) -> None:
-    init_gloo(rank, world, port)
-    try:
-        comm = TorchCommunicator()
-        chooser = OnlineChooser(comm, CANDIDATES, trials=2)
-        fast = {0: "leader", 1: "ring", 2: "native"}[rank]  # each rank measures another candidate as fastest
-        used = []
-        for _ in range(len(CANDIDATES) * 3 + 2):
-            x = torch.ones(1000)
+def _chooser_run(comm, rank: int, world: int) -> tuple:
+    chooser = OnlineChooser(comm, CANDIDATES, trials=2)
+    fast = {0: "leader", 1: "ring"}.get(rank, "native")  # each rank measures another candidate as fastest
+    used = []
+    for _ in range(len(CANDIDATES) * 3 + 2):
+        x = torch.ones(1000)
 
-            def all_reduce(alg: str) -> None:
-                comm.all_reduce(x)
-                if alg != fast:
-                    time.sleep(0.02)
+        def all_reduce(alg: str) -> None:
+            comm.all_reduce(x)
+            if alg != fast:
+                time.sleep(0.02)
 
-            used.append(chooser.run(4000, all_reduce))
-            assert torch.equal(x, torch.full((1000,), float(world)))
-        queue.put((rank, used, chooser.choice(4000), chooser.choice(100), chooser.describe()))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_every_rank_takes_rank0s_choice_after_the_same_trials():
-    """Each candidate: one warm-up call, then 2 timed ones, round-robin; then every rank adopts the
-    candidate fastest on rank 0 (here 'leader', though rank 1 timed 'ring' fastest and rank 2
-    'native'), and keeps it; other size classes are still undecided."""
-    out = {r[0]: r[1:] for r in spawn_ranks(_chooser_worker, 3)}
-    n = len(CANDIDATES)
-    for rank in range(3):
-        used, choice, other, desc = out[rank]
-        assert used[:3 * n] == list(CANDIDATES) * 3
-        assert used[3 * n:] == ["leader", "leader"] and choice == "leader" and other is None
-        assert list(desc) == [size_class(4000)]
-        assert desc[size_class(4000)]["algorithm"] == "leader"
-        assert desc == out[0][3]  # rank 0's medians, everywhere
+        used.append(chooser.run(4000, all_reduce))
+        assert torch.equal(x, torch.full((1000,), float(world)))
+    return used, chooser.choice(4000), chooser.choice(100), chooser.describe()
 
 
 def _reducer_worker(rank: int, world: int, port: int, queue) -> None:
     init_gloo(rank, world, port)
     try:
+        chooser = _chooser_run(TorchCommunicator(), rank, world)
         reducer = BucketReducer(TorchCommunicator(), "hybrid", "none", ranks_per_node=2)
         g = torch.Generator().manual_seed(rank)
         results = []
@@ -78,18 +59,28 @@ def _reducer_worker(rank: int, world: int, port: int, queue) -> None:
                 reducer.sum_(x)
                 results.append(float((x - want).abs().max()))
         queue.put((rank, max(results), reducer.tuner.describe(), reducer.describe(),
-                   [reducer.algorithm_for(n * 8) for n in (3000, 70000, 10)]))
+                   [reducer.algorithm_for(n * 8) for n in (3000, 70000, 10)], chooser))
         reducer.close()
     finally:
         dist.destroy_process_group()
 
 
-def test_hybrid_without_a_file_sums_correctly_and_agrees_on_every_rank():
-    """4 ranks as 2 nodes x 2: every call sums right whichever candidate ran; both size classes
-    end decided with the same choice on every rank; algorithm_for reports it ('hybrid' before)."""
+def test_online_choice_is_rank0s_after_the_same_trials_and_sums_correctly():
+    """OnlineChooser on 4 gloo ranks: each candidate gets one warm-up call, then 2 timed ones,
+    round-robin; then every rank adopts the candidate fastest on rank 0 (here 'leader', though
+    rank 1 timed 'ring' fastest and ranks 2-3 'native') and keeps it; other size classes are
+    still undecided. BucketReducer('hybrid') without a cost-model file, 2 nodes x 2: every call
+    sums right whichever candidate ran; both size classes end decided with the same choice on
+    every rank; algorithm_for reports it ('hybrid' before)."""
     out = {r[0]: r[1:] for r in spawn_ranks(_reducer_worker, 4)}
+    n = len(CANDIDATES)
     for rank in range(4):
-        err, desc, items, chosen = out[rank]
+        used, choice, other, tuned = out[rank][4]
+        assert used[:3 * n] == list(CANDIDATES) * 3
+        assert used[3 * n:] == ["leader", "leader"] and choice == "leader" and other is None
+        assert list(tuned) == [size_class(4000)] and tuned[size_class(4000)]["algorithm"] == "leader"
+        assert tuned == out[0][4][3]  # rank 0's medians, everywhere
+        err, desc, items, chosen, _ = out[rank]
         assert err < 1e-9
         assert desc == out[0][1] and len(desc) == 2
         assert chosen[:2] == [desc[size_class(3000 * 8)]["algorithm"], desc[size_class(70000 * 8)]["algorithm"]]

@@ -37,15 +37,16 @@ def test_tracer_records_spans_instants_and_async_phases(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_trace_has_every_phase_of_the_hierarchical_exchange(tmp_path):
-    """4 ranks as 2 nodes x 2, hierarchical_p2p with FP16 on the wire, --trace --trace-steps 2 of a
+    """2 ranks as 2 nodes of 1, hierarchical_p2p with FP16 on the wire, --trace --trace-steps 2 of a
     3-step run: one JSON per rank with the bucket events, the wire casts, the algorithm and its four
-    ring phases, and the trainer's step spans for steps 1-2 only."""
+    ring phases (the intra-node ones have no messages with one rank per node, and still appear),
+    and the trainer's step spans for steps 1-2 only."""
     out = tmp_path / "run"
     res = run_trainer([*FAST, "--global-batch-size", "64", "--micro-batch-size", "16", "--max-steps", "3",
-                       "--allreduce", "hierarchical_p2p", "--ranks-per-node", "2", "--wire-dtype", "fp16",
-                       "--trace", "--trace-steps", "2", "--out-dir", str(out)], nproc=4)
+                       "--allreduce", "hierarchical_p2p", "--ranks-per-node", "1", "--wire-dtype", "fp16",
+                       "--trace", "--trace-steps", "2", "--out-dir", str(out)], nproc=2)
     assert res.returncode == 0, res.stderr
-    for rank in range(4):
+    for rank in range(2):
         events = json.loads((out / "trace" / f"rank{rank}.json").read_text())["traceEvents"]
         names = {e["name"] for e in events}
         assert {"ready", "queue wait", "all-reduce bucket 0", "cast to wire", "cast back", "hierarchical_p2p",
