@@ -228,6 +228,15 @@ def test_steps_study_reads_steps_to_target_from_the_curves_and_picks_the_best_lr
     assert lines[0] == "| global batch | optimizer | peak LR | seeds | steps to target | epochs to target |"
     assert "| 256 | sgd | 0.1 | 2 | 30 |" in lines[2]
     assert lines[3].startswith("| 4096 | lars | 8 | 1 | not reached in 100 |")
+    # a LARS run with its own excluded-tensor LR is another configuration of the same optimizer
+    own = {**_row(4096, "lars", 8.0, 0, [[5, 30.0], [10, 61.0]]), "lars_excluded_lr": 1.6,
+           "run": study.run_key(4096, "lars", 8.0, 0, 1.6)}
+    assert own["run"] == "b4096_lars_lr8_ex1.6_s0"
+    lines = study.table_lines(study.usable(rows + [own], 60.0))
+    assert lines[3].startswith("| 4096 | lars | 8 (excluded 1.6) | 1 | 10 |")
+    cfg = study.train_config(4096, "lars", 8.0, 0, study.study_settings(), None, 1.6)
+    assert cfg["lars_excluded_lr"] == 1.6 and "lars_excluded_lr" not in study.train_config(
+        4096, "lars", 8.0, 0, study.study_settings(), None)
 
 
 @pytest.mark.slow

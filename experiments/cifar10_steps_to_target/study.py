@@ -49,11 +49,18 @@ def study_settings() -> dict:
     return yaml.safe_load((HERE / "study.yaml").read_text())
 
 
-def run_key(batch: int, optimizer: str, peak_lr: float, seed: int) -> str:
-    return f"b{batch}_{optimizer}_lr{peak_lr:g}_s{seed}"
+def run_key(batch: int, optimizer: str, peak_lr: float, seed: int, excluded_lr: float | None = None) -> str:
+    return f"b{batch}_{optimizer}_lr{peak_lr:g}" + (f"_ex{excluded_lr:g}" if excluded_lr is not None else "") \
+        + f"_s{seed}"
 
 
-def train_config(batch: int, optimizer: str, peak_lr: float, seed: int, study: dict, data_dir: str | None) -> dict:
+def lr_label(peak_lr: float, excluded_lr: float | None) -> str:
+    """The peak LR as the tables print it; a LARS run with its own excluded-tensor LR shows both."""
+    return f"{peak_lr:g}" + (f" (excluded {excluded_lr:g})" if excluded_lr is not None else "")
+
+
+def train_config(batch: int, optimizer: str, peak_lr: float, seed: int, study: dict, data_dir: str | None,
+                 excluded_lr: float | None = None) -> dict:
     """The fastnet-train options of one run (``common.yaml`` + this run's choices).
 
     Raises SystemExit for a batch size without a budget in ``study.yaml``.
@@ -72,6 +79,8 @@ def train_config(batch: int, optimizer: str, peak_lr: float, seed: int, study: d
         cfg["micro_batch_size"] = batch
     if data_dir:
         cfg["data_dir"] = data_dir
+    if excluded_lr is not None:  # LARS: the biases' and BN's own peak LR (fastnet-train --lars-excluded-lr)
+        cfg["lars_excluded_lr"] = excluded_lr
     return cfg
 
 
@@ -149,20 +158,23 @@ def usable(rows: list[dict], target: float) -> list[dict]:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
+    if a.excluded_lr is not None and a.optimizer != "lars":
+        raise SystemExit(f"--excluded-lr is a LARS option; --optimizer is {a.optimizer}")
     study = study_settings()
     done = {r["run"] for r in usable(load_results(), study["target_accuracy"])}
     for seed in a.seeds:
         for lr in a.peak_lr:
-            key = run_key(a.batch, a.optimizer, lr, seed)
+            key = run_key(a.batch, a.optimizer, lr, seed, a.excluded_lr)
             if key in done:
                 print(f"{key}: recorded earlier, skipped", file=sys.stderr)
                 continue
-            cfg = train_config(a.batch, a.optimizer, lr, seed, study, a.data_dir)
+            cfg = train_config(a.batch, a.optimizer, lr, seed, study, a.data_dir, a.excluded_lr)
             t0 = time.perf_counter()
             summary, records, status = run_one(cfg, Path(a.runs_dir) / key)
             steps_done = max([r["step"] for r in records if "step" in r] or [0])
             row = {
                 "run": key, "global_batch": a.batch, "optimizer": a.optimizer, "peak_lr": lr, "seed": seed,
+                "lars_excluded_lr": a.excluded_lr,
                 "target_accuracy": study["target_accuracy"], "status": status,
                 "steps_to_target": summary.get("steps_to_target") if summary else None,
                 "epochs_to_target": round(summary["epochs_to_target"], 3)
@@ -193,14 +205,14 @@ def best_per_batch(rows: list[dict]) -> dict[tuple[int, str], dict]:
     """For each (global batch, optimizer): the peak LR whose median steps to target over its seeds is
     lowest (a seed that did not reach counts as infinitely many steps; ties: more seeds, then the
     lower LR), with its seeds' numbers."""
-    by_lr: dict[tuple[int, str, float], list[dict]] = {}
+    by_lr: dict[tuple, list[dict]] = {}
     for r in rows:
-        by_lr.setdefault((r["global_batch"], r["optimizer"], r["peak_lr"]), []).append(r)
+        by_lr.setdefault((r["global_batch"], r["optimizer"], r["peak_lr"], r.get("lars_excluded_lr")), []).append(r)
     best: dict[tuple[int, str], dict] = {}
-    for (batch, opt, lr), runs in by_lr.items():
+    for (batch, opt, lr, excluded), runs in by_lr.items():
         steps = [r["steps_to_target"] if r["steps_to_target"] is not None else math.inf for r in runs]
         med = statistics.median(steps)
-        cand = {"peak_lr": lr, "runs": runs, "median_steps": med,
+        cand = {"peak_lr": lr, "excluded_lr": excluded, "runs": runs, "median_steps": med,
                 "median_epochs": statistics.median(r["epochs_to_target"] if r["epochs_to_target"] is not None
                                                    else math.inf for r in runs),
                 "budget_steps": max(r["budget_steps"] for r in runs)}
@@ -216,7 +228,8 @@ def table_lines(rows: list[dict]) -> list[str]:
         reached = math.isfinite(b["median_steps"])
         steps = f"{b['median_steps']:g}" if reached else f"not reached in {b['budget_steps']}"
         epochs = f"{b['median_epochs']:.2f}" if reached else "–"
-        lines.append(f"| {batch} | {opt} | {b['peak_lr']:g} | {len(b['runs'])} | {steps} | {epochs} |")
+        lines.append(f"| {batch} | {opt} | {lr_label(b['peak_lr'], b['excluded_lr'])} | {len(b['runs'])} | {steps} | "
+                     f"{epochs} |")
     return lines
 
 
@@ -224,7 +237,8 @@ def sweep_lines(rows: list[dict]) -> list[str]:
     lines = ["| global batch | optimizer | peak LR | seed | status | steps to target | budget | best val top-1 | "
              "wall (s) |", "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["global_batch"], r["optimizer"], r["peak_lr"], r["seed"])):
-        lines.append(f"| {r['global_batch']} | {r['optimizer']} | {r['peak_lr']:g} | {r['seed']} | {r['status']} | "
+        lines.append(f"| {r['global_batch']} | {r['optimizer']} | {lr_label(r['peak_lr'], r.get('lars_excluded_lr'))} | "
+                     f"{r['seed']} | {r['status']} | "
                      f"{r['steps_to_target'] if r['steps_to_target'] is not None else '–'} | {r['budget_steps']} | "
                      f"{r['best_val_top1'] if r['best_val_top1'] is not None else '–'} | {r['wall_s']} |")
     return lines
@@ -297,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--optimizer", choices=["sgd", "lars"], required=True)
     r.add_argument("--peak-lr", type=float, nargs="+", required=True, help="peak learning rates to try")
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--excluded-lr", type=float, default=None,
+                   help="LARS only: the excluded tensors' (biases, BN) own peak LR (default: the global peak LR, "
+                        "as the reference LARS)")
     r.add_argument("--data-dir", default=None, help="default: common.yaml's (../shared/data)")
     r.add_argument("--runs-dir", default=str(REPO / "runs" / "cifar10_steps_to_target"))
     r.add_argument("--commit", action="store_true", help="git commit results.yaml after each recorded run")
