@@ -6,7 +6,7 @@
 Without torchrun it runs itself under ``torchrun --standalone --nproc_per_node=2`` (gloo on
 loopback). The cost models (for fastnet's ``hybrid``) come from ``cluster.py study
 --calibrate-only --save-cost-model`` on the same cluster (``--dtype float16`` for the FP16 one);
-without them hybrid uses :class:`fastnet.comm.cost_model.CostModel`'s placeholders.
+without them hybrid chooses online (fastnet.comm.autotune) during ``--hybrid-warmup`` steps.
 
 Models: ``mlp`` — 4 × Linear(2048, 2048), 67 MB of FP32 gradients, local batch ``--batch``
 (communication-bound: issue #19's model); ``resnet18_cifar`` (32 × 32 inputs). Every row is
@@ -96,7 +96,9 @@ def _register(net: DDP, hook: str, args, cost_models: dict[str, CostModel]):
 def _warmup(hook: str, args) -> int:
     """Steps before timing: ``--warmup``, and for ``hybrid`` without a cost-model file at least
     ``--hybrid-warmup`` (its online choice explores 18 all-reduces per size class first)."""
-    online = hook.split(":")[-2 if hook.startswith("backend:") else 0] == "hybrid" and not args.cost_model
+    parts = hook.split(":")
+    wire_models = dict(item.split("=", 1) for item in args.wire_cost_model)
+    online = len(parts) >= 2 and parts[-2] == "hybrid" and not (args.cost_model or parts[-1] in wire_models)
     return max(args.warmup, args.hybrid_warmup) if online else args.warmup
 
 

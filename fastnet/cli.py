@@ -113,22 +113,24 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, dict | None, list[Path]]:
 
 def _same_run_without_checkpoint(cfg: TrainConfig) -> bool:
     """``--resume auto`` and no checkpoint: True when the out_dir holds this same run (its
-    ``config.yaml`` differs from ``cfg`` in no option that cannot change within a run), which
-    stopped before its first checkpoint (e.g. a crash that torchrun restarts): it starts over from
+    ``config.yaml`` differs from ``cfg`` in no option) that has not finished (no ``summary``
+    record) and stopped before its first checkpoint (e.g. a crash that torchrun restarts): it starts over from
     step 0 in place, its metrics continued after a ``resume`` record at step 0. Any other run there
     is refused by :func:`check_fresh_out_dir`."""
     import yaml
 
-    from fastnet.config import resume_conflicts
+    from fastnet.config import config_changes
 
-    path = Path(cfg.out_dir) / "config.yaml"
+    path, metrics = Path(cfg.out_dir) / "config.yaml", Path(cfg.out_dir) / "metrics.jsonl"
     if not run_files(cfg) or not path.is_file():
         return False
+    if metrics.is_file() and '"kind": "summary"' in metrics.read_text():
+        return False  # it finished (its checkpoints are gone or elsewhere): not a crash to restart
     try:
         saved = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         return False
-    return isinstance(saved, dict) and not resume_conflicts(saved, cfg)
+    return isinstance(saved, dict) and not config_changes(saved, cfg)
 
 
 def print_config(cfg: TrainConfig) -> None:

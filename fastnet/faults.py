@@ -27,9 +27,13 @@ def kill_step(rank: int, environ: Mapping[str, str] | None = None) -> int | None
         return None
     try:
         plan = [tuple(int(v) for v in entry.split(":")) for entry in spec.split(",")]
-        attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
     except ValueError:
         plan = [()]
+    try:
+        attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        raise ValueError(f"Invalid TORCHELASTIC_RESTART_COUNT={env['TORCHELASTIC_RESTART_COUNT']!r} "
+                         f"(expected an integer)") from None
     if any(len(e) != 2 or e[0] < 1 or e[1] < 0 for e in plan):
         raise ValueError(f"Invalid FASTNET_KILL_AT={spec!r}: expected STEP:RANK[,STEP:RANK...], steps >= 1, "
                          f"one entry per launch attempt")

@@ -100,8 +100,8 @@ def read_metrics(path: str | Path, superseded: bool = False) -> list[dict[str, A
 
     A run that crashed and resumed from its last checkpoint (``resume`` record at step ``s``)
     recomputes the steps after ``s``; the crashed session's records of those steps are dropped
-    unless ``superseded``, so each step, evaluation and epoch appears as the run that finished
-    computed it. A line torn by the crash (not JSON, directly before a ``resume`` record) is skipped.
+    unless ``superseded`` (and of an ``epoch``/``eval``/``test`` record written twice for one step,
+    the later), so each step, evaluation and epoch appears as the run that finished computed it. A line torn by the crash (not JSON, directly before a ``resume`` record) is skipped.
 
     Raises:
         ValueError: a line that is not JSON elsewhere (its line number named).
@@ -122,4 +122,7 @@ def read_metrics(path: str | Path, superseded: bool = False) -> list[dict[str, A
         if r.get("kind") == "resume":
             kept = [k for k in kept if k.get("kind") == "resume" or k.get("step", 0) <= r["step"]]
         kept.append(r)
-    return kept
+    # a crash between an epoch's record and its checkpoint: the resumed run writes that record again
+    last = {(r["kind"], r.get("step")): i for i, r in enumerate(kept) if r.get("kind") in ("epoch", "eval", "test")}
+    return [r for i, r in enumerate(kept)
+            if r.get("kind") not in ("epoch", "eval", "test") or last[(r["kind"], r.get("step"))] == i]

@@ -90,10 +90,11 @@ def test_resume_auto_starts_a_new_run_when_there_is_no_checkpoint(tmp_path):
     assert [r["step"] for r in _records(out, "step")] == [1, 2] and not _records(out, "resume")
 
 
-@pytest.mark.parametrize("seed,restarts", [(0, True), (1, False)])
-def test_resume_auto_without_checkpoint_restarts_only_the_same_run(tmp_path, seed, restarts):
+@pytest.mark.parametrize("seed,finished,restarts", [(0, False, True), (1, False, False), (0, True, False)])
+def test_resume_auto_without_checkpoint_restarts_only_the_same_run(tmp_path, seed, finished, restarts):
     """A run that stopped before its first checkpoint (a crash torchrun restarts) starts over in
-    place under --resume auto; another run's files there (here: another seed) are still refused."""
+    place under --resume auto; another run's files there (here: another seed), or a finished run
+    whose checkpoints are gone, are still refused."""
     import yaml
 
     from fastnet.cli import prepare
@@ -103,7 +104,7 @@ def test_resume_auto_without_checkpoint_restarts_only_the_same_run(tmp_path, see
     out.mkdir()
     cfg = resolve(None, {"dataset": "digits", "model": "small_cnn", "out_dir": str(out), "resume": "auto"}, environ={})
     (out / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "seed": seed, "world_size": 2}))
-    (out / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    (out / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n' + ('{"kind": "summary"}\n' if finished else ""))
     if restarts:
         cfg2, state, stale = prepare(cfg)
         assert state is None and stale == [] and cfg2.resume is None

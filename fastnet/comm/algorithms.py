@@ -425,7 +425,7 @@ class _Traced:
         tracer = trace.current()
         if tracer is not None and not self.recorded:
             self.recorded = True
-            tracer.complete("inter all-reduce", "phase", self.issued_us, tracer.now_us(), bytes=self.nbytes)
+            tracer.interval("inter all-reduce", "phase", self.issued_us, tracer.now_us(), bytes=self.nbytes)
 
 
 def _finish_segment(intra: Communicator, segment: tuple) -> None:

@@ -1,7 +1,8 @@
 """``hybrid`` without a cost-model file: the algorithm per message size chosen online, on the real buckets.
 
 The first all-reduces of each size class (wire bytes rounded down to a power of two) run every
-candidate algorithm in turn, round-robin: one warm-up round, then ``trials`` timed rounds (host
+candidate algorithm in turn, round-robin with each round starting one candidate later (so a
+candidate is not always timed at the same bucket of a step): one warm-up round, then ``trials`` timed rounds (host
 wall-clock of the blocking call; on CUDA after synchronizing the current stream). At the next
 all-reduce of that class every rank takes the candidate with the smallest median time **on rank
 0** (one broadcast of rank 0's medians, float64, one per candidate), so the choice is the same
@@ -80,7 +81,7 @@ class OnlineChooser:
             chosen = self._decide(c, device)
             all_reduce(chosen)
             return chosen
-        alg = self.candidates[calls % n]
+        alg = self.candidates[(calls + calls // n) % n]  # each round starts one later: no fixed bucket position
         sync = device is not None and device.type == "cuda"
         t0 = time.perf_counter()
         all_reduce(alg)
@@ -102,6 +103,22 @@ class OnlineChooser:
         chosen = self.candidates[int(torch.argmin(mine))]
         self.choices[c] = chosen
         return chosen
+
+    def state_dict(self) -> dict[str, object]:
+        """The exploration so far and the decisions (for a checkpoint: a resumed run continues them
+        instead of exploring again, so it runs the same algorithm for the same call)."""
+        return {"calls": dict(self._calls), "times": {c: dict(t) for c, t in self._times.items()},
+                "choices": dict(self.choices), "medians": dict(self.medians)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`. Raises ValueError for a choice that is not a candidate."""
+        bad = sorted(set(state["choices"].values()) - set(self.candidates))
+        if bad:
+            raise ValueError(f"saved online choices {bad} are not among the candidates {list(self.candidates)}")
+        self._calls = {int(c): int(v) for c, v in state["calls"].items()}
+        self._times = {int(c): {a: list(v) for a, v in t.items()} for c, t in state["times"].items()}
+        self.choices = {int(c): a for c, a in state["choices"].items()}
+        self.medians = {int(c): list(v) for c, v in state["medians"].items()}
 
     def describe(self) -> dict[str, object]:
         """``{size class (bytes): {"algorithm": ..., "median_s": {candidate: seconds}}}`` for the decided classes."""

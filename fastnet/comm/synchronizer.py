@@ -493,7 +493,7 @@ class GradientSynchronizer:
         def reduce() -> None:
             t0 = time.perf_counter()
             if tracer is not None:
-                tracer.complete("queue wait", "bucket", launched_us, tracer.now_us(), bucket=bucket.index)
+                tracer.interval("queue wait", "bucket", launched_us, tracer.now_us(), bucket=bucket.index)
             with trace.span(f"all-reduce bucket {bucket.index}", "bucket", bytes=bucket.nbytes,
                             algorithm=bucket.algorithm):
                 self._reduce(bucket, ready)
@@ -720,21 +720,25 @@ class GradientSynchronizer:
         if len(ready) != len(self.params):
             raise ValueError(f"measured_plan: ready_s has {len(ready)} entries, expected {len(self.params)} "
                              "(one per parameter, constructor order)")
-        buckets = [(b.wire_bytes(self._wire), max(ready[self._index[id(p)]] for p in b.params), b.algorithm)
+        buckets = [(b.wire_bytes(self._wire), max(ready[self._index[id(p)]] for p in b.params), self._resolved(b))
                    for b in self.buckets]
         return {"buckets": buckets, "launch_order": list(self.launch_order),
                 "backward_s": max((r for _, r, _ in buckets), default=0.0), "ready_s": ready}
 
     def plan_state(self) -> dict[str, list] | None:
         """The re-cut bucket plan, for a checkpoint: ``buckets`` (each a list of parameter indices,
-        constructor order, as the bucket holds them) and ``launch_order``; None before the re-cut.
+        constructor order, as the bucket holds them) and ``launch_order`` (once re-cut), and
+        ``tuner`` (``hybrid``'s online choice so far, :mod:`fastnet.comm.autotune`); None when
+        there is neither.
         A resumed run restores it with :meth:`load_plan_state` instead of re-cutting from its own,
         timing-dependent measurements, so its buckets (and with them the summation order of ring
         and hierarchical all-reduce) are the uninterrupted run's."""
-        if not self.rebuilt:
+        tuner = self.reducer.tuner.state_dict() if self.reducer.tuner is not None else None
+        if not self.rebuilt and tuner is None:
             return None
-        return {"buckets": [[self._index[id(p)] for p in b.params] for b in self.buckets],
-                "launch_order": list(self.launch_order)}
+        plan = {"buckets": [[self._index[id(p)] for p in b.params] for b in self.buckets],
+                "launch_order": list(self.launch_order)} if self.rebuilt else {}
+        return {**plan, **({"tuner": tuner} if tuner is not None else {})}
 
     def load_plan_state(self, state: dict[str, list]) -> bool:
         """Adopt a plan saved by :meth:`plan_state` (collective: checked across ranks) and skip the
@@ -745,6 +749,10 @@ class GradientSynchronizer:
             ValueError: the plan does not cover each parameter exactly once, mixes dtypes in a
                 bucket, or its launch order is not a permutation of its buckets.
         """
+        if state.get("tuner") is not None and self.reducer.tuner is not None:  # hybrid's online choice so far
+            self.reducer.tuner.load_state_dict(state["tuner"])
+        if "buckets" not in state:  # saved before the re-cut: the run re-cuts as it would have
+            return False
         n = len(self.params)
         groups = [list(g) for g in state["buckets"]]
         order = list(state["launch_order"])
@@ -760,6 +768,7 @@ class GradientSynchronizer:
         self._completed_at = [0] * len(self.buckets)
         self._launched_at = [0] * len(self.buckets)
         self.rebuilt, self._rebuild_pending = True, False
+        self._order_agreed = True  # the saved launch order stands (no re-adoption at the first step)
         check_consistency(self.comm, self._plan_items(self._threshold)
                           + [("launch order", " ".join(map(str, self.launch_order)))],
                           "GradientSynchronizer (restored buckets)",
@@ -774,6 +783,14 @@ class GradientSynchronizer:
                  "bytes": b.nbytes, "params": len(b.params),
                  "algorithm": b.algorithm if b.algorithm != "hybrid" else self.reducer.algorithm_for(
                      b.wire_bytes(self._wire))} for b in self.buckets]
+
+    def _resolved(self, b: Bucket) -> str:
+        """The algorithm bucket ``b`` runs: hybrid's online choice for its size, or while that is
+        still being explored the cost model's prediction (a runnable name, for the simulator)."""
+        if b.algorithm != "hybrid":
+            return b.algorithm
+        chosen = self.reducer.algorithm_for(b.wire_bytes(self._wire))
+        return chosen if chosen != "hybrid" else self.reducer.algorithm_for(b.wire_bytes(self._wire), modelled=True)
 
     def close(self) -> None:
         """Remove the hooks, stop the communication thread, and close the communicators this

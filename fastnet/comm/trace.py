@@ -11,14 +11,14 @@ events):
 
 * ``ready`` (instant, category ``bucket``): a bucket's last gradient arrived
   (:class:`fastnet.comm.GradientSynchronizer`), with its index and bytes;
-* ``queue wait`` (complete, ``bucket``): from the launch of a bucket to the start of its
+* ``queue wait`` (async, ``bucket``): from the launch of a bucket to the start of its
   all-reduce on the communication thread (it waited behind earlier buckets);
 * ``all-reduce bucket N`` (complete, ``bucket``): the whole averaging of one bucket;
 * ``cast to wire`` / ``cast back`` (complete, ``phase``): the FP16/BF16 narrowing and widening;
 * ``native`` / ``ring`` / ``hierarchical`` ... (complete, ``algorithm``): the sum itself;
 * ``intra reduce-scatter``, ``inter reduce-scatter``, ``inter all-gather``, ``intra
   all-gather`` (the ring-based hierarchical algorithms, per pipeline segment), ``inter all-reduce``
-  (the collective-composed one), ``reduce to leader``, ``leaders all-reduce``, ``broadcast from
+  (the collective-composed one; async, issue to completion), ``reduce to leader``, ``leaders all-reduce``, ``broadcast from
   leader`` (the leader algorithms): category ``phase``. Pipelined segments overlap on one thread,
   so the ring phases are async events (``b``/``e``, one track per segment) and nest nowhere;
 * trainer: ``step N``, ``forward+backward``, ``synchronize``, ``optimizer`` (category ``train``).
@@ -65,6 +65,13 @@ class Tracer:
         """A complete event (``ph: X``) from ``start_us`` to ``end_us`` on this thread."""
         self._add({"name": name, "cat": cat, "ph": "X", "ts": start_us, "dur": max(end_us - start_us, 0.0),
                    "args": args})
+
+    def interval(self, name: str, cat: str, start_us: float, end_us: float, **args: Any) -> None:
+        """An async pair (``b``/``e``, its own id) from ``start_us`` to ``end_us``: an interval that
+        may overlap others on this thread (a bucket's queue wait, an asynchronous collective)."""
+        ident = next(self._ids)
+        self._add({"name": name, "cat": cat, "ph": "b", "id": ident, "ts": start_us, "args": args})
+        self._add({"name": name, "cat": cat, "ph": "e", "id": ident, "ts": max(end_us, start_us)})
 
     def instant(self, name: str, cat: str, **args: Any) -> None:
         self._add({"name": name, "cat": cat, "ph": "i", "s": "t", "ts": self.now_us(), "args": args})
@@ -121,4 +128,5 @@ def current() -> Tracer | None:
 
 def span(name: str, cat: str, overlapping: bool = False, **args: Any):
     """:meth:`Tracer.span` on the current trace; a no-op context without one."""
-    return _current.span(name, cat, overlapping, **args) if _current is not None else contextlib.nullcontext()
+    tracer = _current  # read once: another thread may stop the trace meanwhile
+    return tracer.span(name, cat, overlapping, **args) if tracer is not None else contextlib.nullcontext()

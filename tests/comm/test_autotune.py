@@ -20,6 +20,17 @@ def test_size_class_is_the_power_of_two_at_or_below():
     assert [size_class(n) for n in (1, 2, 3, 1023, 1024, 1025, 25 << 20)] == [1, 2, 2, 512, 1024, 1024, 16 << 20]
 
 
+def test_chooser_state_round_trips_and_refuses_unknown_choices():
+    a = OnlineChooser(None, CANDIDATES, trials=2)
+    a._calls, a._times = {4096: 5}, {4096: {"ring": [0.1, 0.2]}}
+    a.choices, a.medians = {1024: "leader"}, {1024: [0.3, 0.2, 0.1]}
+    b = OnlineChooser(None, CANDIDATES, trials=2)
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict() and b.choice(1500) == "leader" and b.choice(5000) is None
+    with pytest.raises(ValueError, match="not among the candidates"):
+        b.load_state_dict({**a.state_dict(), "choices": {1024: "tree"}})
+
+
 def test_chooser_rejects_no_candidates_and_no_trials():
     with pytest.raises(ValueError, match="candidate"):
         OnlineChooser(None, (), 2)
@@ -76,7 +87,8 @@ def test_online_choice_is_rank0s_after_the_same_trials_and_sums_correctly():
     n = len(CANDIDATES)
     for rank in range(4):
         used, choice, other, tuned = out[rank][4]
-        assert used[:3 * n] == list(CANDIDATES) * 3
+        rotated = [CANDIDATES[(i + i // n) % n] for i in range(3 * n)]  # each round starts one later
+        assert used[:3 * n] == rotated and sorted(used[:n]) == sorted(CANDIDATES)
         assert used[3 * n:] == ["leader", "leader"] and choice == "leader" and other is None
         assert list(tuned) == [size_class(4000)] and tuned[size_class(4000)]["algorithm"] == "leader"
         assert tuned == out[0][4][3]  # rank 0's medians, everywhere
