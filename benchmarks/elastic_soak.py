@@ -34,10 +34,8 @@ from report import emit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from fastnet.metrics import read_metrics  # noqa: E402
+from fastnet.metrics import read_metrics, reproducible_records  # noqa: E402
 
-CLOCK = {"images_per_s", "wall_s", "comm_s", "comm_busy_s", "comm_hidden_s", "session_s", "time_to_target_s",
-         "mean_images_per_s"}
 INTERVAL, EPOCHS = 5, 3
 ARGS = ["--dataset", "digits", "--model", "small_cnn", "--workers", "0", "--progress", "none",
         "--global-batch-size", "128", "--micro-batch-size", "64", "--epochs", str(EPOCHS), "--log-interval", "1",
@@ -53,8 +51,7 @@ def torchrun(out: Path, nproc: int, kill_at: str | None, max_restarts: int) -> s
 
 
 def comparable(out: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in CLOCK} for r in read_metrics(out / "metrics.jsonl")
-            if r["kind"] != "resume"]
+    return reproducible_records(out / "metrics.jsonl")
 
 
 def tensors(tree) -> list[torch.Tensor]:

@@ -126,3 +126,14 @@ def read_metrics(path: str | Path, superseded: bool = False) -> list[dict[str, A
     last = {(r["kind"], r.get("step")): i for i, r in enumerate(kept) if r.get("kind") in ("epoch", "eval", "test")}
     return [r for i, r in enumerate(kept)
             if r.get("kind") not in ("epoch", "eval", "test") or last[(r["kind"], r.get("step"))] == i]
+
+
+CLOCK_FIELDS = frozenset({"images_per_s", "wall_s", "comm_s", "comm_busy_s", "comm_hidden_s", "session_s",
+                          "time_to_target_s", "mean_images_per_s"})  # wall-clock fields: differ between identical runs
+
+
+def reproducible_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records a resumed or restarted run must reproduce bit for bit: :func:`read_metrics`
+    without ``resume`` records and without the wall-clock fields (:data:`CLOCK_FIELDS`)."""
+    return [{k: v for k, v in r.items() if k not in CLOCK_FIELDS} for r in read_metrics(path)
+            if r.get("kind") != "resume"]

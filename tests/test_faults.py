@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastnet.faults import kill_step
-from fastnet.metrics import read_metrics
+from fastnet.metrics import read_metrics, reproducible_records
 from tests.conftest import FAST, REPO, child_env
 
 RUN = [*FAST, "--global-batch-size", "128", "--micro-batch-size", "64", "--epochs", "3", "--log-interval", "1",
@@ -39,13 +39,6 @@ def torchrun(out: Path, kill_at: str | None, max_restarts: int) -> subprocess.Co
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
 
 
-def _comparable(records: list[dict]) -> list[dict]:
-    """The records a restart must reproduce, without the wall-clock fields."""
-    clock = {"images_per_s", "wall_s", "comm_s", "comm_busy_s", "comm_hidden_s", "session_s", "time_to_target_s",
-             "mean_images_per_s"}
-    return [{k: v for k, v in r.items() if k not in clock} for r in records if r["kind"] != "resume"]
-
-
 @pytest.mark.slow
 def test_three_crashes_under_torchrun_restarts_end_bit_identical(tmp_path):
     """torchrun --max-restarts 3, 2 gloo ranks, --resume auto, a checkpoint every 5 steps; a rank is
@@ -62,7 +55,8 @@ def test_three_crashes_under_torchrun_restarts_end_bit_identical(tmp_path):
     assert [r["step"] for r in crash if r["kind"] == "resume"] == [0, 15, 25]
     every = read_metrics(tmp_path / "crash" / "metrics.jsonl", superseded=True)
     assert [r["step"] for r in every if r["kind"] == "step"][:5] == [1, 2, 3, 1, 2]  # steps 1-3 ran twice
-    assert _comparable(crash) == _comparable(read_metrics(tmp_path / "ref" / "metrics.jsonl"))
+    assert reproducible_records(tmp_path / "crash" / "metrics.jsonl") == \
+        reproducible_records(tmp_path / "ref" / "metrics.jsonl")
     a = torch.load(tmp_path / "ref" / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "crash" / "checkpoints" / "last.pt", weights_only=False)
     for part in ("model", "optimizer"):

@@ -303,8 +303,6 @@ def study(a: argparse.Namespace) -> None:
 PARTITION_TRAIN = ["-m", "fastnet.train", "--dataset", "digits", "--model", "small_cnn", "--workers", "0",
                    "--progress", "log", "--global-batch-size", "128", "--micro-batch-size", "32", "--epochs", "3",
                    "--log-interval", "1", "--checkpoint-interval", "5", "--resume", "auto"]
-CLOCK = {"images_per_s", "wall_s", "comm_s", "comm_busy_s", "comm_hidden_s", "session_s", "time_to_target_s",
-         "mean_images_per_s"}
 
 
 def _workers(ns: str) -> set[int]:
@@ -319,10 +317,9 @@ def _workers(ns: str) -> set[int]:
 
 
 def _comparable(out: Path) -> list[dict]:
-    from fastnet.metrics import read_metrics
+    from fastnet.metrics import reproducible_records
 
-    return [{k: v for k, v in r.items() if k not in CLOCK} for r in read_metrics(out / "metrics.jsonl")
-            if r["kind"] != "resume"]
+    return reproducible_records(out / "metrics.jsonl")
 
 
 def _final_state(out: Path) -> list:
