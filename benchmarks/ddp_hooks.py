@@ -8,7 +8,7 @@ loopback). The cost models (for fastnet's ``hybrid``) come from ``cluster.py stu
 --calibrate-only --save-cost-model`` on the same cluster (``--dtype float16`` for the FP16 one);
 without them hybrid chooses online (fastnet.comm.autotune) during ``--hybrid-warmup`` steps.
 
-Models: ``mlp`` — 4 × Linear(2048, 2048), 67 MB of FP32 gradients, local batch ``--batch``
+Models: ``mlp`` — 4 × Linear(2048, 2048) (``--mlp-width``), 67 MB of FP32 gradients, local batch ``--batch``
 (communication-bound: issue #19's model); ``resnet18_cifar`` (32 × 32 inputs). Every row is
 ``DistributedDataParallel`` with 25 MiB buckets (``--bucket-mb``), ``gradient_as_bucket_view``,
 SGD with momentum, the same weights and data, and a communication hook:
@@ -23,12 +23,21 @@ SGD with momentum, the same weights and data, and a communication hook:
   ``FASTNET_FUSION_MB``/``FASTNET_RANKS_PER_NODE``/``FASTNET_COST_MODEL`` set for it; ``--backend``;
   issue #18): what an unmodified script gets from ``init_process_group("fastnet")``.
 
-Per row: the step (forward, backward with DDP's all-reduce, optimizer), median over ``--steps``
-after ``--warmup`` of the max over ranks; compute = the same step under ``no_sync()`` (no
-all-reduce; measured once per model); exposed communication = step − compute; for fastnet's
-hook, from its records (:class:`fastnet.comm.ddp_hook.HookState`): the communication thread's busy
-time per step and the wait of buckets queued behind earlier ones; and the largest parameter
-difference from plain DDP after the timed steps.
+Per row: the step (forward, backward with DDP's all-reduce, optimizer), median of the max over
+ranks over ``--rounds`` × ``--steps`` timed steps after ``--warmup``. The rows are measured
+interleaved (every row built and warmed up, then ``--rounds`` rounds in which each row takes
+``--steps`` steps, the order rotated each round), so a slow spell of a shared machine lands on
+every row rather than on the few measured during it. Compute = the same step under ``no_sync()``
+(no all-reduce), split into forward, backward and optimizer; exposed communication = step −
+compute; for fastnet's hook, from its records (:class:`fastnet.comm.ddp_hook.HookState`): the
+communication thread's busy time per step and the wait of buckets queued behind earlier ones; and
+the largest parameter difference from plain DDP after the same steps.
+
+With ``--link-rate`` two references per wire dtype: the **link bound** max(compute, link time),
+link time = 2(N−1)/N × gradient bytes / link rate for N nodes, and **DDP's step floor** forward +
+max(backward, link time) + optimizer — DDP's all-reduce overlaps only the backward that fills its
+buckets (the next forward needs the updated weights), so no DDP hook or backend can beat the floor;
+each row's efficiency is the reference over its step.
 """
 
 from __future__ import annotations
@@ -61,12 +70,12 @@ from report import emit  # noqa: E402
 TORCH_HOOKS = ["none", "allreduce_hook", "fp16_compress_hook", "bf16_compress_hook", "powersgd_rank4"]
 
 
-def _model_and_data(name: str, rank: int, batch: int):
+def _model_and_data(name: str, rank: int, batch: int, width: int = 2048):
     g = torch.Generator().manual_seed(rank)
     torch.manual_seed(0)
     if name == "mlp":
-        model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(4)])
-        x, y = torch.randn(batch, 2048, generator=g), torch.randn(batch, 2048, generator=g)
+        model = nn.Sequential(*[nn.Linear(width, width) for _ in range(4)])
+        x, y = torch.randn(batch, width, generator=g), torch.randn(batch, width, generator=g)
         return model, x, y, nn.functional.mse_loss
     model = build_model(name, 10, 32)
     x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
@@ -102,27 +111,32 @@ def _warmup(hook: str, args) -> int:
     return max(args.warmup, args.hybrid_warmup) if online else args.warmup
 
 
-def _steps(net: DDP, opt, x, y, loss_fn, args, state=None, no_sync: bool = False, warmup: int | None = None) -> dict:
+def _steps(net: DDP, opt, x, y, loss_fn, steps: int, state=None, no_sync: bool = False) -> list[list[float]]:
+    """``steps`` training steps; per step the max over ranks of (step, forward, backward, optimizer,
+    fastnet's busy, fastnet's queue wait) in seconds. Under ``no_sync`` the backward has no all-reduce."""
     per = []
-    warmup = args.warmup if warmup is None else warmup
-    for step in range(warmup + args.steps):
+    for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
+        loss = loss_fn(net(x), y)
+        t1 = time.perf_counter()
         if no_sync:
             with net.no_sync():
-                loss_fn(net(x), y).backward()
+                loss.backward()
         else:
-            loss_fn(net(x), y).backward()
+            loss.backward()
+        t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=False)
-        t = time.perf_counter() - t0
+        t3 = time.perf_counter()
         recs = state.take_records() if state is not None else []
         busy = sum(r[3] - r[2] for r in recs)
         wait = sum(r[2] - r[1] for r in recs)
-        m = max_over_ranks(t, busy, wait)
-        if step >= warmup:
-            per.append(m)
-    return {k: statistics.median(p[i] for p in per) for i, k in enumerate(("step", "busy", "wait"))}
+        per.append(max_over_ranks(t3 - t0, t1 - t0, t2 - t1, t3 - t2, busy, wait))
+    return per
+
+
+FIELDS = ("step", "forward", "backward", "optimizer", "busy", "wait")
 
 
 def _backend_group(spec: str, args, groups: dict) -> dist.ProcessGroup:
@@ -138,34 +152,45 @@ def _backend_group(spec: str, args, groups: dict) -> dist.ProcessGroup:
 
 
 def measure(rank: int, args) -> list[dict]:
+    """Every row of every model, interleaved: each row is built and warmed up first, then the rows
+    take turns for ``--rounds`` rounds of ``--steps`` timed steps (the order rotated each round), so
+    a slow spell of a shared machine falls on every row alike instead of on the rows measured during
+    it; each row's numbers are medians over all its timed steps."""
     cost_models = load_cost_models(args.cost_model, args.wire_cost_model)
     groups: dict = {}
     rows = []
     for name in args.models:
-        finals = {}
+        live = {}
         for hook in ["compute"] + args.hooks:
-            model, x, y, loss_fn = _model_and_data(name, rank, args.batch)
+            model, x, y, loss_fn = _model_and_data(name, rank, args.batch, args.mlp_width)
             group = _backend_group(hook, args, groups) if hook.startswith("backend:") else None
             net = DDP(model, bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True, broadcast_buffers=False,
                       process_group=group)
             state = _register(net, hook, args, cost_models) if hook != "compute" else None
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-            traced = args.trace and ":" in hook  # fastnet's rows: its hook or its backend
-            if traced:
-                trace.start(rank)
-            got = _steps(net, opt, x, y, loss_fn, args, state, no_sync=hook == "compute", warmup=_warmup(hook, args))
-            if traced:
-                safe = hook.replace(":", "-")
-                trace.stop(Path(args.trace) / f"{name}_{safe}_rank{rank}.json")
-            finals[hook] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            live[hook] = (model, net, opt, x, y, loss_fn, state)
+            _steps(net, opt, x, y, loss_fn, _warmup(hook, args), state, no_sync=hook == "compute")
+        timed: dict[str, list] = {hook: [] for hook in live}
+        hooks = list(live)
+        for r in range(args.rounds):
+            for hook in hooks[r % len(hooks):] + hooks[:r % len(hooks)]:
+                model, net, opt, x, y, loss_fn, state = live[hook]
+                traced = args.trace and ":" in hook and r == 0  # fastnet's rows (hook or backend), first round
+                if traced:
+                    trace.start(rank)
+                timed[hook] += _steps(net, opt, x, y, loss_fn, args.steps, state, no_sync=hook == "compute")
+                if traced:
+                    trace.stop(Path(args.trace) / f"{name}_{hook.replace(':', '-')}_rank{rank}.json")
+        finals = {hook: torch.cat([p.detach().reshape(-1) for p in v[0].parameters()]) for hook, v in live.items()}
+        for hook, (model, *_, state) in live.items():
+            got = {k: statistics.median(s[i] for s in timed[hook]) for i, k in enumerate(FIELDS)}
+            same_steps = _warmup(hook, args) == args.warmup  # only these compare with plain DDP's parameters
             rows.append({"model": name, "hook": hook, **got, "warmup": _warmup(hook, args),
-                         "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
+                         "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                         "diff": (finals[hook] - finals["none"]).abs().max().item() if same_steps else None})
             if state is not None:
                 state.close()
-        for r in rows:  # only rows that took as many steps as plain DDP compare with it
-            if r["model"] == name:
-                r["diff"] = (finals[r["hook"]] - finals["none"]).abs().max().item() \
-                    if r["warmup"] == args.warmup else None
+        del live, finals
     return rows
 
 
@@ -190,24 +215,35 @@ def _wire(hook: str) -> str:
 
 
 def table(rows: list[dict], nodes: int = 1, bytes_per_s: float | None = None) -> list[str]:
-    """Rows as markdown; with a link rate, the link bound per wire dtype (max(compute, link time))
-    and each row's efficiency against its wire dtype's bound (bound / step)."""
+    """Rows as markdown; with a link rate, per wire dtype the link bound (max(compute, link time))
+    and DDP's step floor (forward + max(backward, link time) + optimizer: DDP's all-reduce can only
+    overlap the backward that produces its buckets, and the optimizer needs its result), and each
+    row's efficiency against both for its wire dtype (bound / step, floor / step)."""
     lines = ["| model | hook | step (ms) | vs plain DDP | vs torch fp16_compress_hook | of the link bound | "
-             "exposed comm (ms) | fastnet comm busy (ms) | fastnet queue wait (ms) | max param diff vs plain DDP |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "of the DDP step floor | exposed comm (ms) | fastnet comm busy (ms) | fastnet queue wait (ms) | "
+             "max param diff vs plain DDP |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = {r["hook"]: r for r in rows if r["model"] == name}
-        compute, plain = mine["compute"]["step"], mine["none"]["step"]
+        c = mine["compute"]
+        compute, plain = c["step"], mine["none"]["step"]
         fp16 = mine.get("fp16_compress_hook", {}).get("step")
-        fp32_bytes = mine["compute"]["grad_bytes"]
-        bound = {w: None if (t := link_bound_s(fp32_bytes * b // 4, nodes, bytes_per_s)) is None else max(compute, t)
-                 for w, b in WIRE_BYTES.items()}
-        lines.append(f"| {name} | compute only (no_sync) | {compute * 1e3:.0f} | - | - | - | - | - | - | - |")
+        fp32_bytes = c["grad_bytes"]
+        link = {w: link_bound_s(fp32_bytes * b // 4, nodes, bytes_per_s) for w, b in WIRE_BYTES.items()}
+        bound = {w: None if t is None else max(compute, t) for w, t in link.items()}
+        fwd, bwd, opt = (c.get(k, 0.0) for k in ("forward", "backward", "optimizer"))
+        floor = {w: None if t is None else fwd + max(bwd, t) + opt for w, t in link.items()}
+        lines.append(f"| {name} | compute only (no_sync) | {compute * 1e3:.0f} | - | - | - | - | - | - | - | - |")
         for w in ("none", "fp16"):
-            if bound[w] is not None:
-                lines.append(f"| {name} | link bound, {'FP32' if w == 'none' else 'FP16'} wire: max(compute, "
-                             f"{2 * (nodes - 1) / nodes:g} x {fp32_bytes * WIRE_BYTES[w] // 4 / 1e6:.1f} MB / link) | "
-                             f"{bound[w] * 1e3:.0f} | - | - | 100% | - | - | - | - |")
+            if bound[w] is None:
+                continue
+            wire = "FP32" if w == "none" else "FP16"
+            volume = f"{2 * (nodes - 1) / nodes:g} x {fp32_bytes * WIRE_BYTES[w] // 4 / 1e6:.1f} MB / link"
+            lines.append(f"| {name} | link bound, {wire} wire: max(compute, {volume}) | {bound[w] * 1e3:.0f} "
+                         "| - | - | 100% | - | - | - | - | - |")
+            lines.append(f"| {name} | DDP step floor, {wire} wire: forward {fwd * 1e3:.0f} + max(backward "
+                         f"{bwd * 1e3:.0f}, link) + optimizer {opt * 1e3:.0f} | {floor[w] * 1e3:.0f} | - | - | "
+                         f"{bound[w] / floor[w]:.0%} | 100% | - | - | - | - |")
         for hook, r in mine.items():
             if hook == "compute":
                 continue
@@ -216,10 +252,10 @@ def table(rows: list[dict], nodes: int = 1, bytes_per_s: float | None = None) ->
             if hook.startswith("backend:"):
                 label = "DDP on backend \"fastnet\" " + hook.split(":", 1)[1].replace(":", ", wire ")
             fastnet = ":" in hook and not hook.startswith("backend:")
-            eff = bound[_wire(hook)]
+            eff, fl = bound[_wire(hook)], floor[_wire(hook)]
             lines.append(f"| {name} | {label} | {r['step'] * 1e3:.0f} | {plain / r['step']:.2f}x | "
                          + (f"{fp16 / r['step']:.2f}x" if fp16 else "-")
-                         + (f" | {eff / r['step']:.0%}" if eff else " | -")
+                         + (f" | {eff / r['step']:.0%} | {fl / r['step']:.0%}" if eff else " | - | -")
                          + f" | {max(0.0, r['step'] - compute) * 1e3:.0f} | "
                          + (f"{r['busy'] * 1e3:.0f} | {r['wait'] * 1e3:.0f}" if fastnet else "- | -")
                          + (f" | {r['diff']:.1e} |" if r["diff"] is not None else " | - (more steps) |"))
@@ -244,6 +280,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["mlp", "resnet18_cifar"], choices=["mlp", "resnet18_cifar"])
     p.add_argument("--batch", type=int, default=8, help="local batch per rank")
+    p.add_argument("--mlp-width", type=int, default=2048, help="the MLP's layer width (4 x Linear(W, W))")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb (and fastnet's fusion_mb)")
     p.add_argument("--fastnet", nargs="*", default=["ring:fp16", "hierarchical:none", "hierarchical:fp16",
                                                     "hierarchical_p2p:fp16", "leader:fp16", "hybrid:none",
@@ -256,7 +293,9 @@ def main() -> None:
                         "than 2 ranks aborts with a collective size mismatch: its all-reduces are issued from "
                         "future callbacks whose order gloo does not keep alike on every rank; torch skips its "
                         "PowerSGD parity test on gloo, pytorch/pytorch#58467)")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per row in each round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds in which the rows take turns (each row times --steps steps per round)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--hybrid-warmup", type=int, default=20,
                    help="warm-up steps of the hybrid rows without a cost-model file (its online choice first "
@@ -299,7 +338,8 @@ def main() -> None:
              f"Command: `python benchmarks/ddp_hooks.py {' '.join(sys.argv[1:])}` ({launcher})",
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {world} ranks gloo "
              f"({args.ranks_per_node} per node), {args.threads} thread(s) each; local batch {args.batch}; DDP "
-             f"buckets {args.bucket_mb:g} MiB; median of {args.steps} steps after {args.warmup} (max over ranks).",
+             f"buckets {args.bucket_mb:g} MiB; median of {args.rounds} x {args.steps} steps after {args.warmup} "
+             f"(max over ranks), the rows interleaved: {args.rounds} rounds, each row {args.steps} steps per round.",
              "", *table(rows, world // (args.ranks_per_node or world), parse_rate(args.link_rate))]
     emit(lines, args.append)
 

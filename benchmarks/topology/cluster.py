@@ -163,7 +163,9 @@ def start(c: Cluster, rpn: int, args: list[str], logs: Path | None = None) -> li
     its own process group; output piped, or with ``logs`` written to ``<logs>.n<i>.{out,err}``."""
     nodes, port = len(c.addrs), 29500
     procs = []
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "FASTNET_BENCH_LAUNCHER": f"benchmarks/topology/cluster.py: {nodes} emulated nodes x {rpn} ranks, "
+                                     "torchrun per node"}
     try:
         for i in range(nodes):
             cmd = ["ip", "netns", "exec", c.namespace(i), sys.executable, "-m", "torch.distributed.run",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,3 +37,35 @@ def test_table_reads_each_row_against_its_wire_dtypes_bound():
     assert cells["torch fp16_compress_hook"][3] == "45%"  # FP16 bound 268 ms / 600 ms
     assert cells["fastnet hierarchical, wire fp16"][3] == "89%" and cells["fastnet hierarchical, wire fp16"][2] == "2.00x"
     assert cells['DDP on backend "fastnet" hierarchical, wire none'][-1] == "- (more steps)"
+
+
+def test_table_reads_each_row_against_ddps_step_floor():
+    """The floor is forward + max(backward, link time) + optimizer: the all-reduce hides only under backward."""
+    base = {"model": "mlp", "busy": 0.0, "wait": 0.0, "diff": 0.0, "grad_bytes": 67_108_864, "warmup": 3}
+    rows = [{**base, "hook": "compute", "step": 0.2, "forward": 0.05, "backward": 0.1, "optimizer": 0.05},
+            {**base, "hook": "none", "step": 1.0}, {**base, "hook": "hierarchical:fp16", "step": 0.4}]
+    lines = ddp_hooks.table(rows, nodes=2, bytes_per_s=125e6)
+    cells = {ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")[3:-1]] for ln in lines[2:]}
+    floor16 = next(v for k, v in cells.items() if k.startswith("DDP step floor, FP16"))
+    assert floor16[0] == "368"  # 50 + max(100, 268) + 50 ms
+    assert floor16[4] == "100%" and floor16[3] == "73%"  # the link bound (268 ms) is 73% of the floor
+    assert cells["fastnet hierarchical, wire fp16"][3:5] == ["67%", "92%"]  # 268 / 400, 368 / 400
+
+
+def test_rows_run_interleaved_and_every_row_takes_the_same_steps(tmp_path):
+    """Two ranks on loopback, a small MLP: every row is timed, the exact (FP32-wire) rows end where plain
+    DDP ends after the interleaved rounds, and the trace of the first round is written."""
+    script = Path(ddp_hooks.__file__)
+    cmd = [sys.executable, str(script), "--models", "mlp", "--mlp-width", "64", "--bucket-mb", "0.01",
+           "--torch-hooks", "fp16_compress_hook", "--fastnet", "hierarchical:none", "ring:fp16",
+           "--backend", "hierarchical:none", "--steps", "1", "--rounds", "3", "--warmup", "1",
+           "--link-rate", "1gbit", "--ranks-per-node", "1", "--trace", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")[3:-1]]
+            for ln in out.stdout.splitlines() if ln.startswith("| mlp |")}
+    assert "median of 3 x 1 steps after 1" in out.stdout
+    for label in ("fastnet hierarchical, wire none", 'DDP on backend "fastnet" hierarchical, wire none'):
+        assert float(rows[label][-1]) < 1e-6, (label, rows[label])  # same steps, exact sums: same parameters
+    assert float(rows["fastnet ring, wire fp16"][-1]) < 1e-3
+    assert {p.name for p in tmp_path.iterdir()} >= {"mlp_ring-fp16_rank0.json", "mlp_ring-fp16_rank1.json"}
