@@ -62,6 +62,10 @@ class OnlineChooser:
         self.choices: dict[int, str] = {}  # class -> the agreed algorithm
         self.medians: dict[int, list[float]] = {}  # class -> rank 0's median per candidate (seconds)
 
+    def exploring(self) -> bool:
+        """Whether a size class met so far is still being explored (no agreed algorithm yet)."""
+        return any(c not in self.choices for c in self._calls)
+
     def choice(self, nbytes: int) -> str | None:
         """The agreed algorithm for ``nbytes``' class, or None while it is still being explored."""
         return self.choices.get(size_class(nbytes))

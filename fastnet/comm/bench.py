@@ -27,7 +27,9 @@ Backends (``--backend``): ``torch`` (torch.distributed: gloo on CPU, nccl on CUD
 torchrun), ``mpi`` (mpi4py; under mpiexec), ``nccl`` (CuPy's NCCL; under torchrun). Algorithms:
 ``native`` (the backend's own all-reduce), fastnet's ``ring``, ``hierarchical`` / ``leader`` (composed
 of backend collectives), ``hierarchical_p2p`` / ``leader_p2p`` (fastnet's ring schedules), and
-``hybrid`` (per message, by the cost model). Exit status 1 if any result is wrong.
+``hybrid`` (per message: by ``--cost-model``, or without one chosen online per size class —
+every candidate measured in untimed all-reduces before the timed ones, :mod:`fastnet.comm.autotune`;
+the choices are printed under the table). Exit status 1 if any result is wrong.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class Bench:
 
             ranks_per_node = Topology.from_hosts(self.rank, gather_hosts(self.comm)).ranks_per_node
         self.ranks_per_node = ranks_per_node or 1  # the largest node: the cost model's node size
-        self.cost_model = cost_model or CostModel()
+        self.cost_model = cost_model  # None: hybrid chooses online (fastnet.comm.autotune)
         self.segment_bytes = segment_bytes
         self._reducers: dict[str, Any] = {}
 
@@ -134,6 +136,18 @@ class Bench:
             self._reducers[algorithm] = BucketReducer(self.comm, algorithm, "none", self.override,
                                                       self.cost_model, self.segment_bytes)
         return self._reducers[algorithm].sum_
+
+    def chosen(self, algorithm: str, nbytes: int) -> str:
+        """The algorithm that ran an all-reduce of ``nbytes`` bytes for ``algorithm``: itself, or
+        ``hybrid``'s choice (online, or from the cost model)."""
+        red = self._reducers.get(algorithm)
+        return red.algorithm_for(nbytes) if algorithm == "hybrid" and red is not None else algorithm
+
+    def settled(self, algorithm: str) -> Callable[[], bool] | None:
+        """For ``hybrid`` choosing online: a function that is True while the reducer of
+        :meth:`reducer` still explores a size class (so timing waits for its choice); else None."""
+        tuner = getattr(self._reducers.get(algorithm), "tuner", None)
+        return None if tuner is None else tuner.exploring
 
     def segment_bytes_of(self, algorithm: str) -> int:
         """The pipeline segment ``algorithm`` runs with here (:func:`fastnet.comm.topology.pipeline_segment_bytes`)."""
@@ -150,8 +164,17 @@ class Bench:
             self.comm.barrier()
         self.sync()
 
-    def timed(self, fn: Callable[[], None], prepare: Callable[[], None], iters: int, warmup: int) -> float:
-        """Median seconds of ``fn`` over ``iters`` runs after ``warmup``, max over ranks."""
+    def timed(self, fn: Callable[[], None], prepare: Callable[[], None], iters: int, warmup: int,
+              exploring: Callable[[], bool] | None = None) -> float:
+        """Median seconds of ``fn`` over ``iters`` runs after ``warmup``, max over ranks. With
+        ``exploring`` (``hybrid`` choosing online), ``fn`` first runs untimed until it returns False,
+        so the timed runs use the agreed choice (the same on every rank: the exploration is)."""
+        if exploring is not None:
+            prepare()
+            fn()
+            while exploring():
+                prepare()
+                fn()
         times = []
         for i in range(warmup + iters):
             prepare()
@@ -214,14 +237,14 @@ def run_size(bench: Bench, nbytes: int, dtype: torch.dtype, algorithm: str, iter
     buf = torch.empty(count, dtype=dtype, device=bench.device)
     mine = fill_pattern(count, bench.rank, bench.size, dtype, bench.device)
     reduce = bench.reducer(algorithm)
-    med = bench.timed(lambda: reduce(buf), lambda: buf.copy_(mine), iters, warmup)
+    med = bench.timed(lambda: reduce(buf), lambda: buf.copy_(mine), iters, warmup, bench.settled(algorithm))
     expected = expected_sum(count, bench.size, dtype, bench.device)
     wrong = int(bench.reduce_scalar(float((buf.double() != expected).sum().item())))
     size = count * elem
     algbw = size / med / 1e9
     return {"size": size, "count": count, "type": str(dtype).removeprefix("torch."), "algorithm": algorithm,
             "time_us": med * 1e6, "algbw": algbw, "busbw": algbw * bus_factor(bench.size), "wrong": wrong,
-            "segment_bytes": bench.segment_bytes_of(algorithm)}  # what calibrate() models the row with
+            "segment_bytes": bench.segment_bytes_of(algorithm), "chosen": bench.chosen(algorithm, size)}  # what calibrate() models the row with
 
 
 def model_shapes(name: str) -> list[torch.Size]:
@@ -273,18 +296,20 @@ def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusio
             g.div_(n)
             reduce(g.view(-1))
 
-    cases: list[tuple[str, float | None, Callable[[], None], list[torch.Tensor]]] = [
-        ("single", None, views(total * flat.element_size()), [flat]), ("per-tensor", None, per_tensor, grads)]
+    cases: list[tuple[str, float | None, Callable[[], None], list[torch.Tensor], Any]] = [
+        ("single", None, views(total * flat.element_size()), [flat], bench.settled(algorithm)),
+        ("per-tensor", None, per_tensor, grads, bench.settled(algorithm))]
     for mb in fusion_mb:
         threshold = int(mb * (1 << 20))
         sync = AlgorithmAllReduce(bench.comm, algorithm, threshold, wire_dtype, ranks_per_node=bench.override,
                                   cost_model=bench.cost_model, segment_bytes=bench.segment_bytes) if bench.comm else None
-        cases.append(("fused-pack", mb, (lambda s=sync: s(grads)) if sync else (lambda: None), grads))
-        cases.append(("fused-views", mb, views(threshold), [flat]))
+        cases.append(("fused-pack", mb, (lambda s=sync: s(grads)) if sync else (lambda: None), grads,
+                      sync.reducer.tuner.exploring if sync and sync.reducer.tuner else None))
+        cases.append(("fused-views", mb, views(threshold), [flat], bench.settled(algorithm)))
     rows = []
     single = None
-    for mode, mb, fn, out in cases:
-        med = bench.timed(fn, fill, iters, warmup)
+    for mode, mb, fn, out, exploring in cases:
+        med = bench.timed(fn, fill, iters, warmup, exploring)
         single = single or med
         rows.append({"model": name, "tensors": len(grads), "bytes": total * flat.element_size(),
                      "wire": wire_dtype if mode == "fused-pack" else "none", "mode": mode,
@@ -361,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(default: LOCAL_WORLD_SIZE, or MPI's shared-memory split)")
     p.add_argument("--segment-mb", type=float, default=DEFAULT_SEGMENT_BYTES / (1 << 20),
                    help="ring and hierarchical: pipeline segment, MiB (0: no pipelining); default %(default)g")
-    p.add_argument("--cost-model", help="YAML cost model for hybrid (from --calibrate); default: placeholders")
+    p.add_argument("--cost-model", help="YAML cost model for hybrid (from --calibrate); without it hybrid chooses "
+                   "online per size class, measuring every candidate in untimed runs first")
     p.add_argument("--model", help="model mode: all-reduce this model's gradient list (e.g. resnet50, alexnet)")
     p.add_argument("--fusion-mb", default="1,4,16,64", help="model mode: fusion thresholds, MiB, comma-separated")
     p.add_argument("-n", "--iters", type=int, default=20, help="timed iterations per size, default 20")
@@ -422,6 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# {header}")
         print(f"# median of {args.iters} iterations after {args.warmup} warm-up; busbw = algbw x 2(n-1)/n")
         print(table)
+        picks = [f"{r['size']} B: {r['chosen']}" for r in rows if r.get("chosen") and r["algorithm"] == "hybrid"]
+        if picks:
+            how = f"cost model {args.cost_model}" if args.cost_model else \
+                "online, no --cost-model (fastnet.comm.autotune)"
+            print(f"# hybrid chose ({how}): " + ", ".join(picks))
         print(f"# out of bounds values : {wrong} {'OK' if not wrong else 'FAILED'}")
         if args.json:
             with open(args.json, "w") as f:

@@ -27,6 +27,9 @@ def test_chooser_state_round_trips_and_refuses_unknown_choices():
     b = OnlineChooser(None, CANDIDATES, trials=2)
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict() and b.choice(1500) == "leader" and b.choice(5000) is None
+    assert b.exploring()  # class 4096 met, not decided
+    b._calls.pop(4096)
+    assert not b.exploring() and not OnlineChooser(None, CANDIDATES).exploring()
     with pytest.raises(ValueError, match="not among the candidates"):
         b.load_state_dict({**a.state_dict(), "choices": {1024: "tree"}})
 

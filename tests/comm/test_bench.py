@@ -63,18 +63,22 @@ def test_two_rank_sweep_checks_results(tmp_path, dtype):
     assert model.native != CostModel().native and model.inter != CostModel().inter
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "b.csv").read_text().startswith("size,count,type,algorithm,time_us,algbw,busbw,wrong")
+    # hybrid without --cost-model chose online before timing: every size has an agreed candidate
+    assert "# hybrid chose (online, no --cost-model" in res.stdout
+    picked = [r["chosen"] for r in data["rows"] if r["algorithm"] == "hybrid"]
+    assert len(picked) == 5 * ndt and set(picked) <= set(algorithms) - {"hybrid"}
     for r in data["rows"]:
         assert r["wrong"] == 0 and r["time_us"] > 0 and r["busbw"] == pytest.approx(r["algbw"])
         assert r["count"] * (4 if r["type"] == "float32" else 2) == r["size"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 3])
-def test_model_mode_averages_every_way(tmp_path, nproc):
+@pytest.mark.parametrize("nproc,algorithm", [(1, "ring"), (3, "hybrid")])  # hybrid: online, explored untimed
+def test_model_mode_averages_every_way(tmp_path, nproc, algorithm):
     out = tmp_path / "m.json"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                           "-m", "fastnet.comm.bench", "--model", "resnet20", "--fusion-mb", "0.01,1", "-n", "2", "-w",
-                          "1", "-a", "ring", "--wire-dtype", "fp16", "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True,
+                          "1", "-a", algorithm, "--wire-dtype", "fp16", "--json", str(out)], cwd=REPO, env=child_env(), capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     rows = json.loads(out.read_text())["rows"]
