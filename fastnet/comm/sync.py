@@ -257,12 +257,13 @@ class AlgorithmAllReduce:
 
     Args:
         comm: the data-parallel communicator (its ``split`` builds the hierarchy when needed).
-        algorithm: one of :data:`ALGORITHMS` (``hybrid``: per bucket, by ``cost_model``).
+        algorithm: one of :data:`ALGORITHMS` (``hybrid``: per bucket, by ``cost_model``, or
+            without one chosen online, :mod:`fastnet.comm.autotune`).
         fusion_threshold_bytes: bucket size on the wire, bytes (> 0).
         wire_dtype: ``none`` (the gradients' own dtype) | ``fp16`` | ``bf16``.
         ranks_per_node: emulated node size for the hierarchical algorithms (default: nodes from
             the hosts, :class:`fastnet.comm.topology.Hierarchy`).
-        cost_model: link parameters for ``hybrid`` (default :class:`CostModel`'s placeholders).
+        cost_model: link parameters for ``hybrid`` (default None: chosen online).
         segment_bytes: pipeline segment of ``ring`` and ``hierarchical``, bytes (0: no pipelining).
         predivide_factor: divide by this before the sum and by world size / it after
             (:class:`BucketReducer`; default: the world size, all before).
