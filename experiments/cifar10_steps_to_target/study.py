@@ -184,7 +184,10 @@ def cmd_run(a: argparse.Namespace) -> None:
                 "best_val_top1": round(summary["best_top1"], 2) if summary else None,
                 "test_top1": round(summary["test_top1"], 2) if summary and summary.get("test_top1") else None,
                 "images_per_s": round(summary["mean_images_per_s"]) if summary else None,
-                "wall_s": round(time.perf_counter() - t0),
+                # the run's training wall time, every session of a resumed run included (the trainer
+                # carries it in the checkpoint); this process's time only without a summary
+                "wall_s": round(summary["wall_s"]) if summary and summary.get("wall_s") else
+                round(time.perf_counter() - t0),
                 "model": cfg["model"], "precision": cfg["precision"], "schedule": f"warm-up {cfg['warmup_epochs']} "
                 f"epochs from {cfg['base_lr']:.4g}, then {cfg['lr_schedule']}",
                 "date": str(datetime.date.today()), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
