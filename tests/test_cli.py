@@ -73,14 +73,21 @@ def test_resume_refuses_plan_changes_and_reports_a_finished_run(tmp_path):
 
 
 def test_resume_accepts_the_run_directory_the_checkpoints_directory_or_the_file(tmp_path):
+    """Every form of --resume finds the run's last checkpoint and its run directory (in process:
+    the same prepare() the trainer calls); one resumed run carries on where the first stopped."""
+    from fastnet.cli import prepare
+    from fastnet.config import resolve
+
     out = tmp_path / "run"
     assert run_trainer([*BASE, "--epochs", "1", "--max-steps", "2", "--out-dir", str(out)]).returncode == 0
-    forms = [(out, []), (out / "checkpoints", []), (out / "checkpoints" / "last.pt", []), ("auto", ["--out-dir", str(out)])]
-    for stop, (target, extra) in enumerate(forms, start=3):  # each form resumes one more step
-        res = run_trainer(["--resume", str(target), "--max-steps", str(stop), *extra])
-        assert res.returncode == 0, (target, res.stderr)
-    assert [r["step"] for r in _records(out, "step")] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in _records(out, "resume")] == [2, 3, 4, 5]
+    for target in (out, out / "checkpoints", out / "checkpoints" / "last.pt"):
+        merged, state, stale = prepare(resolve(None, {"resume": str(target)}, environ={}))
+        assert Path(state["path"]).resolve() == (out / "checkpoints" / "last.pt").resolve(), target
+        assert Path(merged.out_dir).resolve() == out.resolve() and merged.max_steps == 2 and stale == [], target
+    res = run_trainer(["--resume", "auto", "--out-dir", str(out), "--max-steps", "3"])
+    assert res.returncode == 0, res.stderr
+    assert [r["step"] for r in _records(out, "step")] == [1, 2, 3]
+    assert [r["step"] for r in _records(out, "resume")] == [2]
 
 
 def test_resume_auto_starts_a_new_run_when_there_is_no_checkpoint(tmp_path):

@@ -19,6 +19,12 @@ LENGTHS = [0, 1, 2, 5, 7, 13, 97, 1000, 65537]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def _dtypes(world: int) -> list[torch.dtype]:
+    """bf16 only up to 3 ranks: the schedules chunk by element count, whatever the dtype, and fp16
+    covers a 2-byte dtype at 4 and 6 ranks (the suite's time budget)."""
+    return DTYPES if world <= 3 else DTYPES[:2]
+
+
 def _input(rank: int, length: int, dtype: torch.dtype) -> torch.Tensor:
     # integer-valued, so every partial sum is exact in fp16/bf16 (max 21 * 7 = 147)
     return ((torch.arange(length) % 7 + 1) * (rank + 1)).to(dtype)
@@ -44,7 +50,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         # the same code paths as at 2-3 ranks (the suite's time budget)
         rpns = sorted({1, 2, 3, world}) if world <= 3 else ([2] if world == 4 else [2, 3])
         hierarchies = {rpn: Hierarchy(comm, rpn) for rpn in rpns if rpn <= world}
-        for dtype in DTYPES:
+        for dtype in _dtypes(world):
             for length in LENGTHS:
                 # tiny segments (2, 5 elements) only up to 1000 elements: at 65537 they are thousands of
                 # exchanges per step, minutes of CI for nothing the 1000-element segments do not cover
@@ -92,8 +98,8 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 def test_algorithms_sum_exactly_and_agree_bitwise(world):
     out = {r: (res, err, sp) for r, res, err, sp in spawn_ranks(_worker, world)}
     keys = out[0][0].keys()
-    assert len(keys) >= 3 * len(LENGTHS) * 3
-    for dtype in DTYPES:  # the segmented ring adds in the same order: bitwise the unsegmented ring's result
+    assert len(keys) >= 3 * len(LENGTHS) * len(_dtypes(world))
+    for dtype in _dtypes(world):  # the segmented ring adds in the same order: bitwise the unsegmented ring's result
         for length in LENGTHS:
             plain = out[0][0][("ring", None, str(dtype), length)][1]
             assert all(out[0][0][(f"ring-seg-{g}", None, str(dtype), length)][1] == plain
