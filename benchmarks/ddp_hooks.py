@@ -43,6 +43,7 @@ each row's efficiency is the reference over its step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -117,15 +118,12 @@ def _steps(net: DDP, opt, x, y, loss_fn, steps: int, state=None, no_sync: bool =
     per = []
     for _ in range(steps):
         dist.barrier()
-        t0 = time.perf_counter()
-        loss = loss_fn(net(x), y)
-        t1 = time.perf_counter()
-        if no_sync:
-            with net.no_sync():
-                loss.backward()
-        else:
+        with net.no_sync() if no_sync else contextlib.nullcontext():  # DDP decides in forward whether to sync
+            t0 = time.perf_counter()
+            loss = loss_fn(net(x), y)
+            t1 = time.perf_counter()
             loss.backward()
-        t2 = time.perf_counter()
+            t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=False)
         t3 = time.perf_counter()

@@ -69,3 +69,32 @@ def test_rows_run_interleaved_and_every_row_takes_the_same_steps(tmp_path):
         assert float(rows[label][-1]) < 1e-6, (label, rows[label])  # same steps, exact sums: same parameters
     assert float(rows["fastnet ring, wire fp16"][-1]) < 1e-3
     assert {p.name for p in tmp_path.iterdir()} >= {"mlp_ring-fp16_rank0.json", "mlp_ring-fp16_rank1.json"}
+
+
+def test_compute_rows_step_runs_no_all_reduce(tmp_path):
+    """The compute-only reference really skips DDP's all-reduce (no_sync must hold over the forward
+    too: DDP decides there whether the backward syncs); the other rows' steps run it."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, x, y, loss_fn = ddp_hooks._model_and_data("mlp", 0, 4, width=16)
+        net = DDP(model)
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(bucket.buffer().numel())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        net.register_comm_hook(None, counting_hook)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        per = ddp_hooks._steps(net, opt, x, y, loss_fn, 2, no_sync=True)
+        assert calls == [] and len(per) == 2 and all(len(s) == len(ddp_hooks.FIELDS) for s in per)
+        ddp_hooks._steps(net, opt, x, y, loss_fn, 1)
+        assert sum(calls) == sum(p.numel() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
