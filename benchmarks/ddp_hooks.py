@@ -23,8 +23,8 @@ SGD with momentum, the same weights and data, and a communication hook:
   ``FASTNET_FUSION_MB``/``FASTNET_RANKS_PER_NODE``/``FASTNET_COST_MODEL`` set for it; ``--backend``;
   issue #18): what an unmodified script gets from ``init_process_group("fastnet")``.
 
-Per row: the step (forward, backward with DDP's all-reduce, optimizer), median of the max over
-ranks over ``--rounds`` × ``--steps`` timed steps after ``--warmup``. The rows are measured
+Per row: the step (forward, backward with DDP's all-reduce, optimizer) of the slowest rank, median
+over ``--rounds`` × ``--steps`` timed steps after ``--warmup``. The rows are measured
 interleaved (every row built and warmed up, then ``--rounds`` rounds in which each row takes
 ``--steps`` steps, the order rotated each round), so a slow spell of a shared machine lands on
 every row rather than on the few measured during it. Compute = the same step under ``no_sync()``
@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm import ddp_hook, trace  # noqa: E402
 from fastnet.comm.cost_model import CostModel  # noqa: E402
 from fastnet.models import build_model  # noqa: E402
-from ranks import (check_wire_cost_models, load_cost_models, max_over_ranks, ranks_per_node,  # noqa: E402
+from ranks import (check_wire_cost_models, load_cost_models, ranks_per_node,  # noqa: E402
                    relaunch_under_torchrun)
 from report import emit  # noqa: E402
 
@@ -113,8 +113,11 @@ def _warmup(hook: str, args) -> int:
 
 
 def _steps(net: DDP, opt, x, y, loss_fn, steps: int, state=None, no_sync: bool = False) -> list[list[float]]:
-    """``steps`` training steps; per step the max over ranks of (step, forward, backward, optimizer,
-    fastnet's busy, fastnet's queue wait) in seconds. Under ``no_sync`` the backward has no all-reduce."""
+    """``steps`` training steps; per step (seconds): the slowest rank's step and its forward,
+    backward and optimizer parts (one rank's, so the parts add up to the step: the ranks of a
+    loaded machine are slow in different phases, and per-phase maxima would add up to more than any
+    rank's step), then the max over ranks of fastnet's busy and queue-wait times. Under ``no_sync``
+    the backward has no all-reduce."""
     per = []
     for _ in range(steps):
         dist.barrier()
@@ -130,7 +133,12 @@ def _steps(net: DDP, opt, x, y, loss_fn, steps: int, state=None, no_sync: bool =
         recs = state.take_records() if state is not None else []
         busy = sum(r[3] - r[2] for r in recs)
         wait = sum(r[2] - r[1] for r in recs)
-        per.append(max_over_ranks(t3 - t0, t1 - t0, t2 - t1, t3 - t2, busy, wait))
+        mine = torch.tensor([t3 - t0, t1 - t0, t2 - t1, t3 - t2, busy, wait], dtype=torch.float64)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        table = torch.stack(every)
+        slowest = table[int(torch.argmax(table[:, 0]))]
+        per.append(slowest[:4].tolist() + table[:, 4:].max(dim=0).values.tolist())
     return per
 
 
@@ -337,7 +345,7 @@ def main() -> None:
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {world} ranks gloo "
              f"({args.ranks_per_node} per node), {args.threads} thread(s) each; local batch {args.batch}; DDP "
              f"buckets {args.bucket_mb:g} MiB; median of {args.rounds} x {args.steps} steps after {args.warmup} "
-             f"(max over ranks), the rows interleaved: {args.rounds} rounds, each row {args.steps} steps per round.",
+             f"(the slowest rank's), the rows interleaved: {args.rounds} rounds, each row {args.steps} steps per round.",
              "", *table(rows, world // (args.ranks_per_node or world), parse_rate(args.link_rate))]
     emit(lines, args.append)
 

@@ -94,6 +94,7 @@ def test_compute_rows_step_runs_no_all_reduce(tmp_path):
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         per = ddp_hooks._steps(net, opt, x, y, loss_fn, 2, no_sync=True)
         assert calls == [] and len(per) == 2 and all(len(s) == len(ddp_hooks.FIELDS) for s in per)
+        assert all(abs(s[0] - sum(s[1:4])) < 1e-3 for s in per)  # one rank's parts add up to its step
         ddp_hooks._steps(net, opt, x, y, loss_fn, 1)
         assert sum(calls) == sum(p.numel() for p in model.parameters())
     finally:
