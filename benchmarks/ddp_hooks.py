@@ -345,7 +345,8 @@ def main() -> None:
              f"Machine: {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}; {world} ranks gloo "
              f"({args.ranks_per_node} per node), {args.threads} thread(s) each; local batch {args.batch}; DDP "
              f"buckets {args.bucket_mb:g} MiB; median of {args.rounds} x {args.steps} steps after {args.warmup} "
-             f"(the slowest rank's), the rows interleaved: {args.rounds} rounds, each row {args.steps} steps per round.",
+             f"(the slowest rank's), the rows interleaved: {args.rounds} rounds, each row {args.steps} steps per "
+             "round.",
              "", *table(rows, world // (args.ranks_per_node or world), parse_rate(args.link_rate))]
     emit(lines, args.append)
 
