@@ -47,9 +47,11 @@ def test_table_reads_each_row_against_ddps_step_floor():
     lines = ddp_hooks.table(rows, nodes=2, bytes_per_s=125e6)
     cells = {ln.split("|")[2].strip(): [c.strip() for c in ln.split("|")[3:-1]] for ln in lines[2:]}
     floor16 = next(v for k, v in cells.items() if k.startswith("DDP step floor, FP16"))
-    assert floor16[0] == "368"  # 50 + max(100, 268) + 50 ms
+    assert floor16[0] == "368"  # compute 200 + (link 268 - backward 100) ms = 50 + max(100, 268) + 50
     assert floor16[4] == "100%" and floor16[3] == "73%"  # the link bound (268 ms) is 73% of the floor
     assert cells["fastnet hierarchical, wire fp16"][3:5] == ["67%", "92%"]  # 268 / 400, 368 / 400
+    short = ddp_hooks.table(rows, nodes=2, bytes_per_s=1e9)  # link 34 ms < backward: the floor is the compute
+    assert any(ln.startswith("| mlp | DDP step floor, FP16 wire") and "| 200 |" in ln for ln in short)
 
 
 def test_rows_run_interleaved_and_every_row_takes_the_same_steps(tmp_path):
