@@ -106,7 +106,7 @@ def _register(net: DDP, hook: str, args, cost_models: dict[str, CostModel]):
 
 def _warmup(hook: str, args) -> int:
     """Steps before timing: ``--warmup``, and for ``hybrid`` without a cost-model file at least
-    ``--hybrid-warmup`` (its online choice explores 18 all-reduces per size class first)."""
+    ``--hybrid-warmup`` (its online choice explores 26 all-reduces per size class first)."""
     parts = hook.split(":")
     wire_models = dict(item.split("=", 1) for item in args.wire_cost_model)
     online = len(parts) >= 2 and parts[-2] == "hybrid" and not (args.cost_model or parts[-1] in wire_models)
@@ -305,9 +305,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds in which the rows take turns (each row times --steps steps per round)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--hybrid-warmup", type=int, default=20,
+    p.add_argument("--hybrid-warmup", type=int, default=30,
                    help="warm-up steps of the hybrid rows without a cost-model file (its online choice first "
-                        "explores every candidate: 18 all-reduces per size class)")
+                        "explores every candidate, then refines the two fastest: 26 all-reduces per size class)")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="write a Chrome/Perfetto trace of each fastnet row (hook or backend) per rank "
                         "(fastnet.comm.trace: buckets, casts, algorithm phases) to DIR/<model>_<row>_rank<R>.json")
