@@ -195,6 +195,9 @@ def measure(rank: int, args) -> list[dict]:
             rows.append({"model": name, "hook": hook, **got, "warmup": _warmup(hook, args),
                          "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                          "diff": (finals[hook] - finals["none"]).abs().max().item() if same_steps else None})
+            tuner = getattr(getattr(getattr(state, "sync", None), "reducer", None), "tuner", None)
+            if tuner is not None:  # fastnet's hook with hybrid choosing online: what it chose, and why
+                rows[-1]["choices"] = tuner.describe()
             if state is not None:
                 state.close()
         del live, finals
@@ -268,6 +271,18 @@ def table(rows: list[dict], nodes: int = 1, bytes_per_s: float | None = None) ->
                          + (f"{r['busy'] * 1e3:.0f} | {r['wait'] * 1e3:.0f}" if fastnet else "- | -")
                          + (f" | {r['diff']:.1e} |" if r["diff"] is not None else " | - (more steps) |"))
     return lines
+
+
+def choice_lines(rows: list[dict]) -> list[str]:
+    """Under the table: per fastnet hook row with ``hybrid`` choosing online, the algorithm chosen
+    per size class and rank 0's median all-reduce time per candidate it was chosen from (ms)."""
+    lines = []
+    for r in rows:
+        for c, d in (r.get("choices") or {}).items():
+            times = ", ".join(f"{a} {t * 1e3:.0f}" for a, t in sorted(d["median_s"].items(), key=lambda kv: kv[1]))
+            lines.append(f"- {r['model']}, fastnet {r['hook'].replace(':', ', wire ')}: size class {c} B chose "
+                         f"**{d['algorithm']}** (rank 0's median all-reduce, ms: {times})")
+    return ["", "Online choices of the hybrid hook rows:", "", *lines] if lines else []
 
 
 def parse_rate(rate: str | None) -> float | None:
@@ -349,7 +364,8 @@ def main() -> None:
              f"buckets {args.bucket_mb:g} MiB; median of {args.rounds} x {args.steps} steps after {args.warmup} "
              f"(the slowest rank's), the rows interleaved: {args.rounds} rounds, each row {args.steps} steps per "
              "round.",
-             "", *table(rows, world // (args.ranks_per_node or world), parse_rate(args.link_rate))]
+             "", *table(rows, world // (args.ranks_per_node or world), parse_rate(args.link_rate)),
+             *choice_lines(rows)]
     emit(lines, args.append)
 
 

@@ -59,7 +59,7 @@ def test_rows_run_interleaved_and_every_row_takes_the_same_steps(tmp_path):
     DDP ends after the interleaved rounds, and the trace of the first round is written."""
     script = Path(ddp_hooks.__file__)
     cmd = [sys.executable, str(script), "--models", "mlp", "--mlp-width", "64", "--bucket-mb", "0.01",
-           "--torch-hooks", "fp16_compress_hook", "--fastnet", "hierarchical:none", "ring:fp16",
+           "--torch-hooks", "fp16_compress_hook", "--fastnet", "hierarchical:none", "ring:fp16", "hybrid:none",
            "--backend", "hierarchical:none", "--steps", "1", "--rounds", "3", "--warmup", "1",
            "--link-rate", "1gbit", "--ranks-per-node", "1", "--trace", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -70,6 +70,9 @@ def test_rows_run_interleaved_and_every_row_takes_the_same_steps(tmp_path):
     for label in ("fastnet hierarchical, wire none", 'DDP on backend "fastnet" hierarchical, wire none'):
         assert float(rows[label][-1]) < 1e-6, (label, rows[label])  # same steps, exact sums: same parameters
     assert float(rows["fastnet ring, wire fp16"][-1]) < 1e-3
+    assert rows["fastnet hybrid, wire none"][-1] == "- (more steps)"  # it explored during more warm-up steps
+    assert "Online choices of the hybrid hook rows:" in out.stdout
+    assert "fastnet hybrid, wire none: size class" in out.stdout
     assert {p.name for p in tmp_path.iterdir()} >= {"mlp_ring-fp16_rank0.json", "mlp_ring-fp16_rank1.json"}
 
 
