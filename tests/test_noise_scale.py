@@ -92,24 +92,30 @@ def test_micro_batch_norms_match_each_micro_batch_gradient():
 
 
 def _sync_worker(rank, world, port, queue):
+    import torch.distributed as dist
+
     from fastnet.comm import GradientSynchronizer
     from fastnet.comm.communicator import TorchCommunicator
 
     init_gloo(rank, world, port)
-    x, y, w0 = _problem(3)
-    model = nn.Sequential(nn.Linear(D, 1, bias=False), nn.Linear(1, 1)).double()
-    with torch.no_grad():
-        model[0].weight.copy_(w0[None])
-        model[1].weight.fill_(1.0)
-        model[1].bias.zero_()
-    sync = GradientSynchronizer(TorchCommunicator(), model.parameters(), algorithm="ring",
-                                fusion_threshold_bytes=16, measure_grad_norms=True)  # several buckets
-    sl = slice(10 * rank, 10 * rank + 10)
-    (0.5 * (model(x[sl]).squeeze(1) - y[sl]).square().mean()).backward()
-    sync.synchronize()
-    local, reduced = sync.grad_sq_norms()
-    queue.put((rank, local.item(), reduced.item(), len(sync.buckets)))
-    sync.close()
+    try:
+        x, y, w0 = _problem(3)
+        model = nn.Sequential(nn.Linear(D, 1, bias=False), nn.Linear(1, 1)).double()
+        with torch.no_grad():
+            model[0].weight.copy_(w0[None])
+            model[1].weight.fill_(1.0)
+            model[1].bias.zero_()
+        sync = GradientSynchronizer(TorchCommunicator(), model.parameters(), algorithm="ring",
+                                    fusion_threshold_bytes=16, measure_grad_norms=True)  # several buckets
+        sl = slice(10 * rank, 10 * rank + 10)
+        (0.5 * (model(x[sl]).squeeze(1) - y[sl]).square().mean()).backward()
+        sync.synchronize()
+        local, reduced = sync.grad_sq_norms()
+        nbuckets = len(sync.buckets)
+        sync.close()
+        queue.put((rank, local.item(), reduced.item(), nbuckets))
+    finally:  # gloo's threads must not meet interpreter shutdown (a SIGABRT at exit)
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -132,7 +132,9 @@ def _fp16_worker(rank: int, world: int, port: int, queue) -> None:
         covered = sum(b.tensor.numel() for b in sync.buckets) == sum(g.numel() for g in masters.grad_buffers())
         views = all(p.grad.data_ptr() == masters.grad_location(p)[0][masters.grad_location(p)[1]:].data_ptr()
                     for p in model.parameters())
-        queue.put((rank, errs, covered, views, len(sync.buckets)))
+        nbuckets = len(sync.buckets)
+        sync.close()  # before destroy_process_group: its split group must not outlive the world group
+        queue.put((rank, errs, covered, views, nbuckets))
     finally:
         dist.destroy_process_group()
 
