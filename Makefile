@@ -6,6 +6,8 @@ NPROC       ?= 2
 CONFIG      ?= experiments/digits.yaml
 ARGS        ?= --overwrite
 PYTEST_ARGS ?=
+# pytest-xdist workers: tests spread over both cores (0: one process, in order)
+PYTEST_WORKERS ?= 2
 # Pinned for this CPU machine; on a machine with its own torch (e.g. the GPU image's 2.11),
 # `make TORCH_SPEC= ...` keeps that one (the package accepts torch>=2.4).
 TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
@@ -20,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q $(TORCH_SPEC) 2>&1 | $(QUIET_PIP))
 	$(PY) -m pip install -q -e '.[dev,mpi,viz,timm,integrations]' 2>&1 | $(QUIET_PIP)
-	$(PY) -c "import torch, torchvision, fastnet, sklearn, yaml, tqdm, pydantic_settings, pytest, hypothesis, mpi4py, tensorboard, timm, lightning, accelerate"
+	$(PY) -c "import torch, torchvision, fastnet, sklearn, yaml, tqdm, pydantic_settings, pytest, xdist, hypothesis, mpi4py, tensorboard, timm, lightning, accelerate"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -29,7 +31,7 @@ train: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m fastnet.train --config $(CONFIG) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
