@@ -234,6 +234,12 @@ def test_steps_study_reads_steps_to_target_from_the_curves_and_picks_the_best_lr
     assert own["run"] == "b4096_lars_lr8_ex1.6_s0"
     lines = study.table_lines(study.usable(rows + [own], 60.0))
     assert lines[3].startswith("| 4096 | lars | 8 (excluded 1.6) | 1 | 10 |")
+    # the LR is chosen on the sweep's seed: the best one's second seed (60 steps) does not hand the batch
+    # to a runner-up with one seed (25 on seed 0 against 10), and its median over both seeds is reported
+    more = [_row(512, "sgd", 0.2, 0, [[10, 61.0]]), _row(512, "sgd", 0.2, 1, [[60, 61.0]]),
+            _row(512, "sgd", 0.4, 0, [[25, 61.0]])]
+    best = study.best_per_batch(study.usable(more, 60.0))
+    assert best[(512, "sgd")]["peak_lr"] == 0.2 and best[(512, "sgd")]["median_steps"] == 35
     cfg = study.train_config(4096, "lars", 8.0, 0, study.study_settings(), None, 1.6)
     assert cfg["lars_excluded_lr"] == 1.6 and "lars_excluded_lr" not in study.train_config(
         4096, "lars", 8.0, 0, study.study_settings(), None)

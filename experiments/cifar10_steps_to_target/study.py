@@ -205,22 +205,33 @@ def cmd_run(a: argparse.Namespace) -> None:
 
 
 def best_per_batch(rows: list[dict]) -> dict[tuple[int, str], dict]:
-    """For each (global batch, optimizer): the peak LR whose median steps to target over its seeds is
-    lowest (a seed that did not reach counts as infinitely many steps; ties: more seeds, then the
-    lower LR), with its seeds' numbers."""
+    """For each (global batch, optimizer): the peak LR chosen on the sweep's seed (the lowest seed of
+    that batch and optimizer, which every LR of the sweep ran), with the median over all its seeds.
+
+    Choosing on the shared seed keeps the choice fair: the best LR is the one that gets more seeds,
+    and a second seed tends to take it back towards the mean (the winner's curse), so a choice by
+    median over unequal seeds would hand the batch to a runner-up that ran one seed. A seed that did
+    not reach counts as infinitely many steps; ties on the sweep seed: the lower median over seeds,
+    then more seeds, then the lower LR."""
     by_lr: dict[tuple, list[dict]] = {}
     for r in rows:
         by_lr.setdefault((r["global_batch"], r["optimizer"], r["peak_lr"], r.get("lars_excluded_lr")), []).append(r)
+    sweep_seed = {}
+    for r in rows:
+        k = (r["global_batch"], r["optimizer"])
+        sweep_seed[k] = min(sweep_seed.get(k, r["seed"]), r["seed"])
     best: dict[tuple[int, str], dict] = {}
     for (batch, opt, lr, excluded), runs in by_lr.items():
         steps = [r["steps_to_target"] if r["steps_to_target"] is not None else math.inf for r in runs]
         med = statistics.median(steps)
+        on_sweep = min((s for r, s in zip(runs, steps) if r["seed"] == sweep_seed[batch, opt]), default=math.inf)
         cand = {"peak_lr": lr, "excluded_lr": excluded, "runs": runs, "median_steps": med,
                 "median_epochs": statistics.median(r["epochs_to_target"] if r["epochs_to_target"] is not None
                                                    else math.inf for r in runs),
-                "budget_steps": max(r["budget_steps"] for r in runs)}
+                "budget_steps": max(r["budget_steps"] for r in runs), "sweep_steps": on_sweep}
         cur = best.get((batch, opt))
-        if cur is None or (med, -len(runs), lr) < (cur["median_steps"], -len(cur["runs"]), cur["peak_lr"]):
+        if cur is None or (on_sweep, med, -len(runs), lr) < (cur["sweep_steps"], cur["median_steps"],
+                                                             -len(cur["runs"]), cur["peak_lr"]):
             best[(batch, opt)] = cand
     return best
 
