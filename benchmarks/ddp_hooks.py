@@ -195,7 +195,7 @@ def measure(rank: int, args) -> list[dict]:
             rows.append({"model": name, "hook": hook, **got, "warmup": _warmup(hook, args),
                          "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                          "diff": (finals[hook] - finals["none"]).abs().max().item() if same_steps else None})
-            tuner = getattr(getattr(getattr(state, "sync", None), "reducer", None), "tuner", None)
+            tuner = state.sync.reducer.tuner if state is not None else None  # _register: HookState or None
             if tuner is not None:  # fastnet's hook with hybrid choosing online: what it chose, and why
                 rows[-1]["choices"] = tuner.describe()
             if state is not None:
