@@ -112,15 +112,30 @@ def _collect(queue, procs, timeout: float):
     raise TimeoutError("no result from the workers")
 
 
+def _rank_main(target, rank: int, world: int, port: int, queue) -> None:
+    """A spawned rank: ``target``, then the default process group destroyed if the target left it
+    alive (gloo's threads met at interpreter exit abort the process: "terminate called without an
+    active exception", pytorch/pytorch#190489)."""
+    import torch.distributed as dist
+
+    try:
+        target(rank, world, port, queue)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def spawn_ranks(target, world: int, timeout: float = 240.0) -> list:
     """Run ``target(rank, world, port, queue)`` in ``world`` spawned processes (real processes, a
     fresh loopback port) and return what each put on the queue, in arrival order (by value:
-    :class:`PlainQueue`). Fails fast when a worker dies; kills stragglers."""
+    :class:`PlainQueue`). Each rank's default process group is destroyed when ``target`` returns.
+    Fails fast when a worker dies; kills stragglers."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, PlainQueue(queue))) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(target, r, world, port, PlainQueue(queue)))
+             for r in range(world)]
     for p in procs:
         p.start()
     try:

@@ -41,3 +41,5 @@ if __name__ == "__main__":
         digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest()
         routed = dict(getattr(dist.group.WORLD, "routed", {}))
         print(f"RESULT backend={dist.get_backend()} params={digest} fastnet_all_reduces={routed.get('fastnet:all_reduce', 0)}")
+    acc.wait_for_everyone()
+    dist.destroy_process_group()  # before exit: gloo's threads met at interpreter shutdown abort it
