@@ -186,7 +186,7 @@ def _run(cfg: TrainConfig, state: dict | None, stale: list[Path], rank: int) -> 
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from fastnet.distributed import is_peer_failure, setup, teardown
-    from fastnet.train import train
+    from fastnet.trainer import train
 
     world = None
 

@@ -320,7 +320,7 @@ def lars_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], buf
     """One LARS step in place on fp32 ``params`` (momentum ``bufs`` allocated by the caller, zeros
     at the start), then, if given, ``model_copies[i][:] = params[i]`` (fp16 inside the update
     kernel; fp32/bf16 by the copy kernel after it). Same formulas as
-    :func:`fastnet.optim.lars.lars`; the reference path calls it. Tensors may be channels_last (any
+    :func:`fastnet.optim.functional.lars`; the reference path calls it. Tensors may be channels_last (any
     dense layout) when each parameter's gradient, buffer and copy share its strides."""
     _check_lengths(params=params, grads=grads, bufs=bufs, excluded=excluded)
     copies = list(model_copies) if model_copies is not None else [None] * len(params)
@@ -328,7 +328,7 @@ def lars_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], buf
                       for t in ts)  # storage order is then one order for all four
     if not (same_layout and use_cuda_kernels([*params, *grads, *bufs, *(c for c in copies if c is not None)],
                                              dense_ok=True)):
-        from fastnet.optim.lars import lars
+        from fastnet.optim.functional import lars
 
         lars(list(params), list(grads), list(bufs), list(excluded), lr=lr, momentum=momentum,
              weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps, nesterov=nesterov,
