@@ -6,7 +6,7 @@
 Without torchrun it runs itself under ``torchrun --standalone --nproc_per_node=2`` (gloo on
 loopback). The cost models (for fastnet's ``hybrid``) come from ``cluster.py study
 --calibrate-only --save-cost-model`` on the same cluster (``--dtype float16`` for the FP16 one);
-without them hybrid chooses online (fastnet.comm.autotune) during ``--hybrid-warmup`` steps.
+without them hybrid chooses online (fastnet.comm.planning.autotune) during ``--hybrid-warmup`` steps.
 
 Models: ``mlp`` — 4 × Linear(2048, 2048) (``--mlp-width``), 67 MB of FP32 gradients, local batch ``--batch``
 (communication-bound: issue #19's model); ``resnet18_cifar`` (32 × 32 inputs). Every row is
@@ -29,7 +29,7 @@ interleaved (every row built and warmed up, then ``--rounds`` rounds in which ea
 ``--steps`` steps, the order rotated each round), so a slow spell of a shared machine lands on
 every row rather than on the few measured during it. Compute = the same step under ``no_sync()``
 (no all-reduce), split into forward, backward and optimizer; exposed communication = step −
-compute; for fastnet's hook, from its records (:class:`fastnet.comm.ddp_hook.HookState`): the
+compute; for fastnet's hook, from its records (:class:`fastnet.comm.gradients.ddp_comm_hook.HookState`): the
 communication thread's busy time per step and the wait of buckets queued behind earlier ones; and
 the largest parameter difference from plain DDP after the same steps.
 
@@ -63,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm import ddp_hook, trace  # noqa: E402
-from fastnet.comm.cost_model import CostModel  # noqa: E402
+from fastnet.comm.planning.cost_model import CostModel  # noqa: E402
 from fastnet.models import build_model  # noqa: E402
 from ranks import (check_wire_cost_models, load_cost_models, ranks_per_node,  # noqa: E402
                    relaunch_under_torchrun)

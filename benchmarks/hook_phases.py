@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm.algorithms import (collective_hierarchical_all_reduce, hierarchical_all_reduce,  # noqa: E402
                                     ring_all_gather_into, ring_all_reduce, ring_reduce_scatter_into)
-from fastnet.comm.communicator import TorchCommunicator  # noqa: E402
-from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES, Hierarchy  # noqa: E402
+from fastnet.comm.communicators.torchdist import TorchCommunicator  # noqa: E402
+from fastnet.comm.planning.hierarchy import DEFAULT_SEGMENT_BYTES, Hierarchy  # noqa: E402
 from ranks import ranks_per_node, relaunch_under_torchrun  # noqa: E402
 from report import emit  # noqa: E402
 

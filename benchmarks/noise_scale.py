@@ -33,7 +33,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastnet.comm.synchronizer import _sq_norm  # noqa: E402
+from fastnet.comm.gradients.synchronizer import _sq_norm  # noqa: E402
 from fastnet.models import build_model  # noqa: E402
 from fastnet.noise_scale import MicroBatchGradNorms  # noqa: E402
 from report import emit  # noqa: E402

@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm import scratch  # noqa: E402
 from fastnet.comm.algorithms import ring_all_reduce  # noqa: E402
-from fastnet.comm.communicator import TorchCommunicator  # noqa: E402
-from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES  # noqa: E402
+from fastnet.comm.communicators.torchdist import TorchCommunicator  # noqa: E402
+from fastnet.comm.planning.hierarchy import DEFAULT_SEGMENT_BYTES  # noqa: E402
 from ranks import relaunch_under_torchrun  # noqa: E402
 from report import emit  # noqa: E402
 

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from fastnet.comm.cost_model import CostModel
+from fastnet.comm.planning.cost_model import CostModel
 
 
 def relaunch_under_torchrun(script: str, nproc: int = 2, timeout_s: float = 7200) -> None:

@@ -38,7 +38,7 @@ optimizer step).
 **Suite ``validate``** (issue #16): the step-time model against measured steps. Per model
 (``--models``) × wire (``--wires``) × algorithm (``--algorithms``) × overlap off/on, fp32 models:
 the measured step (forward, backward, synchronize) vs
-:func:`fastnet.comm.simulate.simulate_plan` on that run's buckets and launch order, with the
+:func:`fastnet.comm.planning.simulate.simulate_plan` on that run's buckets and launch order, with the
 ready times and end of backward profiled in the model's *other* no-overlap runs (per parameter,
 the median; seconds from the step's barrier, max over ranks) and the calibrated cost model
 (``--cost-model``; ``--wire-cost-model fp16=PATH`` for the FP16 wire), once as independent
@@ -70,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm import GradientSynchronizer  # noqa: E402
-from fastnet.comm.communicator import TorchCommunicator  # noqa: E402
+from fastnet.comm.communicators.torchdist import TorchCommunicator  # noqa: E402
 from fastnet.models import build_model  # noqa: E402
 from fastnet.precision import Precision  # noqa: E402
 from ranks import (check_wire_cost_models, load_cost_models, max_over_ranks, ranks_per_node,  # noqa: E402
@@ -242,11 +242,11 @@ def _cpu_seconds() -> float:
 
 
 def validate_suite(rank: int, args) -> dict | None:
-    """Measured step time vs :func:`fastnet.comm.simulate.simulate_plan` per configuration."""
-    from fastnet.comm.simulate import simulate_plan
+    """Measured step time vs :func:`fastnet.comm.planning.simulate.simulate_plan` per configuration."""
+    from fastnet.comm.planning.simulate import simulate_plan
 
     cost_models = load_cost_models(args.cost_model, args.wire_cost_model)
-    from fastnet.comm.topology import gather_hosts
+    from fastnet.comm.planning.topology import gather_hosts
 
     comm = TorchCommunicator()
     world = dist.get_world_size()

@@ -156,7 +156,7 @@ def _mpi_rendezvous(env: Mapping[str, str]) -> tuple[int, int, int, int, str]:
     """Under mpiexec: (rank, size, local rank, local size, tcp:// init method) from mpi4py."""
     import socket
 
-    from fastnet.comm.mpi import _mpi
+    from fastnet.comm.communicators.mpi import _mpi
 
     comm = _mpi().COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

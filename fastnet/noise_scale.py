@@ -17,7 +17,7 @@ separately over steps with an exponential moving average and divides the average
 Data-parallel training already has the two batch sizes: each rank's local gradient before the
 all-reduce (``B_small`` = the local batch) and the all-reduced one (``B_big`` = the global batch);
 ``|G_small|²`` is averaged over the ranks (each is an estimate of the same expectation).
-:class:`fastnet.comm.synchronizer.GradientSynchronizer` measures both norms (``measure_grad_norms``).
+:class:`fastnet.comm.gradients.synchronizer.GradientSynchronizer` measures both norms (``measure_grad_norms``).
 With one process the micro-batches of gradient accumulation are the small batches
 (:class:`MicroBatchGradNorms`).
 """

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from fastnet import checkpoint as ckpt
 from fastnet import faults
 from fastnet.comm import CostModel, GradientSynchronizer, trace
-from fastnet.comm.communicator import build_communicator
+from fastnet.comm.communicators.factory import build_communicator
 from fastnet.config import REPLANNED, TrainConfig, accumulation_steps, check_world, config_changes, epoch_plan
 from fastnet.data import (EpochSeeded, ResumableDistributedSampler, build_datasets, eval_loader, hold_out,
                           train_loader)

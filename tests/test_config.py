@@ -141,7 +141,7 @@ def test_cost_model_yaml_checked_at_parse_time(tmp_path):
         parse_cli(["--cost-model", str(hostile)])
     with pytest.raises(ValueError, match="cost_model .* is not a file"):
         parse_cli(["--cost-model", str(tmp_path / "none.yaml")])
-    from fastnet.comm.cost_model import CostModel
+    from fastnet.comm.planning.cost_model import CostModel
 
     with pytest.raises(ValueError, match="only plain YAML"):
         CostModel.load(hostile)
@@ -156,7 +156,7 @@ def test_shipped_configs_resolve():
 
 
 def test_choices_match_the_registries():
-    from fastnet.comm.sync import ALGORITHMS
+    from fastnet.comm.gradients.reducer import ALGORITHMS
     from fastnet.config import DATASETS, MODELS
     from fastnet.data import DATASETS as DATA_REGISTRY
     from fastnet.models import MODELS as MODEL_REGISTRY

@@ -1,9 +1,14 @@
-"""fastnet's import graph has no new cycle (issue 38 removes the three known ones, then no cycle at all).
+"""fastnet's import graph: no cycle anywhere, and fastnet.comm's layers import only downward (issue 38).
 
 Static (ast), so it sees imports inside functions too (they close a cycle just the same, only later);
 ``if TYPE_CHECKING:`` blocks are skipped. Implicit parent-package imports are not edges (every
-``fastnet.comm.x`` would otherwise depend on ``fastnet/comm/__init__.py``). The fastnet.comm layer
-rules of issue 38 join this file with the re-layout."""
+``fastnet.comm.x`` would otherwise depend on ``fastnet/comm/__init__.py``).
+
+The layers of fastnet.comm, bottom up (a module may import its own layer and those below):
+0 support (trace, scratch, the deprecated-path forwarder) → 1 communicators → 2 algorithms →
+3 planning → 4 gradients → 5 backend → 6 tools (bench). The old module paths (``fastnet.comm.sync``,
+...) are deprecation shims that import nothing at import time; no fastnet module may import them
+(the facade ``fastnet.comm`` imports ``ddp_hook``'s shim on purpose: see its comment)."""
 
 from __future__ import annotations
 
@@ -11,25 +16,27 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "fastnet"
 
-# The strongly connected components of today's graph, each closed by an import inside a function
-# (docs/plans/relayout_issue38.md, section 1). Issue 38 removes them; a component may shrink or vanish, never grow.
-KNOWN_CYCLES = [
-    {"fastnet.cli", "fastnet.train"},
-    {"fastnet.kernels", "fastnet.optim.lars"},
-    {"fastnet.comm.algorithms", "fastnet.comm.communicator", "fastnet.comm.mpi", "fastnet.comm.nccl",
-     "fastnet.distributed"},
+LAYERS = [
+    ("fastnet.comm.trace", "fastnet.comm.scratch", "fastnet.comm._deprecated_paths"),
+    ("fastnet.comm.communicators",),
+    ("fastnet.comm.algorithms",),
+    ("fastnet.comm.planning",),
+    ("fastnet.comm.gradients",),
+    ("fastnet.comm.backend",),
+    ("fastnet.comm.bench",),
 ]
+SHIMS = {f"fastnet.comm.{m}" for m in ("communicator", "mpi", "nccl", "topology", "cost_model", "autotune", "buckets",
+                                       "simulate", "sync", "native", "synchronizer", "ddp_hook")}
+FACADE = "fastnet.comm"
 
 
-def _modules() -> dict[str, Path]:
+def _modules(pkg: Path = PKG) -> dict[str, Path]:
     out = {}
-    for p in PKG.rglob("*.py"):
-        parts = list(p.relative_to(ROOT).with_suffix("").parts)
+    for p in pkg.rglob("*.py"):
+        parts = list(p.relative_to(pkg.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
         out[".".join(parts)] = p
@@ -50,7 +57,7 @@ def _imports(mods: dict[str, Path]):
         for node in ast.walk(tree):
             if id(node) in skip:
                 continue
-            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            where = f"{path.relative_to(path.parents[len(name.split('.')) - (0 if is_pkg else 1)])}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -101,9 +108,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def _graph() -> tuple[dict[str, set[str]], dict[tuple[str, str], list[str]]]:
+def _graph(pkg: Path = PKG) -> tuple[dict[str, set[str]], dict[tuple[str, str], list[str]]]:
     graph, where = defaultdict(set), defaultdict(list)
-    for a, b, loc, lazy in _imports(_modules()):
+    for a, b, loc, lazy in _imports(_modules(pkg)):
         graph[a].add(b)
         where[a, b].append(loc + (" (in a function)" if lazy else ""))
     return dict(graph), {k: sorted(set(v)) for k, v in where.items()}
@@ -115,23 +122,68 @@ def _report(cycles, graph, where) -> str:
                      for c in cycles)
 
 
-def test_no_new_import_cycle():
-    graph, where = _graph()
-    new = [c for c in _cycles(graph) if not any(set(c) <= known for known in KNOWN_CYCLES)]
-    assert not new, "new import cycles in fastnet (import the defining module one layer down):\n" + \
-        _report(new, graph, where)
+def _layer(module: str) -> int | None:
+    for i, layer in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in layer):
+            return i
+    return None
 
 
-def test_the_walk_finds_the_known_cycles():
-    """The walk itself works: it finds today's cycles, each closed by the import the plan names."""
-    graph, where = _graph()
-    found = [set(c) for c in _cycles(graph)]
-    assert found and all(any(c <= known for known in KNOWN_CYCLES) for c in found), found
-    assert any(loc.startswith("fastnet/train.py") and "(in a function)" in loc for loc in where["fastnet.train", "fastnet.cli"])
-
-
-@pytest.mark.xfail(strict=True, reason="issue 38: three known import cycles, each closed by a lazy import")
 def test_no_import_cycle():
     graph, where = _graph()
     cycles = _cycles(graph)
-    assert not cycles, "import cycles in fastnet:\n" + _report(cycles, graph, where)
+    assert not cycles, "import cycles in fastnet (import the defining module one layer down):\n" + \
+        _report(cycles, graph, where)
+
+
+def test_the_walk_finds_a_cycle_closed_inside_a_function(tmp_path):
+    """The walk itself works: a cycle closed by a lazy import, through a relative import, is found."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from .. import a\n    return a\n")
+    (pkg / "c.py").write_text("import pkg.a\n")
+    graph, where = _graph(pkg)
+    assert _cycles(graph) == [["pkg.a", "pkg.sub.b"]]
+    assert where["pkg.sub.b", "pkg.a"] == ["pkg/sub/b.py:2 (in a function)"]
+
+
+def test_comm_layers_import_only_downward():
+    graph, where = _graph()
+    wrong = []
+    for a, targets in graph.items():
+        for b in targets:
+            la, lb = _layer(a), _layer(b)
+            if la is not None and lb is not None and lb > la:
+                wrong.append(f"{a} (layer {la}) imports {b} (layer {lb}): {', '.join(where[a, b])}")
+            if la is not None and b == FACADE:
+                wrong.append(f"{a} imports the facade fastnet.comm (import the defining module): {', '.join(where[a, b])}")
+            if b in SHIMS and a != FACADE:
+                wrong.append(f"{a} imports the deprecated path {b}: {', '.join(where[a, b])}")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_every_comm_module_has_a_layer():
+    """A new file in fastnet/comm cannot escape the rule: it sits in a layer, or is a shim or the facade."""
+    loose = [m for m in _modules() if m.startswith("fastnet.comm") and _layer(m) is None
+             and m not in SHIMS and m != FACADE]
+    assert not loose, f"fastnet.comm modules outside every layer: {loose}"
+
+
+def test_shims_import_nothing_but_the_forwarder():
+    """A deprecated path costs nothing at import and cannot close a cycle: it imports only the forwarder."""
+    graph, _ = _graph()
+    for shim in SHIMS:
+        assert graph.get(shim, set()) <= {"fastnet.comm._deprecated_paths", "fastnet.comm.planning.simulate"}, shim
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject's explicit package list names every fastnet package (a missing one would leave its
+    files out of a built wheel while the editable install still finds them)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PKG.rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

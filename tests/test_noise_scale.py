@@ -95,7 +95,7 @@ def _sync_worker(rank, world, port, queue):
     import torch.distributed as dist
 
     from fastnet.comm import GradientSynchronizer
-    from fastnet.comm.communicator import TorchCommunicator
+    from fastnet.comm.communicators.torchdist import TorchCommunicator
 
     init_gloo(rank, world, port)
     try:

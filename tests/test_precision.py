@@ -309,7 +309,7 @@ def _forgetting_loop_worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
     from fastnet.comm import GradientSynchronizer
-    from fastnet.comm.communicator import TorchCommunicator
+    from fastnet.comm.communicators.torchdist import TorchCommunicator
     from tests.conftest import init_gloo
 
     init_gloo(rank, world, port)

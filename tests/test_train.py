@@ -236,7 +236,7 @@ def test_two_process_fp16_masters_with_lars_learn(tmp_path):
                                    ["--allreduce", "hybrid", "--cost-model", "COST_MODEL", "--no-overlap",
                                     "--fusion-mb", "0.02"]])
 def test_two_process_run_with_fastnet_all_reduce(tmp_path, extra):
-    from fastnet.comm.cost_model import CostModel, Link
+    from fastnet.comm.planning.cost_model import CostModel, Link
 
     CostModel(native=Link.of(1.0, 100.0), intra=Link.of(500.0, 0.01)).save(tmp_path / "cm.yaml")  # native wins
     extra = [str(tmp_path / "cm.yaml") if e == "COST_MODEL" else e for e in extra]

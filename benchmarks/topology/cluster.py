@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from fastnet.comm.bench import parse_size  # noqa: E402
-from fastnet.comm.cost_model import CostModel, calibrate  # noqa: E402
+from fastnet.comm.planning.cost_model import CostModel, calibrate  # noqa: E402
 from report import emit  # noqa: E402
 
 SUBNET = "10.77.0"

@@ -28,7 +28,7 @@ torchrun), ``mpi`` (mpi4py; under mpiexec), ``nccl`` (CuPy's NCCL; under torchru
 ``native`` (the backend's own all-reduce), fastnet's ``ring``, ``hierarchical`` / ``leader`` (composed
 of backend collectives), ``hierarchical_p2p`` / ``leader_p2p`` (fastnet's ring schedules), and
 ``hybrid`` (per message: by ``--cost-model``, or without one chosen online per size class —
-every candidate measured in untimed all-reduces before the timed ones, :mod:`fastnet.comm.autotune`;
+every candidate measured in untimed all-reduces before the timed ones, :mod:`fastnet.comm.planning.autotune`;
 the choices are printed under the table). Exit status 1 if any result is wrong.
 """
 
@@ -45,9 +45,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fastnet.comm.cost_model import CostModel, calibrate
-from fastnet.comm.sync import WIRE_DTYPES
-from fastnet.comm.topology import DEFAULT_SEGMENT_BYTES
+from fastnet.comm.planning.cost_model import CostModel, calibrate
+from fastnet.comm.gradients.reducer import WIRE_DTYPES
+from fastnet.comm.planning.hierarchy import DEFAULT_SEGMENT_BYTES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int32": torch.int32}
@@ -93,13 +93,13 @@ class Bench:
                  cost_model: CostModel | None, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         self.backend_name = backend
         if backend == "mpi":
-            from fastnet.comm.mpi import MPICommunicator
+            from fastnet.comm.communicators.mpi import MPICommunicator
 
             self.comm: Any = MPICommunicator()
             self.device = torch.device("cpu")
             self.label = "mpi"
         else:
-            from fastnet.comm.communicator import TorchCommunicator
+            from fastnet.comm.communicators.torchdist import TorchCommunicator
             from fastnet.distributed import setup
 
             world = setup(device, "auto", timeout_s)
@@ -110,25 +110,25 @@ class Bench:
             else:
                 self.comm, self.label = None, "none"
             if backend == "nccl":
-                from fastnet.comm.nccl import NcclCommunicator
+                from fastnet.comm.communicators.nccl import NcclCommunicator
 
                 self.comm, self.label = NcclCommunicator.from_torch(timeout_s=timeout_s), "nccl-cupy"
         self.rank = self.comm.rank if self.comm else 0
         self.size = self.comm.size if self.comm else 1
         self.override = ranks_per_node  # None: nodes from the hosts (BucketReducer)
         if ranks_per_node is None and self.comm is not None:
-            from fastnet.comm.topology import Topology, gather_hosts
+            from fastnet.comm.planning.topology import Topology, gather_hosts
 
             ranks_per_node = Topology.from_hosts(self.rank, gather_hosts(self.comm)).ranks_per_node
         self.ranks_per_node = ranks_per_node or 1  # the largest node: the cost model's node size
-        self.cost_model = cost_model  # None: hybrid chooses online (fastnet.comm.autotune)
+        self.cost_model = cost_model  # None: hybrid chooses online (fastnet.comm.planning.autotune)
         self.segment_bytes = segment_bytes
         self._reducers: dict[str, Any] = {}
 
     def reducer(self, algorithm: str) -> Callable[[torch.Tensor], None]:
         """SUM all-reduce in place of a 1-D tensor with ``algorithm`` (``hybrid``: per message), via
-        :meth:`fastnet.comm.sync.BucketReducer.sum_`; one reducer per algorithm, built once."""
-        from fastnet.comm.sync import BucketReducer
+        :meth:`fastnet.comm.gradients.reducer.BucketReducer.sum_`; one reducer per algorithm, built once."""
+        from fastnet.comm.gradients.reducer import BucketReducer
 
         if self.size == 1:
             return lambda buf: None
@@ -150,8 +150,8 @@ class Bench:
         return None if tuner is None else tuner.exploring
 
     def segment_bytes_of(self, algorithm: str) -> int:
-        """The pipeline segment ``algorithm`` runs with here (:func:`fastnet.comm.topology.pipeline_segment_bytes`)."""
-        from fastnet.comm.topology import pipeline_segment_bytes
+        """The pipeline segment ``algorithm`` runs with here (:func:`fastnet.comm.planning.hierarchy.pipeline_segment_bytes`)."""
+        from fastnet.comm.planning.hierarchy import pipeline_segment_bytes
 
         return pipeline_segment_bytes(algorithm, self.segment_bytes, self.comm)
 
@@ -258,7 +258,7 @@ def model_shapes(name: str) -> list[torch.Size]:
 def run_model(bench: Bench, name: str, dtype: torch.dtype, algorithm: str, fusion_mb: Sequence[float],
               iters: int, warmup: int, wire_dtype: str = "none") -> list[dict]:
     """Model-mode rows (module docstring): time per step of each way to average the gradient list."""
-    from fastnet.comm.sync import AlgorithmAllReduce
+    from fastnet.comm.gradients.allreduce import AlgorithmAllReduce
 
     shapes = model_shapes(name)
     grads = [torch.empty(s, dtype=dtype, device=bench.device) for s in shapes]
@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         picks = [f"{r['size']} B: {r['chosen']}" for r in rows if r.get("chosen") and r["algorithm"] == "hybrid"]
         if picks:
             how = f"cost model {args.cost_model}" if args.cost_model else \
-                "online, no --cost-model (fastnet.comm.autotune)"
+                "online, no --cost-model (fastnet.comm.planning.autotune)"
             print(f"# hybrid chose ({how}): " + ", ".join(picks))
         print(f"# out of bounds values : {wrong} {'OK' if not wrong else 'FAILED'}")
         if args.json:

@@ -8,8 +8,8 @@ import torch
 
 from fastnet.comm import AlgorithmAllReduce
 from fastnet.comm.algorithms import hierarchical_all_reduce, ring_all_reduce
-from fastnet.comm.mpi import MPICommunicator
-from fastnet.comm.topology import Hierarchy
+from fastnet.comm.communicators.mpi import MPICommunicator
+from fastnet.comm.planning.hierarchy import Hierarchy
 
 comm = MPICommunicator()
 n, r = comm.size, comm.rank

@@ -11,8 +11,10 @@ import torch.distributed as dist
 
 from fastnet.comm.algorithms import (RingStep, collective_hierarchical_all_reduce, hierarchical_all_reduce,
                                     post, ring_all_reduce, run_pipelined)
-from fastnet.comm.communicator import TorchCommunicator, split_sizes
-from fastnet.comm.topology import Hierarchy, Topology
+from fastnet.comm.communicators.torchdist import TorchCommunicator
+from fastnet.comm.algorithms.ring import split_sizes
+from fastnet.comm.planning.hierarchy import Hierarchy
+from fastnet.comm.planning.topology import Topology
 from tests.conftest import init_gloo, spawn_ranks
 
 LENGTHS = [0, 1, 2, 5, 7, 13, 97, 1000, 65537]

@@ -1,4 +1,4 @@
-"""hybrid without a cost-model file: the online choice (fastnet.comm.autotune) on real gloo ranks."""
+"""hybrid without a cost-model file: the online choice (fastnet.comm.planning.autotune) on real gloo ranks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastnet.comm.autotune import OnlineChooser, size_class
-from fastnet.comm.communicator import TorchCommunicator
-from fastnet.comm.sync import BucketReducer
+from fastnet.comm.planning.autotune import OnlineChooser, size_class
+from fastnet.comm.communicators.torchdist import TorchCommunicator
+from fastnet.comm.gradients.reducer import BucketReducer
 from tests.conftest import init_gloo, spawn_ranks
 
 CANDIDATES = ("native", "ring", "leader")
@@ -123,7 +123,7 @@ def test_refinement_rounds_go_to_the_fastest_and_can_overturn_the_first_rounds(m
     """A fake clock (no timing): 'ring' looks fastest in the first rounds only by a fluke of its
     trials, 'leader' is faster over more calls; with refinement the finalists' extra trials
     overturn the first rounds' pick, without it (refine 0, or a single finalist) it stands."""
-    import fastnet.comm.autotune as autotune
+    import fastnet.comm.planning.autotune as autotune
 
     clock = [0.0]
     monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock[0])

@@ -471,7 +471,7 @@ def test_cuda_path_aborts_and_destroys_every_communicator():
             if self.fail:
                 raise RuntimeError(f"abort of {self.name} failed")
 
-    class Comm:  # fastnet.comm.nccl.NcclCommunicator
+    class Comm:  # fastnet.comm.communicators.nccl.NcclCommunicator
         def __init__(self, name, fail=False):
             self.name, self._comm = name, Nccl(name, fail)
 

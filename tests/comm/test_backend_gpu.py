@@ -8,7 +8,7 @@ it (an FP16 wire rounds on the side stream, so a missing wait shows as unrounded
 the CUDA future DDP chains on, delegation of the rest to ProcessGroupNCCL in the side stream's one
 NCCL order, and the watchdog ending a process whose collective outlives the timeout. What it cannot check: NCCL between ranks (the ring's
 grouped sends and receives across devices), which is correct by construction (one
-``ncclGroupStart``/``ncclGroupEnd`` per exchange, :mod:`fastnet.comm.nccl`) and tested on CPU.
+``ncclGroupStart``/``ncclGroupEnd`` per exchange, :mod:`fastnet.comm.communicators.nccl`) and tested on CPU.
 """
 
 from __future__ import annotations

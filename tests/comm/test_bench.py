@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastnet.comm.bench import Bench, bus_factor, main, parse_size, sizes
-from fastnet.comm.cost_model import CostModel
+from fastnet.comm.planning.cost_model import CostModel
 from tests.conftest import REPO, child_env
 
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastnet.comm import GradientSynchronizer
-from fastnet.comm.buckets import plan_buckets
-from fastnet.comm.communicator import TorchCommunicator
+from fastnet.comm.planning.buckets import plan_buckets
+from fastnet.comm.communicators.torchdist import TorchCommunicator
 from fastnet.precision import Precision
 from tests.conftest import init_gloo, spawn_ranks
 

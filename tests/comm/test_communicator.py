@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastnet.comm.algorithms import ring_all_gather_into, ring_reduce_scatter_into
-from fastnet.comm.communicator import TorchCommunicator
+from fastnet.comm.communicators.torchdist import TorchCommunicator
 from tests.conftest import init_gloo, spawn_ranks
 
 CHUNKS = [0, 1, 3, 7, 1000]
@@ -90,7 +90,7 @@ def test_reduce_scatter_and_all_gather_match_the_definition(world):
 
 
 def test_check_op_names_the_valid_ops_and_refuses_integer_avg():
-    from fastnet.comm.communicator import check_op
+    from fastnet.comm.communicators.base import check_op
 
     with pytest.raises(ValueError, match="Unknown reduction op 'mean'; valid ops: sum, avg, max, min"):
         check_op("mean")
@@ -104,7 +104,7 @@ def test_check_op_names_the_valid_ops_and_refuses_integer_avg():
 def _split_timeout_worker(rank: int, world: int, port: int, queue) -> None:
     import torch.distributed as dist
 
-    from fastnet.comm.communicator import build_communicator
+    from fastnet.comm.communicators.factory import build_communicator
     from tests.conftest import init_gloo
 
     init_gloo(rank, world, port)

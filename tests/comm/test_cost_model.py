@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastnet.comm.cost_model import CostModel, Link, calibrate, coefficients, steps
+from fastnet.comm.planning.cost_model import CostModel, Link, calibrate, coefficients, steps
 
 
 def test_step_counts_reproduce_jia_et_al():
@@ -194,7 +194,7 @@ def test_choose_without_pipelined_levels_unsegments_only_the_hierarchical_varian
     """``pipelined_levels=False`` (NCCL: the two levels cannot overlap, so Hierarchy runs them
     unsegmented): the hierarchical variants are predicted unsegmented, the ring keeps its segments
     (one communicator: nothing to serialize)."""
-    from fastnet.comm.cost_model import CostModel, Link
+    from fastnet.comm.planning.cost_model import CostModel, Link
 
     seg = 4 << 20
     flat = CostModel(native=Link.of(50, 0.12453))  # 2 ranks, 64 MiB: segments cost the ring 3.5 ms

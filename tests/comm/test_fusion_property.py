@@ -30,7 +30,7 @@ def _values(rank: int, i: int, shape: list[int], dtype: torch.dtype) -> torch.Te
 def _worker(rank: int, world: int, port: int, queue) -> None:
     init_gloo(rank, world, port)
     from fastnet.comm import AlgorithmAllReduce, GradientSynchronizer
-    from fastnet.comm.communicator import TorchCommunicator
+    from fastnet.comm.communicators.torchdist import TorchCommunicator
 
     comm = TorchCommunicator()
     failures: list[str] = []

@@ -45,7 +45,7 @@ def test_algorithms_over_mpi(n):
 
 
 def test_unsupported_dtype_names_dtype_and_backend():
-    from fastnet.comm.mpi import MPICommunicator
+    from fastnet.comm.communicators.mpi import MPICommunicator
 
     comm = MPICommunicator()  # a singleton MPI world outside mpiexec
     with pytest.raises(TypeError, match="complex32 is not supported by the mpi backend"):
@@ -66,7 +66,7 @@ def test_missing_mpi4py_names_the_extra(monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", fake)
-    from fastnet.comm.mpi import MPICommunicator
+    from fastnet.comm.communicators.mpi import MPICommunicator
 
     with pytest.raises(RuntimeError, match=r"pip install 'fastnet\[mpi\]'"):
         MPICommunicator()
@@ -113,7 +113,7 @@ def test_trainer_under_mpiexec_with_the_mpi_communicator(tmp_path):
 
 
 def test_communicator_registry_errors():
-    from fastnet.comm.communicator import build_communicator
+    from fastnet.comm.communicators.factory import build_communicator
 
     with pytest.raises(ValueError, match="valid communicators: torch, nccl, mpi"):
         build_communicator("ucx")

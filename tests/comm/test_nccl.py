@@ -7,8 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from fastnet.comm.nccl import (NcclCommunicator, decode_unique_id, encode_unique_id, unique_id_bytes,
-                               unique_id_for_cupy)
+from fastnet.comm.communicators.nccl import NcclCommunicator, decode_unique_id, encode_unique_id, unique_id_bytes, unique_id_for_cupy
 
 
 def test_unique_id_round_trip_and_errors():
@@ -38,7 +37,7 @@ def test_protocol_on_one_gpu():
 
     from fastnet.comm import AlgorithmAllReduce, GradientSynchronizer
     from fastnet.comm.algorithms import ring_all_reduce
-    from fastnet.comm.topology import Hierarchy
+    from fastnet.comm.planning.hierarchy import Hierarchy
 
     comm = NcclCommunicator.from_store(dist.HashStore(), 0, 1, timeout_s=30)
     dev = comm.device

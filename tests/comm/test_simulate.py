@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastnet.comm.cost_model import CostModel, Link
-from fastnet.comm.simulate import layer_profile, main, parse_link, simulate, simulate_plan
+from fastnet.comm.planning.cost_model import CostModel, Link
+from fastnet.comm.planning.simulate import layer_profile, main, parse_link, simulate, simulate_plan
 
 LINK = CostModel(intra=Link(1e-3, 1e-6), inter=Link(1e-3, 1e-6), native=Link(1e-3, 1e-6), p2p=Link(0.0, 0.0))
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fastnet.comm import AlgorithmAllReduce
-from fastnet.comm.communicator import TorchCommunicator
+from fastnet.comm.communicators.torchdist import TorchCommunicator
 from tests.conftest import init_gloo, spawn_ranks
 
 SHAPES = [(3, 5), (17,), (2, 3, 4), (1,), (257,)]
@@ -93,8 +93,8 @@ def test_hybrid_predicts_pipelines_only_where_levels_overlap(concurrent_safe):
     """hybrid's choice for a big bucket: the pipelined hierarchical all-reduce where intra- and
     inter-node steps overlap (gloo), the unpipelined prediction where the communicators run one
     after the other (NCCL's rule, ``concurrent_safe = False``); the model below makes the two differ."""
-    from fastnet.comm.cost_model import CostModel, Link
-    from fastnet.comm.sync import BucketReducer
+    from fastnet.comm.planning.cost_model import CostModel, Link
+    from fastnet.comm.gradients.reducer import BucketReducer
 
     class Comm:  # rank 0 of 8 in nodes of 4; the choice reads only the topology, so split's results are stand-ins
         rank, size = 0, 8
@@ -118,7 +118,7 @@ def test_hybrid_predicts_pipelines_only_where_levels_overlap(concurrent_safe):
 def test_one_wire_rule_for_sum_and_avg_at_world_size_one(wire):
     """SUM (sum_wire_) and AVG (__call__) round to the wire dtype alike, also with one rank: the
     backend's GPU test at world size 1 sees the same rounding for both ops."""
-    from fastnet.comm.sync import BucketReducer
+    from fastnet.comm.gradients.reducer import BucketReducer
 
     class Comm:
         rank, size = 0, 1

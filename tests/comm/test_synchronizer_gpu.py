@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastnet.comm import GradientSynchronizer
-from fastnet.comm.communicator import TorchCommunicator
+from fastnet.comm.communicators.torchdist import TorchCommunicator
 from tests.conftest import init_gloo, spawn_ranks
 
 pytestmark = pytest.mark.gpu

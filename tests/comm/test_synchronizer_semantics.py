@@ -17,10 +17,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastnet.comm import GradientSynchronizer
-from fastnet.comm.communicator import TorchCommunicator
-from fastnet.comm.cost_model import CostModel, Link
-from fastnet.comm.sync import BucketReducer
-from fastnet.comm.topology import Hierarchy
+from fastnet.comm.communicators.torchdist import TorchCommunicator
+from fastnet.comm.planning.cost_model import CostModel, Link
+from fastnet.comm.gradients.reducer import BucketReducer
+from fastnet.comm.planning.hierarchy import Hierarchy
 from fastnet.precision import Precision
 from tests.conftest import init_gloo, spawn_ranks
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastnet.comm.topology import Hierarchy
+from fastnet.comm.planning.hierarchy import Hierarchy
 
 
 class Recorder:
