@@ -44,4 +44,5 @@ if __name__ == "__main__":
         digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
         routed = dict(getattr(dist.group.WORLD, "routed", {}))
         print(f"RESULT backend={dist.get_backend()} params={digest} fastnet_all_reduces={routed.get('fastnet:all_reduce', 0)}")
-    dist.destroy_process_group()  # before exit: gloo's threads met at interpreter shutdown abort it
+    if dist.is_initialized():
+        dist.destroy_process_group()  # before exit: gloo's threads met at interpreter shutdown abort it
