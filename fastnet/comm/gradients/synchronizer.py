@@ -399,12 +399,7 @@ class GradientSynchronizer:
         self._ready_s[i] = now - self._t0
         self._ready[i] = 1
         self._arrived += 1
-        bucket.pending -= 1
-        if bucket.pending == 0:
-            self._completed.append(bucket.index)
-            self._completed_at[bucket.index] = self._arrived
-            if (tracer := trace.current()) is not None:
-                tracer.instant("ready", "bucket", bucket=bucket.index, bytes=bucket.nbytes)
+        if self._count_down(bucket):
             self._launch_ready()
 
     def _mark_without_grad(self, i: int) -> None:
@@ -420,12 +415,19 @@ class GradientSynchronizer:
             p.grad = view
         self._ready_s[i] = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
         self._ready[i] = 1
+        self._count_down(bucket)
+
+    def _count_down(self, bucket: Bucket) -> bool:
+        """One more member of ``bucket`` is ready; when it was the last, the bucket joins the
+        completed ones (in completion order). Returns whether the bucket is now complete."""
         bucket.pending -= 1
-        if bucket.pending == 0:
-            self._completed.append(bucket.index)
-            self._completed_at[bucket.index] = self._arrived
-            if (tracer := trace.current()) is not None:
-                tracer.instant("ready", "bucket", bucket=bucket.index, bytes=bucket.nbytes)
+        if bucket.pending:
+            return False
+        self._completed.append(bucket.index)
+        self._completed_at[bucket.index] = self._arrived
+        if (tracer := trace.current()) is not None:
+            tracer.instant("ready", "bucket", bucket=bucket.index, bytes=bucket.nbytes)
+        return True
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
