@@ -46,12 +46,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fastnet.comm.planning.cost_model import CostModel, calibrate
-from fastnet.comm.gradients.reducer import WIRE_DTYPES
+from fastnet.comm.gradients.reducer import ALGORITHMS, WIRE_DTYPES
 from fastnet.comm.planning.hierarchy import DEFAULT_SEGMENT_BYTES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int32": torch.int32}
-ALGORITHMS = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")
 BACKENDS = ("torch", "mpi", "nccl")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 

@@ -21,7 +21,7 @@ from fastnet.comm.planning.cost_model import RUNNABLE, CostModel
 from fastnet.comm.planning.hierarchy import DEFAULT_SEGMENT_BYTES, Hierarchy
 from fastnet.comm.planning.topology import Topology
 
-ALGORITHMS = ("native", "ring", "hierarchical", "hierarchical_p2p", "leader", "leader_p2p", "hybrid")
+ALGORITHMS = (*RUNNABLE, "hybrid")  # hybrid chooses among the runnable ones, per bucket
 WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
