@@ -43,7 +43,7 @@ def _modules(pkg: Path = PKG) -> dict[str, Path]:
     return out
 
 
-def _imports(mods: dict[str, Path]):
+def _imports(mods: dict[str, Path], root: Path):
     """Yield (importer, imported, 'file:line', lazy) for every fastnet import."""
     for name, path in mods.items():
         is_pkg = path.name == "__init__.py"
@@ -57,7 +57,7 @@ def _imports(mods: dict[str, Path]):
         for node in ast.walk(tree):
             if id(node) in skip:
                 continue
-            where = f"{path.relative_to(path.parents[len(name.split('.')) - (0 if is_pkg else 1)])}:{getattr(node, 'lineno', 0)}"
+            where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -110,7 +110,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def _graph(pkg: Path = PKG) -> tuple[dict[str, set[str]], dict[tuple[str, str], list[str]]]:
     graph, where = defaultdict(set), defaultdict(list)
-    for a, b, loc, lazy in _imports(_modules(pkg)):
+    for a, b, loc, lazy in _imports(_modules(pkg), pkg.parent):
         graph[a].add(b)
         where[a, b].append(loc + (" (in a function)" if lazy else ""))
     return dict(graph), {k: sorted(set(v)) for k, v in where.items()}

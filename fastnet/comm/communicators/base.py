@@ -108,6 +108,14 @@ class WorkList:
         return all(w.is_completed() for w in self.works)
 
 
+def check_reduce_scatter(size: int, output: torch.Tensor, input: torch.Tensor) -> None:
+    """Raises ValueError unless ``input`` has ``size`` × ``output.numel()`` elements (reduce-scatter:
+    each of ``size`` ranks receives one ``output``-sized chunk of the reduced ``input``)."""
+    if input.numel() != output.numel() * size:
+        raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {size} × "
+                         f"output {output.numel()}")
+
+
 def check_op(op: str, dtype: torch.dtype | None = None) -> None:
     """Raises ValueError for an op not in :data:`OPS` (the valid ones named), and TypeError for
     ``avg`` of a non-floating ``dtype`` (the communicators divide before the sum, which would

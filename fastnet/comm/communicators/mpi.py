@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fastnet.comm.communicators.base import WorkList, check_op
+from fastnet.comm.communicators.base import WorkList, check_op, check_reduce_scatter
 
 
 def _mpi() -> Any:
@@ -95,9 +95,7 @@ class MPICommunicator:
         return None
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum") -> None:
-        if input.numel() != output.numel() * self.size:
-            raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {self.size} × "
-                             f"output {output.numel()}")
+        check_reduce_scatter(self.size, output, input)
         mpi_op = self._op(op)
         if input.dtype == torch.bfloat16:
             wide_out = output.float()

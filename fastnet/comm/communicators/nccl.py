@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fastnet.comm.communicators.base import check_op
+from fastnet.comm.communicators.base import check_op, check_reduce_scatter
 
 # ncclDataType_t / ncclRedOp_t values from nccl.h (stable across NCCL 2.x).
 _NCCL_DTYPES = {torch.int8: 0, torch.uint8: 1, torch.int32: 2, torch.int64: 4, torch.float16: 6,
@@ -235,9 +235,7 @@ class NcclCommunicator:
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum") -> None:
         check_op(op, input.dtype)
-        if input.numel() != output.numel() * self.size:
-            raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {self.size} × "
-                             f"output {output.numel()}")
+        check_reduce_scatter(self.size, output, input)
         if op == "avg":
             input, op = input / self.size, "sum"
         self._comm.reduceScatter(self._ptr(input), self._ptr(output), output.numel(), _NCCL_DTYPES[output.dtype],

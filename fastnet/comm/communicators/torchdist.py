@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from fastnet.comm.communicators.base import Work, WorkList, check_op
+from fastnet.comm.communicators.base import Work, WorkList, check_op, check_reduce_scatter
 from fastnet.comm.communicators.p2p import ring_all_gather_into, ring_reduce_scatter_into
 
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -61,9 +61,7 @@ class TorchCommunicator:
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: str = "sum") -> None:
         check_op(op, input.dtype)
-        if input.numel() != output.numel() * self.size:
-            raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected size {self.size} × "
-                             f"output {output.numel()}")
+        check_reduce_scatter(self.size, output, input)
         if op == "avg":
             input = input / self.size
             op = "sum"
